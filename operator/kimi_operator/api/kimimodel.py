@@ -1,0 +1,200 @@
+"""KimiModel: where the weights come from, which nodes hold them, and in which variants."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from kimi_operator.api.base import (
+    AbsolutePath,
+    ApiModel,
+    ObjectName,
+    Quantity,
+    SecretKeyRef,
+    cel,
+    immutable,
+)
+from kimi_operator.api.common_status import BaseStatus
+
+KIND = "KimiModel"
+PLURAL = "kimimodels"
+SHORT_NAMES = ("km",)
+
+# The variants a node can hold. bf16 feeds training; the cpu-* variants are kt-kernel CPU expert
+# weights for serving (AMXINT8 / AMXINT4); native-int4 is the shipped checkpoint as is (RAWINT4).
+Variant = Literal["bf16", "cpu-int8", "cpu-int4", "native-int4"]
+
+_REPO_ID = r"^[A-Za-z0-9][-A-Za-z0-9_.]*/[A-Za-z0-9][-A-Za-z0-9_.]*$"
+
+
+class HuggingFaceSource(ApiModel):
+    """A model repository on the Hugging Face hub, pinned to one revision."""
+
+    repo: Annotated[str, Field(min_length=3, max_length=200, pattern=_REPO_ID)] = Field(
+        description="Repository id, owner/name, e.g. moonshotai/Kimi-K2.5."
+    )
+    revision: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\s]+$")] = Field(
+        description=(
+            "Revision to download: a commit sha (recommended) or a tag/branch, resolved once to a commit "
+            "sha recorded in status.resolvedRevision. Immutable."
+        ),
+        json_schema_extra={"x-kubernetes-validations": [immutable("spec.source.huggingFace.revision")]},
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding a hub token; passed to the download pod as an environment variable only.",
+    )
+    endpoint: Annotated[str, Field(max_length=2048, pattern=r"^https?://[^\s]+$")] | None = Field(
+        default=None, description="Hub endpoint, for a mirror; defaults to the public hub."
+    )
+
+
+class PathSource(ApiModel):
+    """Weights already present at the same path on every selected node."""
+
+    path: AbsolutePath = Field(description="Absolute path on the node of the native INT4 checkpoint directory.")
+
+
+class ModelSource(ApiModel):
+    """Exactly one of huggingFace or path."""
+
+    hugging_face: HuggingFaceSource | None = Field(default=None, description="Download from the hub.")
+    path: PathSource | None = Field(default=None, description="Use weights already on the nodes.")
+
+
+class NodeSelectorSpec(ApiModel):
+    """Nodes chosen by labels."""
+
+    match_labels: Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(min_length=1, max_length=32)] = (
+        Field(description="Labels a node must carry to be a candidate.")
+    )
+
+
+class Placement(ApiModel):
+    """Which nodes hold the weights: named nodes, or a label selector and a count."""
+
+    node_names: Annotated[list[ObjectName], Field(min_length=1, max_length=64)] | None = Field(
+        default=None,
+        description="Nodes to prepare, by name.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    node_selector: NodeSelectorSpec | None = Field(
+        default=None, description="Choose candidates by label; the operator picks `count` eligible ones."
+    )
+    count: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=1, description="How many nodes must hold the weights for the model to be Ready."
+    )
+
+
+class Storage(ApiModel):
+    """Node-local storage for the weights: the one place the path is declared."""
+
+    host_path: AbsolutePath = Field(
+        description="Absolute directory on each node's local NVMe under which the model's files are kept."
+    )
+    reclaim_policy: Literal["Retain", "Delete"] = Field(
+        default="Retain",
+        description="Retain keeps the files when the KimiModel is deleted; Delete removes them with a cleanup Job.",
+    )
+
+
+class PrepareResources(ApiModel):
+    """Resources of each prepare Job's pod."""
+
+    cpu: Quantity = Field(default="16", description="CPU request and limit of the prepare pod.")
+    memory: Quantity = Field(default="64Gi", description="Memory request and limit of the prepare pod.")
+    download_concurrency: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=8, description="Files downloaded in parallel."
+    )
+
+
+class KimiModelSpec(ApiModel):
+    """Desired state of a KimiModel."""
+
+    source: ModelSource = Field(
+        description="Where the native INT4 checkpoint comes from. Immutable.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "[has(self.huggingFace), has(self.path)].exists_one(x, x)",
+                    "exactly one of huggingFace or path must be set",
+                ),
+                immutable("spec.source"),
+            ]
+        },
+    )
+    placement: Placement = Field(
+        description="Which nodes hold the weights.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "[has(self.nodeNames), has(self.nodeSelector)].exists_one(x, x)",
+                    "exactly one of nodeNames or nodeSelector must be set",
+                ),
+                cel(
+                    "!has(self.nodeNames) || self.count <= size(self.nodeNames)",
+                    "count must not exceed the number of nodeNames",
+                    field_path=".count",
+                ),
+            ]
+        },
+    )
+    variants: Annotated[list[Variant], Field(min_length=1, max_length=4)] = Field(
+        default_factory=lambda: ["bf16", "cpu-int8"],
+        description=(
+            "Weight variants each node must hold: bf16 (training), cpu-int8 / cpu-int4 (kt-kernel CPU "
+            "experts for serving), native-int4 (the shipped checkpoint, for RAWINT4 serving)."
+        ),
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    storage: Storage = Field(description="Node-local directory for the files.")
+    resources: PrepareResources = Field(
+        default_factory=PrepareResources, description="Resources of the prepare Jobs."
+    )
+
+
+NodePhase = Literal[
+    "Pending", "Ineligible", "Downloading", "Verifying", "Converting", "Ready", "Failed", "Deleting"
+]
+
+
+class NodeStatus(ApiModel):
+    """Preparation state on one node."""
+
+    name: ObjectName = Field(description="Node name.")
+    phase: NodePhase = Field(description="Where preparation on this node stands.")
+    variants: Annotated[list[Variant], Field(max_length=4)] = Field(
+        default_factory=list, description="Variants verified complete on this node."
+    )
+    bytes_done: Annotated[int, Field(ge=0)] | None = Field(default=None, description="Bytes done in this phase.")
+    bytes_total: Annotated[int, Field(ge=0)] | None = Field(default=None, description="Bytes in this phase.")
+    message: Annotated[str, Field(max_length=4096)] | None = Field(
+        default=None, description="Why the node is ineligible or failed, or what it is doing."
+    )
+
+
+class KimiModelStatus(BaseStatus):
+    """Observed state of a KimiModel."""
+
+    resolved_revision: Annotated[str, Field(max_length=64)] | None = Field(
+        default=None, description="Commit sha the requested revision resolved to."
+    )
+    ready_nodes: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="Number of nodes holding every requested variant."
+    )
+    nodes: Annotated[list[NodeStatus], Field(max_length=256)] = Field(
+        default_factory=list,
+        description="Per-node state, ineligible candidates included with the reason.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+
+
+# Printer columns: real state only.
+PRINTER_COLUMNS = (
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Ready-Nodes", "type": "integer", "jsonPath": ".status.readyNodes"},
+    {"name": "Wanted", "type": "integer", "jsonPath": ".spec.placement.count"},
+    {"name": "Revision", "type": "string", "jsonPath": ".status.resolvedRevision", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+)
