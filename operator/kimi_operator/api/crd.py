@@ -11,7 +11,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from kimi_operator.api.base import GROUP, VERSION
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
+
+from kimi_operator.api.base import GROUP, VERSION, ApiModel
 from kimi_operator.api.kinds import KINDS, NAME_RULE, Kind
 
 _KEEP = {
@@ -36,6 +39,21 @@ _KEEP = {
     "items",
     "additionalProperties",
 }
+
+
+class _FactoryDefaults(GenerateJsonSchema):
+    """Also emit defaults given by ``default_factory``, so the apiserver fills nested defaults."""
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        factory = schema.get("default_factory")
+        if factory is not None and not schema.get("default_factory_takes_data"):
+            value = factory()  # type: ignore[call-arg]
+            # The wire form (camelCase, unset optionals left out): CEL rules on the object are
+            # checked against this default when the CRD is created.
+            wire = value.to_wire() if isinstance(value, ApiModel) else value
+            schema = {**schema, "default": wire}  # type: ignore[typeddict-item]
+            schema.pop("default_factory", None)
+        return super().default_schema(schema)
 
 
 class SchemaError(ValueError):
@@ -87,9 +105,6 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[s
                 # JSON Schema 2020 gives the bound; OpenAPI v3.0 wants the bound plus a flag.
                 out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
                 out[key] = True
-            elif key == "default" and isinstance(value, dict):
-                # Let the apiserver fill nested defaults from the nested schemas.
-                out[key] = {}
             else:
                 out[key] = copy.deepcopy(value)
     if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
@@ -101,8 +116,10 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[s
 
 def model_schema(kind: Kind) -> dict[str, Any]:
     """The openAPIV3Schema of one kind."""
-    spec_raw = kind.spec.model_json_schema(by_alias=True, mode="validation")
-    status_raw = kind.status.model_json_schema(by_alias=True, mode="serialization")
+    spec_raw = kind.spec.model_json_schema(by_alias=True, mode="validation", schema_generator=_FactoryDefaults)
+    status_raw = kind.status.model_json_schema(
+        by_alias=True, mode="serialization", schema_generator=_FactoryDefaults
+    )
     spec = _structural(spec_raw, spec_raw.get("$defs", {}), "spec")
     status = _structural(status_raw, status_raw.get("$defs", {}), "status")
     spec["description"] = f"Desired state of the {kind.kind}."

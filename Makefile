@@ -1,0 +1,90 @@
+# kimi-operator: `make run` (local cluster + operator) and `make test` (everything CI checks).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+# Virtual environments and control-plane binaries live outside the checkout, keyed by content,
+# so every clone on the machine reuses them.
+CACHE ?= $(or $(KIMI_OPERATOR_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/kimi-operator)
+export KIMI_OPERATOR_CACHE := $(CACHE)
+VENV_KEY := $(shell cat requirements/dev.lock | sha256sum | cut -c1-12)
+VENV := $(CACHE)/venv/dev-$(VENV_KEY)
+PY := $(VENV)/bin/python
+# The package is used from the checkout (never installed into the shared environment).
+export PYTHONPATH := $(CURDIR)/operator
+KO := $(PY) -m kimi_operator
+CRD_DIRS := --out crds --out charts/kimi-operator/crds
+# The cluster of `make run`; the tests start their own in .cluster-e2e.
+CLUSTER_DIR ?= $(CURDIR)/.cluster
+KUBECONFIG_DEV := $(CLUSTER_DIR)/kubeconfig
+
+.PHONY: help venv lock controlplane crds verify lint unit e2e test run cluster-up cluster-down cluster-status cluster-env
+
+help:
+	@echo "make run            local control plane + CRDs + examples + operator in the foreground (Ctrl-C stops all)"
+	@echo "make test           lint, verify, unit tests, e2e tests on a fresh local control plane"
+	@echo "make lint           ruff, mypy --strict, import-linter"
+	@echo "make crds           regenerate crds/ (and the chart's copy) from the API models"
+	@echo "make verify         fail if crds/ is stale"
+	@echo "make cluster-up     start (or reuse) the local control plane; cluster-down stops it"
+
+$(VENV)/.complete: requirements/dev.lock
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements/dev.lock
+	touch $@
+
+venv: $(VENV)/.complete
+
+# Regenerate the lock after changing dependencies in pyproject.toml.
+lock:
+	rm -rf $(CACHE)/venv/lock && $(PYTHON) -m venv $(CACHE)/venv/lock
+	$(CACHE)/venv/lock/bin/pip install --quiet .[dev]
+	{ echo "# Exact versions of the operator's development environment (make lock regenerates it)."; \
+	  $(CACHE)/venv/lock/bin/pip freeze --exclude kimi-operator; } > requirements/dev.lock
+
+controlplane: venv
+	$(PY) -m kimi_operator.devcluster.build
+
+crds: venv
+	$(KO) crds $(CRD_DIRS)
+
+verify: venv
+	$(KO) crds --check $(CRD_DIRS)
+
+lint: venv
+	$(PY) -m ruff check operator tests e2e
+	$(PY) -m ruff format --check operator tests e2e
+	$(PY) -m mypy
+	cd $(CURDIR) && $(VENV)/bin/lint-imports
+
+unit: venv
+	$(PY) -m pytest tests -q
+
+e2e: venv
+	$(PY) -m pytest e2e -q
+
+test: lint verify unit e2e
+
+cluster-up: venv
+	$(KO) dev-cluster up --dir $(CLUSTER_DIR) --crds crds
+
+cluster-down: venv
+	$(KO) dev-cluster down --dir $(CLUSTER_DIR)
+
+cluster-status: venv
+	$(KO) dev-cluster status --dir $(CLUSTER_DIR)
+
+cluster-env: venv
+	@$(KO) dev-cluster env --dir $(CLUSTER_DIR)
+
+# The cluster is stopped when the operator exits (Ctrl-C), whatever the exit status.
+run: venv
+	trap '$(KO) dev-cluster down --dir $(CLUSTER_DIR)' EXIT; \
+	$(KO) dev-cluster up --dir $(CLUSTER_DIR) --crds crds; \
+	export KUBECONFIG=$(KUBECONFIG_DEV); \
+	eval "$$($(KO) dev-cluster env --dir $(CLUSTER_DIR))"; \
+	kubectl apply --server-side -f examples/; \
+	echo "kubeconfig: $(KUBECONFIG_DEV)  (in another shell: eval \"\$$(make -s cluster-env)\")"; \
+	$(KO) run --health-port 8081 --metrics-port 8080 --bind-address 127.0.0.1

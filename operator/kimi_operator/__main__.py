@@ -1,0 +1,3 @@
+from kimi_operator.cli import main
+
+raise SystemExit(main())

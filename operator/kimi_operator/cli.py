@@ -1,0 +1,114 @@
+"""The one command-line entry: ``kimi-operator <command>``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _crds(args: argparse.Namespace) -> int:
+    from kimi_operator import crdfiles
+
+    dirs = [Path(d) for d in args.out]
+    if args.check:
+        problems = crdfiles.stale(dirs)
+        for p in problems:
+            print(f"stale: {p}", file=sys.stderr)
+        if problems:
+            print("run `make crds` and commit the result", file=sys.stderr)
+        return 1 if problems else 0
+    for path in crdfiles.write(dirs):
+        print(path)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import kopf
+
+    from kimi_operator.controller.main import Options, run
+
+    # kopf's formatters prefix each line with the object it is about ([namespace/name]).
+    kopf.configure(
+        debug=args.log_level == "debug",
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else "%(asctime)s %(levelname)-7s %(message)s",
+        log_prefix=True,
+    )
+    logging.getLogger().setLevel(getattr(logging, args.log_level.upper()))
+    return run(
+        Options(
+            namespaces=tuple(args.namespace),
+            health_port=args.health_port,
+            metrics_port=args.metrics_port,
+            bind_address=args.bind_address,
+            priority=args.priority,
+        )
+    )
+
+
+def _dev_cluster(args: argparse.Namespace) -> int:
+    from kimi_operator.devcluster.build import BuildError
+    from kimi_operator.devcluster.cluster import Cluster, ClusterError
+
+    cluster = Cluster(Path(args.dir) if args.dir else None, Path(args.nodes) if args.nodes else None)
+    try:
+        if args.action == "up":
+            cluster.up(Path(args.crds) if args.crds else None)
+            sys.stdout.write(cluster.env())
+        elif args.action == "down":
+            stopped = cluster.down()
+            print(f"stopped: {', '.join(stopped) or 'nothing was running'}", file=sys.stderr)
+        elif args.action == "env":
+            sys.stdout.write(cluster.env())
+        elif args.action == "status":
+            running = cluster.running()
+            if not running:
+                print("no cluster", file=sys.stderr)
+                return 1
+            for name, ok in running.items():
+                print(f"{name}\t{'running' if ok else 'stopped'}")
+            return 0 if all(running.values()) else 1
+    except (ClusterError, BuildError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="kimi-operator", description="Fine-tune and serve Kimi K2.5 on Kubernetes.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the operator against the current kubeconfig")
+    run.add_argument("--namespace", action="append", default=[], help="watch only these namespaces (repeatable)")
+    run.add_argument("--health-port", type=int, default=8081, help="port of /healthz and /readyz (0: off)")
+    run.add_argument("--metrics-port", type=int, default=8080, help="port of the Prometheus /metrics (0: off)")
+    run.add_argument("--bind-address", default="0.0.0.0", help="address the health and metrics servers bind")  # noqa: S104
+    run.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-format", default="text", choices=["text", "json"], help="json for log collectors")
+    run.set_defaults(func=_run)
+
+    crds = sub.add_parser("crds", help="write the CRDs generated from the API models")
+    crds.add_argument("--out", action="append", required=True, help="directory to write (repeatable)")
+    crds.add_argument("--check", action="store_true", help="fail if the directories are not current")
+    crds.set_defaults(func=_crds)
+
+    dev = sub.add_parser("dev-cluster", help="the local control plane for development and tests")
+    dev.add_argument("action", choices=["up", "down", "status", "env"])
+    dev.add_argument("--dir", help="state directory (default: .cluster in the checkout)")
+    dev.add_argument("--nodes", help="node profile file (default: e2e/cluster/nodes.yaml)")
+    dev.add_argument("--crds", help="install the CRDs in this directory before the controllers start")
+    dev.set_defaults(func=_dev_cluster)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

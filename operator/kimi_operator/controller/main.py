@@ -1,0 +1,67 @@
+"""Run the operator: kopf with our handlers, plus the health and metrics servers."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import Any
+
+import kopf
+
+from kimi_operator.controller import handlers, health
+from kimi_operator.controller.kube import Kube, load_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    namespaces: tuple[str, ...] = ()
+    health_port: int = 8081
+    metrics_port: int = 8080
+    bind_address: str = "0.0.0.0"  # noqa: S104 (probes and scrapes come from outside the pod)
+    priority: int = 0
+
+
+async def _operate(options: Options) -> None:
+    kube = Kube(load_config())
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.startup(registry=registry)
+    def _settings(settings: kopf.OperatorSettings, **_: Any) -> None:
+        handlers.configure(settings)
+
+    @kopf.on.login(registry=registry)
+    def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # The same credentials as our own client: in-cluster, else the kubeconfig.
+        info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
+        return info
+
+    handlers.register(registry, kube)
+    ready = asyncio.Event()
+    runners = []
+    if options.health_port:
+        runners.append(await health.start(health.health_app(ready), options.bind_address, options.health_port))
+    if options.metrics_port:
+        runners.append(await health.start(health.metrics_app(), options.bind_address, options.metrics_port))
+    log.info(
+        "serving /healthz,/readyz on :%s and /metrics on :%s", options.health_port or "-", options.metrics_port or "-"
+    )
+    try:
+        await kopf.operator(
+            registry=registry,
+            clusterwide=not options.namespaces,
+            namespaces=list(options.namespaces),
+            standalone=True,
+            priority=options.priority,
+            ready_flag=ready,
+        )
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+def run(options: Options) -> int:
+    asyncio.run(_operate(options))
+    return 0

@@ -1,0 +1,24 @@
+"""The label set every child object carries, and bounded label values."""
+
+from __future__ import annotations
+
+import hashlib
+
+from kimi_operator.api.base import GROUP
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+OPERATOR = "kimi-operator"
+MAX_LABEL_VALUE = 63
+
+
+def bounded(value: str, limit: int = MAX_LABEL_VALUE) -> str:
+    """A label value of at most ``limit`` characters; longer ones keep a prefix and a hash suffix."""
+    if len(value) <= limit:
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:10]
+    return f"{value[: limit - 11].rstrip('-_.')}-{digest}"
+
+
+def common(kind: str, name: str) -> dict[str, str]:
+    """Labels of every object the operator creates for ``kind``/``name``."""
+    return {MANAGED_BY: OPERATOR, f"{GROUP}/{kind.lower()}": bounded(name)}
