@@ -33,7 +33,7 @@ def _run(args: argparse.Namespace) -> int:
     # kopf's formatters prefix each line with the object it is about ([namespace/name]).
     kopf.configure(
         debug=args.log_level == "debug",
-        log_format=kopf.LogFormat.JSON if args.log_format == "json" else "%(asctime)s %(levelname)-7s %(message)s",
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
         log_prefix=True,
     )
     logging.getLogger().setLevel(getattr(logging, args.log_level.upper()))

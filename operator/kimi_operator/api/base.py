@@ -13,6 +13,9 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+# A JSON object as json_schema_extra takes it (Any: dict is invariant in its value type).
+JsonDict = dict[str, Any]
+
 GROUP = "kimi-operator.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -33,9 +36,9 @@ class ApiModel(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict[str, str]:
+def cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> JsonDict:
     """One ``x-kubernetes-validations`` entry."""
-    entry = {"rule": rule, "message": message}
+    entry: JsonDict = {"rule": rule, "message": message}
     if field_path:
         entry["fieldPath"] = field_path
     if reason:
@@ -43,7 +46,7 @@ def cel(rule: str, message: str, field_path: str | None = None, reason: str | No
     return entry
 
 
-def immutable(what: str) -> dict[str, str]:
+def immutable(what: str) -> JsonDict:
     return cel("self == oldSelf", f"{what} is immutable; create a new object to change it")
 
 

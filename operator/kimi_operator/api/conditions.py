@@ -49,9 +49,9 @@ class Condition(ApiModel):
         description="Last time the condition changed status (RFC 3339).",
         json_schema_extra={"format": "date-time"},
     )
-    reason: Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")] = (
-        Field(description="Machine-readable reason for the last transition, in CamelCase.")
-    )
+    reason: Annotated[
+        str, Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    ] = Field(description="Machine-readable reason for the last transition, in CamelCase.")
     message: Annotated[str, Field(max_length=MAX_MESSAGE)] = Field(
         default="", description="Human-readable details of the last transition."
     )
@@ -67,6 +67,7 @@ def truncate(message: str, limit: int = MAX_MESSAGE) -> str:
 
 def set_condition(
     current: Sequence[Condition],
+    *,
     type_: str,
     status: ConditionStatus,
     reason: str,
@@ -117,10 +118,11 @@ def apply_verdict(current: Sequence[Condition], verdict: Verdict, generation: in
     """Conditions for a verdict: Ready always; Reconciling/Stalled only while true, never both."""
     conditions = list(current)
     ready_status: ConditionStatus = "True" if verdict.state == "ready" else "False"
-    conditions = set_condition(conditions, READY, ready_status, verdict.reason, verdict.message, generation, now)
+    why = {"reason": verdict.reason, "message": verdict.message}
+    conditions = set_condition(conditions, type_=READY, status=ready_status, generation=generation, now=now, **why)
     for type_, state in ((RECONCILING, "progressing"), (STALLED, "stalled")):
         if verdict.state == state:
-            conditions = set_condition(conditions, type_, "True", verdict.reason, verdict.message, generation, now)
+            conditions = set_condition(conditions, type_=type_, status="True", generation=generation, now=now, **why)
         else:
             conditions = remove_condition(conditions, type_)
     return conditions

@@ -51,7 +51,7 @@ class _FactoryDefaults(GenerateJsonSchema):
             # The wire form (camelCase, unset optionals left out): CEL rules on the object are
             # checked against this default when the CRD is created.
             wire = value.to_wire() if isinstance(value, ApiModel) else value
-            schema = {**schema, "default": wire}  # type: ignore[typeddict-item]
+            schema = {**schema, "default": wire}
             schema.pop("default_factory", None)
         return super().default_schema(schema)
 
@@ -64,13 +64,13 @@ def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     ref = node.get("$ref")
     if ref is None:
         return node
-    target = copy.deepcopy(defs[ref.rsplit("/", 1)[-1]])
+    target: dict[str, Any] = copy.deepcopy(defs[ref.rsplit("/", 1)[-1]])
     # Field-level keys (description, default, x-kubernetes-*) sit beside the $ref and win.
     target.update({k: v for k, v in node.items() if k != "$ref"})
     return target
 
 
-def _structural(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str, Any]:
+def _structural(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[str, Any]:  # noqa: PLR0912
     node = _resolve(node, defs)
     if "anyOf" in node and not node.get("x-kubernetes-int-or-string"):
         options = [o for o in node["anyOf"] if o.get("type") != "null"]
@@ -117,9 +117,7 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], path: str) -> dict[s
 def model_schema(kind: Kind) -> dict[str, Any]:
     """The openAPIV3Schema of one kind."""
     spec_raw = kind.spec.model_json_schema(by_alias=True, mode="validation", schema_generator=_FactoryDefaults)
-    status_raw = kind.status.model_json_schema(
-        by_alias=True, mode="serialization", schema_generator=_FactoryDefaults
-    )
+    status_raw = kind.status.model_json_schema(by_alias=True, mode="serialization", schema_generator=_FactoryDefaults)
     spec = _structural(spec_raw, spec_raw.get("$defs", {}), "spec")
     status = _structural(status_raw, status_raw.get("$defs", {}), "status")
     spec["description"] = f"Desired state of the {kind.kind}."
@@ -129,7 +127,10 @@ def model_schema(kind: Kind) -> dict[str, Any]:
         "description": kind.description,
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string", "description": "APIVersion of the object: kimi-operator.io/v1alpha1."},
+            "apiVersion": {
+                "type": "string",
+                "description": "APIVersion of the object: kimi-operator.io/v1alpha1.",
+            },
             "kind": {"type": "string", "description": f"Kind of the object: {kind.kind}."},
             "metadata": {"type": "object"},
             "spec": spec,
@@ -145,7 +146,10 @@ def crd(kind: Kind) -> dict[str, Any]:
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": kind.crd_name,
-            "labels": {"app.kubernetes.io/name": "kimi-operator", "app.kubernetes.io/part-of": "kimi-operator"},
+            "labels": {
+                "app.kubernetes.io/name": "kimi-operator",
+                "app.kubernetes.io/part-of": "kimi-operator",
+            },
         },
         "spec": {
             "group": GROUP,

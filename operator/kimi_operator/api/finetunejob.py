@@ -6,7 +6,16 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from kimi_operator.api.base import AbsolutePath, ApiModel, ObjectName, ObjectRef, Quantity, SecretKeyRef, cel, immutable
+from kimi_operator.api.base import (
+    AbsolutePath,
+    ApiModel,
+    ObjectName,
+    ObjectRef,
+    Quantity,
+    SecretKeyRef,
+    cel,
+    immutable,
+)
 from kimi_operator.api.common_status import BaseStatus
 
 KIND = "FineTuneJob"
@@ -41,9 +50,10 @@ class HostPathDataset(ApiModel):
 class HuggingFaceDataset(ApiModel):
     """A dataset repository on the hub, pinned to one revision."""
 
-    repo: Annotated[str, Field(min_length=3, max_length=200, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*/[A-Za-z0-9][-A-Za-z0-9_.]*$")] = (
-        Field(description="Dataset repository id, owner/name.")
-    )
+    repo: Annotated[
+        str,
+        Field(min_length=3, max_length=200, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*/[A-Za-z0-9][-A-Za-z0-9_.]*$"),
+    ] = Field(description="Dataset repository id, owner/name.")
     revision: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\s]+$")] = Field(
         description="Commit sha (recommended) or tag to download."
     )
@@ -69,12 +79,12 @@ class LoraSpec(ApiModel):
     rank: Annotated[int, Field(ge=1, le=1024)] = Field(default=16, description="LoRA rank r.")
     alpha: Annotated[int, Field(ge=1, le=4096)] = Field(default=32, description="LoRA alpha; scaling is alpha/r.")
     dropout: Annotated[float, Field(ge=0, lt=1)] = Field(default=0.1, description="LoRA dropout probability.")
-    target_modules: Annotated[list[Annotated[str, Field(min_length=1, max_length=128)]], Field(min_length=1, max_length=32)] = (
-        Field(
-            default_factory=lambda: ["all"],
-            description="Modules that get adapters; `all` lets the trainer choose every linear layer.",
-            json_schema_extra={"x-kubernetes-list-type": "set"},
-        )
+    target_modules: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=128)]], Field(min_length=1, max_length=32)
+    ] = Field(
+        default_factory=lambda: ["all"],
+        description="Modules that get adapters; `all` lets the trainer choose every linear layer.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     experts: bool = Field(
         default=False,
@@ -108,9 +118,7 @@ class Training(ApiModel):
     save_steps: Annotated[int, Field(ge=1, le=1000000)] = Field(
         default=100, description="Optimiser steps between checkpoints (resume points)."
     )
-    thinking: bool = Field(
-        default=False, description="Render assistant turns with Kimi's thinking section enabled."
-    )
+    thinking: bool = Field(default=False, description="Render assistant turns with Kimi's thinking section enabled.")
 
 
 class TrainResources(ApiModel):
@@ -125,11 +133,12 @@ class TrainResources(ApiModel):
 class Output(ApiModel):
     """Where the adapter goes and what happens to it."""
 
-    adapter_name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")] | None = (
-        Field(default=None, description="Name of the exported adapter; defaults to the FineTuneJob's name.")
-    )
+    adapter_name: (
+        Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")] | None
+    ) = Field(default=None, description="Name of the exported adapter; defaults to the FineTuneJob's name.")
     reclaim_policy: Literal["Retain", "Delete"] = Field(
-        default="Retain", description="Retain keeps checkpoints and the adapter when the FineTuneJob is deleted."
+        default="Retain",
+        description="Retain keeps checkpoints and the adapter when the FineTuneJob is deleted.",
     )
 
 
@@ -179,9 +188,9 @@ class FineTuneJobSpec(ApiModel):
     )
     output: Output = Field(default_factory=Output, description="Adapter export.")
     suspend: bool = Field(default=False, description="Hold the training Job without running it.")
-    queue_name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")] | None = (
-        Field(default=None, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label on the Job.")
-    )
+    queue_name: (
+        Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")] | None
+    ) = Field(default=None, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label on the Job.")
     backoff_limit: Annotated[int, Field(ge=0, le=100)] = Field(
         default=3, description="Retries after crashes or node loss (config and data errors are not retried)."
     )
@@ -199,7 +208,9 @@ class Progress(ApiModel):
     tokens_per_second: float | None = Field(default=None, description="Training throughput.")
     eta: Annotated[str, Field(max_length=32)] | None = Field(default=None, description="Estimated time left (H:MM:SS).")
     last_update_time: Annotated[str, Field(max_length=64)] | None = Field(
-        default=None, description="When the pod last reported (RFC 3339).", json_schema_extra={"format": "date-time"}
+        default=None,
+        description="When the pod last reported (RFC 3339).",
+        json_schema_extra={"format": "date-time"},
     )
 
 

@@ -141,7 +141,7 @@ class KimiModelSpec(ApiModel):
         },
     )
     variants: Annotated[list[Variant], Field(min_length=1, max_length=4)] = Field(
-        default_factory=lambda: ["bf16", "cpu-int8"],
+        default_factory=lambda: list[Variant](["bf16", "cpu-int8"]),
         description=(
             "Weight variants each node must hold: bf16 (training), cpu-int8 / cpu-int4 (kt-kernel CPU "
             "experts for serving), native-int4 (the shipped checkpoint, for RAWINT4 serving)."
@@ -149,14 +149,10 @@ class KimiModelSpec(ApiModel):
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     storage: Storage = Field(description="Node-local directory for the files.")
-    resources: PrepareResources = Field(
-        default_factory=PrepareResources, description="Resources of the prepare Jobs."
-    )
+    resources: PrepareResources = Field(default_factory=PrepareResources, description="Resources of the prepare Jobs.")
 
 
-NodePhase = Literal[
-    "Pending", "Ineligible", "Downloading", "Verifying", "Converting", "Ready", "Failed", "Deleting"
-]
+NodePhase = Literal["Pending", "Ineligible", "Downloading", "Verifying", "Converting", "Ready", "Failed", "Deleting"]
 
 
 class NodeStatus(ApiModel):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -104,7 +104,7 @@ class Router(ApiModel):
 
 
 # Rules that relate several fields of the spec.
-_SPEC_RULES = [
+_SPEC_RULES: list[Any] = [
     cel(
         "self.adapters.all(a, a.name != self.servedModelName)",
         "an adapter name must differ from servedModelName",
@@ -134,9 +134,9 @@ class LoraServerSpec(ApiModel):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _SPEC_RULES})
 
     model: ObjectRef = Field(description="KimiModel (same namespace) whose ready nodes serve.")
-    served_model_name: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")] = (
-        Field(default="kimi-k2.5", description="Base model name clients send in the OpenAI `model` field.")
-    )
+    served_model_name: Annotated[
+        str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+    ] = Field(default="kimi-k2.5", description="Base model name clients send in the OpenAI `model` field.")
     mode: Literal["MultiAdapter", "MergedExpert"] = Field(
         default="MultiAdapter",
         description=(
@@ -174,8 +174,6 @@ class LoraServerSpec(ApiModel):
     sampling: Sampling = Field(default_factory=Sampling, description="Router-side sampling defaults.")
     resources: ServeResources = Field(default_factory=ServeResources, description="Resources of each engine pod.")
     router: Router = Field(default_factory=Router, description="The OpenAI-compatible router.")
-
-
 
 
 class AdapterPlacement(ApiModel):

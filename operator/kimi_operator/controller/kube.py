@@ -16,9 +16,9 @@ FIELD_MANAGER = "kimi-operator"
 def load_config() -> kubernetes.client.ApiClient:
     """In-cluster credentials when running in a pod, else the current kubeconfig."""
     try:
-        kubernetes.config.load_incluster_config()
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
+        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
     return kubernetes.client.ApiClient()
 
 

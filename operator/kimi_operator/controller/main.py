@@ -46,7 +46,9 @@ async def _operate(options: Options) -> None:
     if options.metrics_port:
         runners.append(await health.start(health.metrics_app(), options.bind_address, options.metrics_port))
     log.info(
-        "serving /healthz,/readyz on :%s and /metrics on :%s", options.health_port or "-", options.metrics_port or "-"
+        "serving /healthz,/readyz on :%s and /metrics on :%s",
+        options.health_port or "-",
+        options.metrics_port or "-",
     )
     try:
         await kopf.operator(

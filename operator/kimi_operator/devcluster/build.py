@@ -107,7 +107,7 @@ def _run(cmd: Sequence[str], cwd: Path, log: Path) -> str:
     with log.open("a") as fh:
         fh.write(f"$ {' '.join(cmd)}\n")
         fh.flush()
-        proc = subprocess.run(list(cmd), cwd=cwd, env=_go_env(), capture_output=True, text=True)
+        proc = subprocess.run(list(cmd), cwd=cwd, env=_go_env(), capture_output=True, text=True, check=False)
         fh.write(proc.stdout)
         fh.write(proc.stderr)
     if proc.returncode != 0:

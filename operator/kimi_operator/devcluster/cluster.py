@@ -7,7 +7,9 @@ stopped by that PID only (the start time guards against a reused PID).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -102,7 +104,7 @@ def _save_state(layout: Layout, state: Mapping[str, Any]) -> None:
     tmp.rename(layout.state_file)
 
 
-def _write_kubeconfig(path: Path, server: str, ca: Path, cert: Path, key: Path, user: str) -> None:
+def _write_kubeconfig(path: Path, server: str, *, ca: Path, cert: Path, key: Path, user: str) -> None:
     config = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -163,6 +165,7 @@ class Cluster:
             input=input_text,
             capture_output=True,
             text=True,
+            check=False,
         )
         if check and proc.returncode != 0:
             raise ClusterError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
@@ -191,7 +194,7 @@ class Cluster:
         server = f"https://127.0.0.1:{ports['apiserver']}"
         for user in ("admin", "controller-manager", "scheduler", "kwok"):
             path = layout.kubeconfig if user == "admin" else layout.component_kubeconfig(user)
-            _write_kubeconfig(path, server, pki["ca"], pki[f"{user}.crt"], pki[f"{user}.key"], user)
+            _write_kubeconfig(path, server, ca=pki["ca"], cert=pki[f"{user}.crt"], key=pki[f"{user}.key"], user=user)
 
         deadline = time.monotonic() + START_TIMEOUT
         etcd_url = f"http://127.0.0.1:{ports['etcd-client']}"
@@ -211,16 +214,20 @@ class Cluster:
             self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
 
         self._ensure(
-            procs, "kube-controller-manager", self._controller_manager_cmd(bins["kube-controller-manager"], ports, pki), state
+            procs,
+            "kube-controller-manager",
+            self._controller_manager_cmd(bins["kube-controller-manager"], ports, pki),
+            state,
         )
         self._ensure(procs, "kube-scheduler", self._scheduler_cmd(bins["kube-scheduler"], ports, pki), state)
         self._ensure(procs, "kwok", self._kwok_cmd(bins["kwok"], ports), state)
         for name, key in (("kube-controller-manager", "controller-manager"), ("kube-scheduler", "scheduler")):
             url = f"https://127.0.0.1:{ports[key]}/healthz"
-            _wait(name, lambda url=url: _probe(url, ca_ctx), deadline, layout.logs / f"{name}.log")
+            _wait(name, functools.partial(_probe, url, ca_ctx), deadline, layout.logs / f"{name}.log")
 
-        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input_text=nodes.render(self.node_file))
-        names = [n["metadata"]["name"] for n in json.loads(nodes.render(self.node_file))["items"]]
+        node_list = nodes.render(self.node_file)
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input_text=node_list)
+        names = [n["metadata"]["name"] for n in json.loads(node_list)["items"]]
         _wait("simulated nodes", lambda: self._nodes_ready(names), deadline, layout.logs / "kwok.log")
         # Pods can only be created once the ServiceAccount controller made the default account.
         _wait(
@@ -246,7 +253,6 @@ class Cluster:
         ca = Authority(self.layout.pki)
         ca.ensure()
         paths: dict[str, Path] = {"ca": ca.cert_path}
-        localhost = {"dns": ("localhost",), "ips": ("127.0.0.1",)}
         issued = {
             "apiserver": ca.issue(
                 "apiserver",
@@ -255,8 +261,16 @@ class Cluster:
                 dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
                 ips=("127.0.0.1",),
             ),
-            "controller-manager-serving": ca.issue("controller-manager-serving", "kube-controller-manager", server=True, **localhost),  # type: ignore[arg-type]
-            "scheduler-serving": ca.issue("scheduler-serving", "kube-scheduler", server=True, **localhost),  # type: ignore[arg-type]
+            "controller-manager-serving": ca.issue(
+                "controller-manager-serving",
+                "kube-controller-manager",
+                server=True,
+                dns=("localhost",),
+                ips=("127.0.0.1",),
+            ),
+            "scheduler-serving": ca.issue(
+                "scheduler-serving", "kube-scheduler", server=True, dns=("localhost",), ips=("127.0.0.1",)
+            ),
             "admin": ca.issue("admin", "kimi-operator-admin", "system:masters", client=True),
             "controller-manager": ca.issue("controller-manager", "system:kube-controller-manager", client=True),
             "scheduler": ca.issue("scheduler", "system:kube-scheduler", client=True),
@@ -422,10 +436,8 @@ def _stop(record: Mapping[str, Any], grace: float = 15.0) -> bool:
 
 def _reap(pid: int) -> None:
     """Collect the exit status when the process is our child (``up`` and ``down`` in one process)."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 def _remove_tree(root: Path) -> None:
