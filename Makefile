@@ -62,8 +62,11 @@ lint: venv
 unit: venv
 	$(PY) -m pytest tests -q
 
+E2E_DIR := $(CURDIR)/.cluster-e2e
 e2e: venv
 	$(PY) -m pytest e2e -q
+	@# The session stops its cluster: nothing started from its directory may be left running.
+	$(KO) dev-cluster stray --dir $(E2E_DIR)
 
 test: lint verify unit e2e
 

@@ -60,6 +60,11 @@ def _dev_cluster(args: argparse.Namespace) -> int:
         elif args.action == "down":
             stopped = cluster.down()
             print(f"stopped: {', '.join(stopped) or 'nothing was running'}", file=sys.stderr)
+        elif args.action == "stray":
+            stray = cluster.stray_processes()
+            for pid, cmd in stray:
+                print(f"still running: {pid} {cmd}", file=sys.stderr)
+            return 1 if stray else 0
         elif args.action == "env":
             sys.stdout.write(cluster.env())
         elif args.action == "status":
@@ -96,7 +101,11 @@ def parser() -> argparse.ArgumentParser:
     crds.set_defaults(func=_crds)
 
     dev = sub.add_parser("dev-cluster", help="the local control plane for development and tests")
-    dev.add_argument("action", choices=["up", "down", "status", "env"])
+    dev.add_argument(
+        "action",
+        choices=["up", "down", "status", "env", "stray"],
+        help="stray: fail if any process started from the cluster directory is still running",
+    )
     dev.add_argument("--dir", help="state directory (default: .cluster in the checkout)")
     dev.add_argument("--nodes", help="node profile file (default: e2e/cluster/nodes.yaml)")
     dev.add_argument("--crds", help="install the CRDs in this directory before the controllers start")

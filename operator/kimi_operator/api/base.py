@@ -50,8 +50,8 @@ def immutable(what: str) -> JsonDict:
     return cel("self == oldSelf", f"{what} is immutable; create a new object to change it")
 
 
-# A Kubernetes quantity ("64Gi", "500m", 8). Same grammar as apimachinery's resource.Quantity.
-_QUANTITY = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[KMGTPE]i|[numkMGTPE])?$")
+# A non-negative Kubernetes quantity ("64Gi", "500m", 8): apimachinery's grammar without a sign.
+_QUANTITY = re.compile(r"^\+?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[KMGTPE]i|[numkMGTPE])?$")
 
 
 def _check_quantity(value: str | int) -> str | int:
@@ -72,7 +72,7 @@ Quantity = Annotated[
             "x-kubernetes-int-or-string": True,
             "x-kubernetes-validations": [
                 cel(
-                    "type(self) == int ? self >= 0 : isQuantity(self)",
+                    "type(self) == int ? self >= 0 : isQuantity(self) && !self.startsWith('-')",
                     "must be a non-negative Kubernetes quantity such as 64Gi, 500m or 8",
                 )
             ],

@@ -15,7 +15,7 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
 from kimi_operator.api.base import GROUP, VERSION, ApiModel
-from kimi_operator.api.kinds import KINDS, NAME_RULE, Kind
+from kimi_operator.api.kinds import KINDS, MAX_NAME, Kind
 
 _KEEP = {
     "type",
@@ -132,11 +132,19 @@ def model_schema(kind: Kind) -> dict[str, Any]:
                 "description": "APIVersion of the object: kimi-operator.io/v1alpha1.",
             },
             "kind": {"type": "string", "description": f"Kind of the object: {kind.kind}."},
-            "metadata": {"type": "object"},
+            "metadata": {
+                "type": "object",
+                "properties": {
+                    "name": {
+                        "type": "string",
+                        "maxLength": MAX_NAME,
+                        "description": "Name of the object; it names Jobs, Services and label values.",
+                    }
+                },
+            },
             "spec": spec,
             "status": status,
         },
-        "x-kubernetes-validations": [dict(NAME_RULE)],
     }
 
 

@@ -7,15 +7,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kimi_operator.api import finetunejob, kimimodel, loraserver
-from kimi_operator.api.base import GROUP, VERSION, ApiModel, cel
+from kimi_operator.api.base import GROUP, VERSION, ApiModel
 from kimi_operator.api.common_status import BaseStatus
 
-# Object names become Job, Service and label values, which are limited to 63 characters.
-NAME_RULE = cel(
-    "self.metadata.name.size() <= 63",
-    "metadata.name must be at most 63 characters: it names Jobs, Services and label values",
-    reason="FieldValueInvalid",
-)
+# Object names become Job, Service and label values, which are limited to 63 characters. A CRD
+# may restrict metadata.name in its schema (name and generateName only).
+MAX_NAME = 63
 
 
 @dataclasses.dataclass(frozen=True)

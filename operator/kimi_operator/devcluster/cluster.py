@@ -161,7 +161,15 @@ class Cluster:
     def kubectl(self, *args: str, input_text: str | None = None, check: bool = True) -> str:
         binary = build.bin_dir(_component("kubernetes")) / "kubectl"
         proc = subprocess.run(
-            [str(binary), "--kubeconfig", str(self.layout.kubeconfig), *args],
+            # A discovery cache of this cluster's own: ports are reused by later clusters.
+            [
+                str(binary),
+                "--kubeconfig",
+                str(self.layout.kubeconfig),
+                "--cache-dir",
+                str(self.layout.root / "kubectl-cache"),
+                *args,
+            ],
             input=input_text,
             capture_output=True,
             text=True,
@@ -212,6 +220,15 @@ class Cluster:
             # The garbage collector discovers kinds at start; install CRDs before the controller-manager.
             self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd_dir))
             self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+            groups = self._crd_groups(crd_dir)
+            _wait(
+                "discovery of the installed CRDs",
+                lambda: all(self._discoverable(g) for g in groups),
+                deadline,
+                layout.logs / "kube-apiserver.log",
+            )
+            # Discovery read before the CRDs existed is stale now.
+            shutil.rmtree(layout.root / "kubectl-cache", ignore_errors=True)
 
         self._ensure(
             procs,
@@ -237,6 +254,14 @@ class Cluster:
             layout.logs / "kube-controller-manager.log",
         )
         print(f"cluster up in {time.monotonic() - started:.1f}s: {server}", file=sys.stderr)
+
+    def _crd_groups(self, crd_dir: Path) -> set[str]:
+        out = self.kubectl("get", "-f", str(crd_dir), "-o", "jsonpath={range .items[*]}{.spec.group}{'\\n'}{end}")
+        return {line for line in out.splitlines() if line}
+
+    def _discoverable(self, group: str) -> bool:
+        out = self.kubectl("api-resources", f"--api-group={group}", "-o", "name", "--cached=false", check=False)
+        return bool(out.strip())
 
     def _nodes_ready(self, names: Sequence[str]) -> bool:
         out = self.kubectl(
@@ -408,6 +433,22 @@ class Cluster:
         if self.layout.root.exists():
             _remove_tree(self.layout.root)
         return stopped
+
+    def stray_processes(self) -> list[tuple[int, str]]:
+        """Processes whose command line names this cluster's directory (none after ``down``)."""
+        marker = str(self.layout.root)
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            # Arguments of the control plane's own binaries, not a shell line that merely mentions the path.
+            if argv and argv[0] and not argv[0].endswith((b"sh", b"make")) and any(marker.encode() in a for a in argv):
+                found.append((int(entry.name), b" ".join(argv).decode(errors="replace")[:200]))
+        return found
 
     def env(self) -> str:
         kubectl_dir = build.bin_dir(_component("kubernetes"))

@@ -1,0 +1,150 @@
+"""One local control plane and one operator for the whole e2e session; a namespace per test.
+
+On a failed test the CRs, Jobs and Pods of its namespace are dumped to the report and to
+.cluster-e2e/dumps/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+
+from e2e.helpers import wait_for
+from kimi_operator.devcluster.cluster import Cluster
+from kimi_operator.devcluster.paths import repo_root
+
+E2E_DIR = repo_root() / ".cluster-e2e"
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    c = Cluster(E2E_DIR)
+    # A previous run that was killed may have left its processes: stop them by their PIDs.
+    c.down()
+    c.up(crd_dir=repo_root() / "crds")
+    try:
+        yield c
+    finally:
+        c.down()
+
+
+@pytest.fixture(scope="session")
+def api(cluster: Cluster) -> kubernetes.client.ApiClient:
+    return kubernetes.config.new_client_from_config(config_file=str(cluster.layout.kubeconfig))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class OperatorProcess:
+    def __init__(self, health: int, metrics: int) -> None:
+        self.health_url = f"http://127.0.0.1:{health}"
+        self.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
+
+    def get(self, url: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (loopback)
+                return int(resp.status), resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError as exc:
+            return 0, str(exc)
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: Cluster) -> Iterator[OperatorProcess]:
+    health, metrics = _free_port(), _free_port()
+    env = {**os.environ, "KUBECONFIG": str(cluster.layout.kubeconfig)}
+    log = (cluster.layout.logs / "operator.log").open("ab")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kimi_operator",
+            "run",
+            "--bind-address",
+            "127.0.0.1",
+            "--health-port",
+            str(health),
+            "--metrics-port",
+            str(metrics),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    handle = OperatorProcess(health, metrics)
+    try:
+        wait_for(
+            lambda: proc.poll() is not None or handle.get(f"{handle.health_url}/readyz")[0] == 200,
+            60,
+            "operator /readyz",
+        )
+        assert proc.poll() is None, (cluster.layout.logs / "operator.log").read_text()[-3000:]
+        yield handle
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _dump(cluster: Cluster, namespace: str, test: str) -> str:
+    out = []
+    for what in ("kimimodels,finetunejobs,loraservers", "jobs", "pods", "events"):
+        out.append(f"--- {what} in {namespace} ---")
+        out.append(cluster.kubectl("get", what, "-n", namespace, "-o", "yaml", check=False))
+    text = "\n".join(out)
+    dumps = E2E_DIR.parent / ".cluster-e2e-dumps"
+    dumps.mkdir(exist_ok=True)
+    (dumps / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', test)}.yaml").write_text(text)
+    return text
+
+
+@pytest.fixture
+def namespace(request: pytest.FixtureRequest, cluster: Cluster, api: kubernetes.client.ApiClient) -> Iterator[str]:
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"t-{slug}-{secrets.token_hex(3)}"
+    core = kubernetes.client.CoreV1Api(api)
+    core.create_namespace({"metadata": {"name": name, "labels": {"kimi-operator.io/e2e": "true"}}})
+    # Pods can be created once the ServiceAccount controller has made the default account.
+    wait_for(lambda: bool(core.list_namespaced_service_account(name).items), 30, f"default ServiceAccount in {name}")
+    yield name
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        sys.stdout.write(_dump(cluster, name, request.node.name))
+    core.delete_namespace(name)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Leave no dump directory from an earlier run when this one passed."""
+    dumps = Path(E2E_DIR.parent / ".cluster-e2e-dumps")
+    if exitstatus == 0 and dumps.exists():
+        for f in dumps.iterdir():
+            f.unlink()
+        dumps.rmdir()

@@ -1,0 +1,31 @@
+"""Waiting on conditions (never on time) and reading API errors."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import kubernetes
+
+T = TypeVar("T")
+
+
+def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
+    """Poll ``check`` until it returns a truthy value; fail naming ``what`` and the last value."""
+    deadline = time.monotonic() + timeout
+    last: T = check()
+    while not last:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+        time.sleep(interval)
+        last = check()
+    return last
+
+
+def api_error(exc: kubernetes.client.ApiException) -> tuple[str, list[str]]:
+    """The apiserver's message and the fields named in its causes."""
+    body: dict[str, Any] = json.loads(exc.body or "{}")
+    causes = body.get("details", {}).get("causes", [])
+    return body.get("message", ""), [c.get("field", "") for c in causes]

@@ -1,0 +1,240 @@
+"""Invalid objects are refused by the real apiserver (schema + CEL), each naming the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes
+import pytest
+
+from e2e.helpers import api_error
+from e2e.manifests import FINE_TUNE_JOB, GROUP, KIMI_MODEL, LORA_SERVER, PLURALS, VERSION, vary, without
+
+pytestmark = pytest.mark.e2e
+
+# (case id, object, field the error must name, words the message must hold)
+INVALID: list[tuple[str, dict[str, Any], str, str]] = [
+    # KimiModel
+    ("km-no-source", vary(KIMI_MODEL, "spec.source", without()), "spec.source", "Required"),
+    ("km-no-storage", vary(KIMI_MODEL, "spec.storage", without()), "spec.storage", "Required"),
+    ("km-no-spec", vary(KIMI_MODEL, "spec", without()), "spec", "Required"),
+    ("km-count-type", vary(KIMI_MODEL, "spec.placement.count", "two"), "spec.placement.count", "integer"),
+    (
+        "km-count-zero",
+        vary(KIMI_MODEL, "spec.placement.count", 0),
+        "spec.placement.count",
+        "greater than or equal to 1",
+    ),
+    ("km-count-huge", vary(KIMI_MODEL, "spec.placement.count", 65), "spec.placement.count", "less than or equal to 64"),
+    (
+        "km-count-over-names",
+        vary(KIMI_MODEL, "spec.placement.count", 3),
+        "spec.placement.count",
+        "count must not exceed the number of nodeNames",
+    ),
+    (
+        "km-two-placements",
+        vary(KIMI_MODEL, "spec.placement.nodeSelector", {"matchLabels": {"a": "b"}}),
+        "spec.placement",
+        "exactly one of nodeNames or nodeSelector",
+    ),
+    (
+        "km-no-source-kind",
+        vary(KIMI_MODEL, "spec.source", {}),
+        "spec.source",
+        "exactly one of huggingFace or path",
+    ),
+    (
+        "km-two-sources",
+        vary(KIMI_MODEL, "spec.source.path", {"path": "/models/kimi"}),
+        "spec.source",
+        "exactly one of huggingFace or path",
+    ),
+    (
+        "km-relative-path",
+        vary(KIMI_MODEL, "spec.storage.hostPath", "nvme/kimi"),
+        "spec.storage.hostPath",
+        "should match",
+    ),
+    ("km-bad-variant", vary(KIMI_MODEL, "spec.variants", ["fp32"]), "spec.variants[0]", "Unsupported value"),
+    ("km-dup-variant", vary(KIMI_MODEL, "spec.variants", ["bf16", "bf16"]), "spec.variants[1]", "Duplicate value"),
+    (
+        "km-bad-quantity",
+        vary(KIMI_MODEL, "spec.resources", {"memory": "lots"}),
+        "spec.resources.memory",
+        "Kubernetes quantity",
+    ),
+    (
+        "km-bad-repo",
+        vary(KIMI_MODEL, "spec.source.huggingFace.repo", "no-owner"),
+        "spec.source.huggingFace.repo",
+        "match",
+    ),
+    ("km-long-name", vary(KIMI_MODEL, "metadata.name", "k" * 64), "metadata.name", "may not be more than 63 bytes"),
+    # FineTuneJob
+    ("ftj-no-model", vary(FINE_TUNE_JOB, "spec.model", without()), "spec.model", "Required"),
+    ("ftj-no-dataset-source", vary(FINE_TUNE_JOB, "spec.dataset", {}), "spec.dataset", "exactly one of configMap"),
+    (
+        "ftj-two-dataset-sources",
+        vary(FINE_TUNE_JOB, "spec.dataset.hostPath", {"path": "/data/train.jsonl"}),
+        "spec.dataset",
+        "exactly one of configMap",
+    ),
+    ("ftj-rank-zero", vary(FINE_TUNE_JOB, "spec.lora", {"rank": 0}), "spec.lora.rank", "greater than or equal to 1"),
+    (
+        "ftj-alpha-negative",
+        vary(FINE_TUNE_JOB, "spec.lora", {"alpha": -4}),
+        "spec.lora.alpha",
+        "greater than or equal to 1",
+    ),
+    ("ftj-dropout-one", vary(FINE_TUNE_JOB, "spec.lora", {"dropout": 1.0}), "spec.lora.dropout", "less than 1"),
+    (
+        "ftj-lr-zero",
+        vary(FINE_TUNE_JOB, "spec.training", {"learningRate": 0}),
+        "spec.training.learningRate",
+        "greater than 0",
+    ),
+    (
+        "ftj-save-before-log",
+        vary(FINE_TUNE_JOB, "spec.training", {"loggingSteps": 50, "saveSteps": 10}),
+        "spec.training.saveSteps",
+        "saveSteps must be at least loggingSteps",
+    ),
+    ("ftj-gpus-type", vary(FINE_TUNE_JOB, "spec.resources", {"gpus": "two"}), "spec.resources.gpus", "integer"),
+    ("ftj-bad-queue", vary(FINE_TUNE_JOB, "spec.queueName", "Bad_Queue"), "spec.queueName", "should match"),
+    (
+        "ftj-messages-key",
+        vary(FINE_TUNE_JOB, "spec.dataset.messagesKey", "turns"),
+        "spec.dataset.messagesKey",
+        "Unsupported value",
+    ),
+    # LoraServer
+    (
+        "lsrv-adapter-is-base",
+        vary(LORA_SERVER, "spec.adapters", [{"name": "kimi-k2.5", "path": "/a"}]),
+        "spec.adapters",
+        "must differ from servedModelName",
+    ),
+    (
+        "lsrv-dup-adapters",
+        vary(LORA_SERVER, "spec.adapters", [{"name": "a", "path": "/a"}, {"name": "a", "path": "/b"}]),
+        "spec.adapters[1]",
+        "Duplicate value",
+    ),
+    (
+        "lsrv-adapter-two-sources",
+        vary(LORA_SERVER, "spec.adapters", [{"name": "a", "path": "/a", "fineTuneJob": {"name": "t"}}]),
+        "spec.adapters[0]",
+        "exactly one of fineTuneJob or path",
+    ),
+    (
+        "lsrv-adapter-colon",
+        vary(LORA_SERVER, "spec.adapters", [{"name": "a:b", "path": "/a"}]),
+        "spec.adapters[0].name",
+        "should match",
+    ),
+    (
+        "lsrv-merged-two",
+        vary(
+            vary(LORA_SERVER, "spec.mode", "MergedExpert"),
+            "spec.adapters",
+            [{"name": "a", "path": "/a"}, {"name": "b", "path": "/b"}],
+        ),
+        "spec.adapters",
+        "MergedExpert mode serves one merged expert adapter",
+    ),
+    (
+        "lsrv-merged-gpu-experts",
+        vary(vary(LORA_SERVER, "spec.mode", "MergedExpert"), "spec.engine", {"ktNumGpuExperts": 4}),
+        "spec.engine.ktNumGpuExperts",
+        "ktNumGpuExperts 0",
+    ),
+    (
+        "lsrv-loaded-below-batch",
+        vary(LORA_SERVER, "spec.engine", {"maxLorasPerBatch": 8, "maxLoadedLoras": 4}),
+        "spec.engine.maxLoadedLoras",
+        "at least maxLorasPerBatch",
+    ),
+    (
+        "lsrv-prefill-threshold-method",
+        vary(LORA_SERVER, "spec.engine", {"ktMethod": "AMXINT8", "ktGpuPrefillTokenThreshold": 1024}),
+        "spec.engine.ktGpuPrefillTokenThreshold",
+        "RAWINT4",
+    ),
+    ("lsrv-negative-replicas", vary(LORA_SERVER, "spec.replicas", -1), "spec.replicas", "greater than or equal to 0"),
+    (
+        "lsrv-hot",
+        vary(LORA_SERVER, "spec.sampling", {"temperature": 3}),
+        "spec.sampling.temperature",
+        "less than or equal to 2",
+    ),
+]
+
+
+def create(api: kubernetes.client.ApiClient, namespace: str, obj: dict[str, Any]) -> dict[str, Any]:
+    custom = kubernetes.client.CustomObjectsApi(api)
+    result: dict[str, Any] = custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURALS[obj["kind"]], obj, field_validation="Strict"
+    )
+    return result
+
+
+def test_invalid_cases_cover_at_least_25_distinct_fields() -> None:
+    assert len(INVALID) >= 25
+    assert len({case[0] for case in INVALID}) == len(INVALID)
+
+
+@pytest.mark.parametrize(("obj", "field", "words"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_object_is_rejected_naming_the_field(
+    api: kubernetes.client.ApiClient, namespace: str, obj: dict[str, Any], field: str, words: str
+) -> None:
+    with pytest.raises(kubernetes.client.ApiException) as info:
+        create(api, namespace, obj)
+    assert info.value.status == 422, info.value.body
+    message, fields = api_error(info.value)
+    assert field in fields or f"{field}:" in message, (field, fields, message)
+    assert words in message, message
+
+
+def test_unknown_field_from_the_stale_guide_is_refused(api: kubernetes.client.ApiClient, namespace: str) -> None:
+    obj = vary(FINE_TUNE_JOB, "spec.training", {"cpu_infer": 32})
+    with pytest.raises(kubernetes.client.ApiException) as info:
+        create(api, namespace, obj)
+    message, _ = api_error(info.value)
+    assert 'unknown field "spec.training.cpu_infer"' in message
+
+
+@pytest.mark.parametrize(
+    ("base", "path", "value", "field"),
+    [
+        (KIMI_MODEL, "spec.source.huggingFace.revision", "fedcba98", "spec.source.huggingFace.revision"),
+        (KIMI_MODEL, "spec.source", {"path": {"path": "/models/kimi"}}, "spec.source"),
+        (FINE_TUNE_JOB, "spec.lora", {"rank": 32}, "spec.lora"),
+        (FINE_TUNE_JOB, "spec.model", {"name": "other"}, "spec.model"),
+        (FINE_TUNE_JOB, "spec.dataset", {"hostPath": {"path": "/data/x.jsonl"}}, "spec.dataset"),
+    ],
+    ids=["km-revision", "km-source", "ftj-lora", "ftj-model", "ftj-dataset"],
+)
+def test_immutable_fields_refuse_updates(
+    api: kubernetes.client.ApiClient, namespace: str, base: dict[str, Any], path: str, value: Any, field: str
+) -> None:
+    created = create(api, namespace, base)
+    changed = vary(created, path, value)
+    custom = kubernetes.client.CustomObjectsApi(api)
+    with pytest.raises(kubernetes.client.ApiException) as info:
+        custom.replace_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURALS[base["kind"]], base["metadata"]["name"], changed
+        )
+    assert info.value.status == 422, info.value.body
+    message, fields = api_error(info.value)
+    assert field in fields or f"{field}:" in message, (field, fields, message)
+    assert "is immutable" in message
+
+
+def test_mutable_fields_accept_updates(api: kubernetes.client.ApiClient, namespace: str) -> None:
+    created = create(api, namespace, FINE_TUNE_JOB)
+    changed = vary(vary(created, "spec.suspend", True), "spec.queueName", "gpu-queue")
+    custom = kubernetes.client.CustomObjectsApi(api)
+    updated = custom.replace_namespaced_custom_object(GROUP, VERSION, namespace, "finetunejobs", "tune", changed)
+    assert updated["spec"]["suspend"] is True
+    assert updated["metadata"]["generation"] == 2
