@@ -20,6 +20,7 @@ from typing import Any
 
 import kubernetes
 import pytest
+import yaml
 
 from e2e.helpers import wait_for
 from kimi_operator.devcluster.cluster import Cluster
@@ -59,9 +60,13 @@ def _free_port() -> int:
 
 
 class OperatorProcess:
-    def __init__(self, health: int, metrics: int) -> None:
+    def __init__(self, health: int, metrics: int, log: Path) -> None:
         self.health_url = f"http://127.0.0.1:{health}"
         self.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
+        self.log = log
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def get(self, url: str) -> tuple[int, str]:
         try:
@@ -73,10 +78,59 @@ class OperatorProcess:
             return 0, str(exc)
 
 
+OPERATOR_NAMESPACE = "kimi-system"
+
+
+def _operator_kubeconfig(cluster: Cluster, api: kubernetes.client.ApiClient) -> Path:
+    """Credentials of the chart's ServiceAccount, so every operator test also proves the chart's RBAC."""
+    core = kubernetes.client.CoreV1Api(api)
+    core.create_namespace({"metadata": {"name": OPERATOR_NAMESPACE}})
+    rbac = cluster.tool(
+        "helm",
+        "template",
+        "kimi",
+        str(repo_root() / "charts" / "kimi-operator"),
+        "--namespace",
+        OPERATOR_NAMESPACE,
+        "--kube-version",
+        "1.37.2",
+        "--show-only",
+        "templates/serviceaccount.yaml",
+        "--show-only",
+        "templates/rbac.yaml",
+    )
+    cluster.kubectl("apply", "--server-side", "-f", "-", input_text=rbac)
+    token = core.create_namespaced_service_account_token(
+        "kimi-kimi-operator", OPERATOR_NAMESPACE, {"spec": {"expirationSeconds": 7200}}
+    ).status.token
+    path = cluster.layout.root / "operator.kubeconfig"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {
+                        "name": "c",
+                        "cluster": {
+                            "server": cluster.server(),
+                            "certificate-authority": str(cluster.layout.pki / "ca.crt"),
+                        },
+                    }
+                ],
+                "users": [{"name": "operator", "user": {"token": token}}],
+                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "operator"}}],
+                "current-context": "c",
+            }
+        )
+    )
+    return path
+
+
 @pytest.fixture(scope="session")
-def operator(cluster: Cluster) -> Iterator[OperatorProcess]:
+def operator(cluster: Cluster, api: kubernetes.client.ApiClient) -> Iterator[OperatorProcess]:
     health, metrics = _free_port(), _free_port()
-    env = {**os.environ, "KUBECONFIG": str(cluster.layout.kubeconfig)}
+    env = {**os.environ, "KUBECONFIG": str(_operator_kubeconfig(cluster, api))}
     log = (cluster.layout.logs / "operator.log").open("ab")
     proc = subprocess.Popen(
         [
@@ -96,14 +150,14 @@ def operator(cluster: Cluster) -> Iterator[OperatorProcess]:
         stderr=subprocess.STDOUT,
     )
     log.close()
-    handle = OperatorProcess(health, metrics)
+    handle = OperatorProcess(health, metrics, cluster.layout.logs / "operator.log")
     try:
         wait_for(
             lambda: proc.poll() is not None or handle.get(f"{handle.health_url}/readyz")[0] == 200,
             60,
             "operator /readyz",
         )
-        assert proc.poll() is None, (cluster.layout.logs / "operator.log").read_text()[-3000:]
+        assert proc.poll() is None, handle.log_tail()
         yield handle
     finally:
         proc.terminate()

@@ -45,6 +45,9 @@ def test_version_ldflags_report_the_release() -> None:
     assert "-X k8s.io/component-base/version.gitVersion=v1.37.2" in flags
     assert "-X k8s.io/client-go/pkg/version.gitMinor=37" in flags
     assert build.version_ldflags("sigs.k8s.io/kwok", "v0.8.0") == []
+    assert build.version_ldflags("helm.sh/helm/v3", "v3.22.0") == [
+        "-X helm.sh/helm/v3/internal/version.version=v3.22.0"
+    ]
 
 
 def test_tools_modules_pin_one_release_each() -> None:
@@ -123,9 +126,14 @@ def test_stop_ends_only_the_recorded_process() -> None:
 def test_stray_processes_are_found_by_their_cluster_directory(tmp_path: Path) -> None:
     root = tmp_path / "cluster"
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; sys.stdin.read()", f"--data-dir={root}/etcd"], stdin=subprocess.PIPE
+        [sys.executable, "-c", "import sys; print('up', flush=True); sys.stdin.read()", f"--data-dir={root}/etcd"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
     )
     try:
+        # Until the child has exec'd, its command line is still the test runner's.
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"up\n"
         stray = cluster.Cluster(root).stray_processes()
         assert [pid for pid, _ in stray] == [proc.pid]
         assert cluster.Cluster(tmp_path / "other").stray_processes() == []

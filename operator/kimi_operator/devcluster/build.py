@@ -60,6 +60,7 @@ class Component:
 COMPONENTS: tuple[Component, ...] = (
     Component("etcd", ("go.etcd.io/etcd/server/v3",)),
     Component("kwok", ("sigs.k8s.io/kwok/cmd/kwok",)),
+    Component("helm", ("helm.sh/helm/v3/cmd/helm",)),
     Component(
         "kubernetes",
         (
@@ -129,6 +130,8 @@ def staging_replaces(kubernetes_go_mod: str, version: str) -> list[tuple[str, st
 
 
 def version_ldflags(module: str, version: str) -> list[str]:
+    if module == "helm.sh/helm/v3":
+        return [f"-X helm.sh/helm/v3/internal/version.version={version}"]
     if module != KUBERNETES_MODULE:
         return []
     major, minor = version.lstrip("v").split(".")[:2]
@@ -150,7 +153,7 @@ def build(component: Component, log: Path) -> Path:
     """Build one component unless the cache already holds it; return its bin directory."""
     go = go_version()
     target = bin_dir(component, go)
-    if all((target / b).exists() for b in _final_names(component)):
+    if all((target / b).exists() for b in final_names(component)):
         return target
     work = target.parent / "src"
     if work.exists():
@@ -183,8 +186,16 @@ def build(component: Component, log: Path) -> Path:
     return target
 
 
-def _final_names(component: Component) -> tuple[str, ...]:
+def final_names(component: Component) -> tuple[str, ...]:
     return tuple(_BINARY_RENAMES.get(b, b) for b in component.binaries())
+
+
+def binary(name: str) -> Path:
+    """Where the cache keeps one binary (built or not)."""
+    for component in COMPONENTS:
+        if name in final_names(component):
+            return bin_dir(component) / name
+    raise KeyError(name)
 
 
 def binaries() -> dict[str, Path]:
@@ -196,13 +207,13 @@ def binaries() -> dict[str, Path]:
         log = log_dir / f"{component.name}.log"
         started = time.monotonic()
         target = bin_dir(component)
-        cached = all((target / b).exists() for b in _final_names(component))
+        cached = all((target / b).exists() for b in final_names(component))
         if not cached:
             print(f"building {component.name} {component.requirement()[1]} (log: {log})", file=sys.stderr)
         target = build(component, log)
         if not cached:
             print(f"built {component.name} in {time.monotonic() - started:.0f}s", file=sys.stderr)
-        for name in _final_names(component):
+        for name in final_names(component):
             found[name] = target / name
     return found
 

@@ -159,24 +159,22 @@ class Cluster:
         return f"https://127.0.0.1:{port}"
 
     def kubectl(self, *args: str, input_text: str | None = None, check: bool = True) -> str:
-        binary = build.bin_dir(_component("kubernetes")) / "kubectl"
+        # A discovery cache of this cluster's own: ports are reused by later clusters.
+        cache = str(self.layout.root / "kubectl-cache")
+        common = ("--kubeconfig", str(self.layout.kubeconfig), "--cache-dir", cache)
+        return self.tool("kubectl", *common, *args, input_text=input_text, check=check)
+
+    def tool(self, name: str, *args: str, input_text: str | None = None, check: bool = True) -> str:
+        """Run one of the built tools (kubectl, helm) and return its standard output."""
         proc = subprocess.run(
-            # A discovery cache of this cluster's own: ports are reused by later clusters.
-            [
-                str(binary),
-                "--kubeconfig",
-                str(self.layout.kubeconfig),
-                "--cache-dir",
-                str(self.layout.root / "kubectl-cache"),
-                *args,
-            ],
+            [str(build.binary(name)), *args],
             input=input_text,
             capture_output=True,
             text=True,
             check=False,
         )
         if check and proc.returncode != 0:
-            raise ClusterError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+            raise ClusterError(f"{name} {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc.stdout
 
     # -- up ----------------------------------------------------------------------------------
@@ -451,12 +449,8 @@ class Cluster:
         return found
 
     def env(self) -> str:
-        kubectl_dir = build.bin_dir(_component("kubernetes"))
+        kubectl_dir = build.binary("kubectl").parent
         return f"export KUBECONFIG={self.layout.kubeconfig}\nexport PATH={kubectl_dir}:$PATH\n"
-
-
-def _component(name: str) -> build.Component:
-    return next(c for c in build.COMPONENTS if c.name == name)
 
 
 def _stop(record: Mapping[str, Any], grace: float = 15.0) -> bool:
