@@ -63,7 +63,8 @@ unit: venv
 	$(PY) -m pytest tests -q
 
 E2E_DIR := $(CURDIR)/.cluster-e2e
-e2e: venv
+# The control plane is built (or found in the cache) before pytest, outside any test's timeout.
+e2e: venv controlplane
 	$(PY) -m pytest e2e -q
 	@# The session stops its cluster: nothing started from its directory may be left running.
 	$(KO) dev-cluster stray --dir $(E2E_DIR)
