@@ -19,7 +19,7 @@ CRD_DIRS := --out crds --out charts/kimi-operator/crds
 CLUSTER_DIR ?= $(CURDIR)/.cluster
 KUBECONFIG_DEV := $(CLUSTER_DIR)/kubeconfig
 
-.PHONY: help venv lock controlplane crds verify lint unit e2e test run cluster-up cluster-down cluster-status cluster-env
+.PHONY: help venv oracle-env lock controlplane crds verify lint unit e2e test run cluster-up cluster-down cluster-status cluster-env
 
 help:
 	@echo "make run            local control plane + CRDs + examples + operator in the foreground (Ctrl-C stops all)"
@@ -36,6 +36,17 @@ $(VENV)/.complete: requirements/dev.lock
 	touch $@
 
 venv: $(VENV)/.complete
+
+# The oracle environment: torch and compressed-tensors, only for the tests that compare against them.
+ORACLE_KEY := $(shell cat requirements/oracle.lock | sha256sum | cut -c1-12)
+ORACLE_VENV := $(CACHE)/venv/oracle-$(ORACLE_KEY)
+$(ORACLE_VENV)/.complete: requirements/oracle.lock
+	rm -rf $(ORACLE_VENV)
+	$(PYTHON) -m venv $(ORACLE_VENV)
+	$(ORACLE_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements/oracle.lock
+	touch $@
+
+oracle-env: $(ORACLE_VENV)/.complete
 
 # Regenerate the lock after changing dependencies in pyproject.toml.
 lock:
@@ -59,8 +70,8 @@ lint: venv
 	$(PY) -m mypy
 	cd $(CURDIR) && $(VENV)/bin/lint-imports
 
-unit: venv
-	$(PY) -m pytest tests -q
+unit: venv oracle-env
+	KIMI_ORACLE_PYTHON=$(ORACLE_VENV)/bin/python $(PY) -m pytest tests -q
 
 E2E_DIR := $(CURDIR)/.cluster-e2e
 # The control plane is built (or found in the cache) before pytest, outside any test's timeout.

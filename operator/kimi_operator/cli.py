@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +45,7 @@ def _run(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
             bind_address=args.bind_address,
             priority=args.priority,
+            prepare_image=args.prepare_image,
         )
     )
 
@@ -91,6 +93,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, default=8080, help="port of the Prometheus /metrics (0: off)")
     run.add_argument("--bind-address", default="0.0.0.0", help="address the health and metrics servers bind")  # noqa: S104
     run.add_argument("--priority", type=int, default=0, help="peering priority of this replica")
+    run.add_argument(
+        "--prepare-image",
+        default=os.environ.get("KIMI_PREPARE_IMAGE", "ghcr.io/kimi-operator/prepare:0.1.0"),
+        help="image of the prepare and cleanup Jobs (env KIMI_PREPARE_IMAGE)",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="text", choices=["text", "json"], help="json for log collectors")
     run.set_defaults(func=_run)

@@ -109,6 +109,17 @@ class PrepareResources(ApiModel):
     )
 
 
+class PodMetadata(ApiModel):
+    """Extra labels and annotations for the pods the operator starts for this object."""
+
+    labels: Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_length=32)] = Field(
+        default_factory=dict, description="Labels added to the pods (e.g. for cost allocation or policies)."
+    )
+    annotations: Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=32)] = Field(
+        default_factory=dict, description="Annotations added to the pods."
+    )
+
+
 class KimiModelSpec(ApiModel):
     """Desired state of a KimiModel."""
 
@@ -150,9 +161,32 @@ class KimiModelSpec(ApiModel):
     )
     storage: Storage = Field(description="Node-local directory for the files.")
     resources: PrepareResources = Field(default_factory=PrepareResources, description="Resources of the prepare Jobs.")
+    pod_metadata: PodMetadata = Field(
+        default_factory=PodMetadata, description="Labels and annotations for the prepare and cleanup pods."
+    )
 
 
-NodePhase = Literal["Pending", "Ineligible", "Downloading", "Verifying", "Converting", "Ready", "Failed", "Deleting"]
+NodePhase = Literal["Pending", "Ineligible", "Preparing", "Ready", "Failed", "Deleting"]
+PrepareStep = Literal["DiskCheck", "Downloading", "Verifying", "ConvertingBF16", "ConvertingCPU", "Done"]
+
+
+class NodeProgress(ApiModel):
+    """Progress of the prepare pod on this node, written by that pod under its own field manager."""
+
+    step: PrepareStep = Field(description="The step the prepare pod is in.")
+    bytes_done: Annotated[int, Field(ge=0)] = Field(description="Bytes done in this step.")
+    bytes_total: Annotated[int, Field(ge=0)] = Field(description="Bytes in this step.")
+    percent: Annotated[int, Field(ge=0, le=100)] = Field(description="Percent of this step done.")
+    bytes_per_second: Annotated[int, Field(ge=0)] | None = Field(default=None, description="Recent rate.")
+    eta: Annotated[str, Field(max_length=32)] | None = Field(
+        default=None, description="Time left in this step (H:MM:SS)."
+    )
+    revision: Annotated[str, Field(max_length=64)] | None = Field(
+        default=None, description="Commit sha the pod resolved the requested revision to."
+    )
+    update_time: Annotated[str, Field(max_length=64)] = Field(
+        description="When the pod last reported (RFC 3339).", json_schema_extra={"format": "date-time"}
+    )
 
 
 class NodeStatus(ApiModel):
@@ -163,11 +197,11 @@ class NodeStatus(ApiModel):
     variants: Annotated[list[Variant], Field(max_length=4)] = Field(
         default_factory=list, description="Variants verified complete on this node."
     )
-    bytes_done: Annotated[int, Field(ge=0)] | None = Field(default=None, description="Bytes done in this phase.")
-    bytes_total: Annotated[int, Field(ge=0)] | None = Field(default=None, description="Bytes in this phase.")
+    job: Annotated[str, Field(max_length=63)] | None = Field(default=None, description="The prepare Job of this node.")
     message: Annotated[str, Field(max_length=4096)] | None = Field(
         default=None, description="Why the node is ineligible or failed, or what it is doing."
     )
+    progress: NodeProgress | None = Field(default=None, description="Live progress reported by the prepare pod.")
 
 
 class KimiModelStatus(BaseStatus):
@@ -191,6 +225,8 @@ PRINTER_COLUMNS = (
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Ready-Nodes", "type": "integer", "jsonPath": ".status.readyNodes"},
     {"name": "Wanted", "type": "integer", "jsonPath": ".spec.placement.count"},
+    {"name": "Step", "type": "string", "jsonPath": ".status.nodes[*].progress.step"},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.nodes[*].progress.percent"},
     {"name": "Revision", "type": "string", "jsonPath": ".status.resolvedRevision", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 )

@@ -1,26 +1,37 @@
-"""kopf handlers: thin adapters from kopf's events to one reconcile pass per kind.
+"""kopf handlers: thin adapters from kopf's events to one reconcile pass per object.
 
-A pass is: validate into the model -> compute conditions -> one status patch -> metrics and
-events, the latter only after the patch succeeded.
+A pass is: validate into the model -> do the kind's work -> compute conditions -> one status apply
+-> metrics and events, the latter only after the status write succeeded.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
 from kimi_operator.api.base import GROUP, VERSION
-from kimi_operator.api.conditions import Reason, now_rfc3339
-from kimi_operator.api.kinds import KINDS, Kind
-from kimi_operator.controller import metrics
+from kimi_operator.api.conditions import Reason, Verdict, now_rfc3339
+from kimi_operator.api.kimimodel import KimiModelSpec
+from kimi_operator.api.kinds import KIMI_MODEL, KINDS, Kind
+from kimi_operator.controller import kimimodel, metrics
 from kimi_operator.controller.kube import Kube
-from kimi_operator.controller.reconcile import evaluate
+from kimi_operator.controller.reconcile import PassResult, evaluate
+from kimi_operator.render.labels import MANAGED_BY, OPERATOR
 
 ANNOTATION_PREFIX = GROUP
 FINALIZER = f"{GROUP}/finalizer"
+# A safety net behind the Job watch: also catches node changes (labels, readiness, new nodes).
+RESYNC_SECONDS = 30.0
+
+# kopf serialises handlers per object, but a Job event reconciles its owner from another object's
+# handler: one lock per object keeps passes on the same object from interleaving.
+_locks: defaultdict[tuple[str, str, str], threading.Lock] = defaultdict(threading.Lock)
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -35,47 +46,102 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.networking.request_timeout = 60
 
 
-def make_reconciler(kind: Kind, kube: Kube) -> Any:
-    def reconcile(body: kopf.Body, namespace: str, name: str, logger: kopf.Logger, **_: Any) -> None:
-        started = time.monotonic()
-        try:
-            result = evaluate(kind, body, now_rfc3339())
-            if result.changed:
-                kube.patch_status(kind, namespace, name, result.status_patch)
-        except Exception:
-            metrics.RECONCILE_TOTAL.labels(kind.kind, "error").inc()
-            raise
-        finally:
-            metrics.RECONCILE_SECONDS.labels(kind.kind).observe(time.monotonic() - started)
+class Reconciler:
+    def __init__(self, kube: Kube, km_settings: kimimodel.Settings) -> None:
+        self.kube = kube
+        self.km_settings = km_settings
+
+    def _work(self, kind: Kind, body: Mapping[str, Any]) -> Any:
+        if kind is not KIMI_MODEL:
+            return None
+
+        def work(spec: KimiModelSpec) -> tuple[Verdict, dict[str, Any]]:
+            observed = kimimodel.reconcile(self.kube, self.km_settings, body, spec)
+            return observed.verdict, observed.status
+
+        return work
+
+    def run(self, kind: Kind, body: Mapping[str, Any], logger: logging.Logger | kopf.Logger) -> PassResult | None:
+        meta = body["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        if meta.get("deletionTimestamp"):
+            return None
+        with _locks[(kind.kind, namespace, name)]:
+            started = time.monotonic()
+            try:
+                result = evaluate(kind, body, now_rfc3339(), self._work(kind, body))
+                if result.changed:
+                    self.kube.apply_status(kind, namespace, name, result.status)
+            except Exception:
+                metrics.RECONCILE_TOTAL.labels(kind.kind, "error").inc()
+                raise
+            finally:
+                metrics.RECONCILE_SECONDS.labels(kind.kind).observe(time.monotonic() - started)
         verdict = result.verdict
         metrics.RECONCILE_TOTAL.labels(kind.kind, verdict.state).inc()
-        true_types = {"Ready"} if verdict.state == "ready" else set()
-        true_types |= {"Stalled"} if verdict.state == "stalled" else set()
-        true_types |= {"Reconciling"} if verdict.state == "progressing" else set()
+        true_types = {"ready": {"Ready"}, "stalled": {"Stalled"}, "progressing": {"Reconciling"}}.get(
+            verdict.state, set()
+        )
         metrics.record_conditions(kind.kind, namespace, name, true_types)
-        if result.changed and verdict.reason == Reason.INVALID_SPEC:
+        if result.changed and verdict.state == "stalled" and isinstance(body, kopf.Body):
             kopf.warn(body, reason=verdict.reason, message=verdict.message)
-        logger.info("reconciled: %s (%s)", verdict.state, verdict.reason)
-
-    reconcile.__name__ = f"reconcile_{kind.singular}"
-    return reconcile
-
-
-def make_forgetter(kind: Kind) -> Any:
-    def forget(namespace: str, name: str, **_: Any) -> None:
-        metrics.forget(kind.kind, namespace, name)
-
-    forget.__name__ = f"forget_{kind.singular}"
-    return forget
+        if result.changed:
+            logger.info("status: %s (%s) %s", verdict.state, verdict.reason, verdict.message)
+        return result
 
 
-def register(registry: kopf.OperatorRegistry, kube: Kube) -> None:
+def register(registry: kopf.OperatorRegistry, kube: Kube, km_settings: kimimodel.Settings) -> None:
+    reconciler = Reconciler(kube, km_settings)
     for kind in KINDS:
-        reconcile = make_reconciler(kind, kube)
         resource = (GROUP, VERSION, kind.plural)
+
+        def reconcile(body: kopf.Body, logger: kopf.Logger, kind: Kind = kind, **_: Any) -> None:
+            reconciler.run(kind, body, logger)
+
+        def forget(body: kopf.Body, kind: Kind = kind, **_: Any) -> None:
+            metrics.forget(kind.kind, body["metadata"]["namespace"], body["metadata"]["name"])
+
         # Level-triggered: the same pass on create, on spec change, and for every object at start.
         kopf.on.resume(*resource, registry=registry, id="reconcile")(reconcile)
         kopf.on.create(*resource, registry=registry, id="reconcile")(reconcile)
         kopf.on.update(*resource, registry=registry, id="reconcile", field="spec")(reconcile)
-        # optional=True: no finalizer is needed just to forget metric series.
-        kopf.on.delete(*resource, registry=registry, id="forget", optional=True)(make_forgetter(kind))
+        if kind is not KIMI_MODEL:
+            # optional=True: no finalizer is needed just to forget metric series.
+            kopf.on.delete(*resource, registry=registry, id="forget", optional=True)(forget)
+
+    km = (GROUP, VERSION, KIMI_MODEL.plural)
+
+    @kopf.timer(*km, registry=registry, id="resync", interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+    def resync(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+        reconciler.run(KIMI_MODEL, body, logger)
+
+    @kopf.on.event(
+        "batch",
+        "v1",
+        "jobs",
+        registry=registry,
+        labels={MANAGED_BY: OPERATOR, "app.kubernetes.io/component": "prepare"},
+    )
+    def prepare_job_changed(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+        owners = [o for o in body["metadata"].get("ownerReferences") or [] if o.get("kind") == KIMI_MODEL.kind]
+        for owner in owners:
+            model = kube.get(KIMI_MODEL.api_version, KIMI_MODEL.kind, body["metadata"]["namespace"], owner["name"])
+            if model is not None:
+                reconciler.run(KIMI_MODEL, model, logger)
+
+    @kopf.on.delete(*km, registry=registry, id="finalize")
+    def finalize(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+        try:
+            spec: KimiModelSpec | None = KimiModelSpec.model_validate(body.get("spec") or {})
+        except ValueError:
+            spec = None
+        waiting = kimimodel.finalize(kube, km_settings, body, spec)
+        if waiting:
+            raise kopf.TemporaryError(f"waiting for cleanup Jobs {', '.join(waiting)}", delay=5)
+        metrics.forget(KIMI_MODEL.kind, body["metadata"]["namespace"], body["metadata"]["name"])
+        logger.info(
+            "node labels removed%s", "; files removed" if spec and spec.storage.reclaim_policy == "Delete" else ""
+        )
+
+
+__all__ = ["FINALIZER", "Reason", "configure", "register"]

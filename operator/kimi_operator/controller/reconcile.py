@@ -1,14 +1,15 @@
 """One reconcile pass, as a function from the observed object to the status it should have.
 
-This skeleton validates the spec and reports honestly: an invalid spec is Stalled with pydantic's
-message; a valid one is accepted but not Ready, because the reconcilers that prepare weights,
-train and serve arrive in later versions. Nothing here claims work that was not done.
+The spec is validated first: an invalid spec is Stalled with pydantic's message. A valid spec is
+handed to the kind's reconciler when this version has one (KimiModel); the others are accepted
+but not Ready, because training and serving arrive in later versions. Nothing here claims work
+that was not done.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -26,17 +27,19 @@ _PENDING_WORK = {
 }
 
 PHASES = {"ready": "Ready", "progressing": "Progressing", "stalled": "Stalled", "waiting": "Pending"}
+# Fields of status entries written by workload pods, not by the operator.
+_POD_OWNED = ("progress",)
+
+# Given a valid spec, do the kind's work and return the verdict and the kind's own status fields.
+Work = Callable[[Any], tuple[Verdict, dict[str, Any]]]
 
 
 @dataclasses.dataclass(frozen=True)
 class PassResult:
     verdict: Verdict
-    status_patch: dict[str, Any]
+    status: dict[str, Any]
+    changed: bool
     spec: ApiModel | None
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.status_patch)
 
 
 def format_validation_error(exc: ValidationError, root: str = "spec") -> str:
@@ -59,29 +62,39 @@ def current_conditions(status: Mapping[str, Any]) -> list[Condition]:
     return found
 
 
-def evaluate(kind: Kind, body: Mapping[str, Any], now: str) -> PassResult:
+def _operator_view(value: Any) -> Any:
+    """A status value without the fields the pods own, for comparing with what we would write."""
+    if isinstance(value, list):
+        return [_operator_view(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _operator_view(v) for k, v in value.items() if k not in _POD_OWNED}
+    return value
+
+
+def evaluate(kind: Kind, body: Mapping[str, Any], now: str, work: Work | None = None) -> PassResult:
     generation = int(body.get("metadata", {}).get("generation") or 0)
     status = body.get("status") or {}
     spec: ApiModel | None = None
+    extra: dict[str, Any] = {}
     try:
         spec = kind.spec.model_validate(body.get("spec") or {})
     except ValidationError as exc:
         verdict = Verdict(state="stalled", reason=Reason.INVALID_SPEC, message=format_validation_error(exc))
     else:
-        verdict = Verdict(
-            state="waiting",
-            reason=Reason.AWAITING_RECONCILER,
-            message=f"spec accepted; {_PENDING_WORK[kind.kind]} is not implemented in this operator version",
-        )
-    existing = current_conditions(status)
-    updated = cond.apply_verdict(existing, verdict, generation, now)
+        if work is not None:
+            verdict, extra = work(spec)
+        else:
+            verdict = Verdict(
+                state="waiting",
+                reason=Reason.AWAITING_RECONCILER,
+                message=f"spec accepted; {_PENDING_WORK[kind.kind]} is not implemented in this operator version",
+            )
+    updated = cond.apply_verdict(current_conditions(status), verdict, generation, now)
     desired = {
         "observedGeneration": generation,
         "conditions": [c.to_wire() for c in updated],
         "phase": PHASES[verdict.state],
+        **extra,
     }
-    patch = {k: v for k, v in desired.items() if status.get(k) != v}
-    if "conditions" in patch:
-        # A merge patch replaces lists: always send the whole list.
-        patch["conditions"] = desired["conditions"]
-    return PassResult(verdict=verdict, status_patch=patch, spec=spec)
+    changed = any(_operator_view(status.get(k)) != _operator_view(v) for k, v in desired.items())
+    return PassResult(verdict=verdict, status=desired, changed=changed, spec=spec)

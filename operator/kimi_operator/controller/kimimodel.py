@@ -1,0 +1,210 @@
+"""The KimiModel reconcile pass: choose nodes, run one prepare Job per node, label ready nodes.
+
+Level-triggered: every pass recomputes the whole picture from the API (nodes, Jobs, pods) and the
+spec; running it twice creates nothing twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kimi_operator.api.conditions import Reason, Verdict
+from kimi_operator.api.exitcodes import PERMANENT, PrepareExit
+from kimi_operator.api.kimimodel import KimiModelSpec, NodeStatus
+from kimi_operator.controller.kube import Kube
+from kimi_operator.render import kimimodel as render
+from kimi_operator.render.labels import common
+
+
+class KmReason(Reason):
+    NODES_READY = "NodesReady"
+    PREPARING = "Preparing"
+    INSUFFICIENT_NODES = "InsufficientNodes"
+    PREPARE_FAILED = "PrepareFailed"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    prepare_image: str
+
+
+@dataclasses.dataclass
+class Observed:
+    verdict: Verdict
+    status: dict[str, Any]
+
+
+def node_facts(node: Mapping[str, Any]) -> render.NodeFacts:
+    status = node.get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return render.NodeFacts(
+        name=node["metadata"]["name"],
+        labels=node["metadata"].get("labels") or {},
+        allocatable=status.get("allocatable") or {},
+        ready=ready,
+        unschedulable=bool((node.get("spec") or {}).get("unschedulable")),
+    )
+
+
+def _candidates(kube: Kube, spec: KimiModelSpec) -> tuple[list[render.NodeFacts], dict[str, str]]:
+    """Candidate nodes, and the names asked for that do not exist."""
+    if spec.placement.node_names is not None:
+        found = {n["metadata"]["name"]: node_facts(n) for n in kube.list_nodes()}
+        missing = {n: "node not found" for n in spec.placement.node_names if n not in found}
+        return [found[n] for n in spec.placement.node_names if n in found], missing
+    assert spec.placement.node_selector is not None
+    selector = ",".join(f"{k}={v}" for k, v in sorted(spec.placement.node_selector.match_labels.items()))
+    return sorted((node_facts(n) for n in kube.list_nodes(selector)), key=lambda f: f.name), {}
+
+
+def _failure(kube: Kube, namespace: str, job: Mapping[str, Any]) -> tuple[str, str, bool]:
+    """(reason, message, permanent) of a failed prepare Job, from its pods' exit codes."""
+    name = job["metadata"]["name"]
+    for pod in kube.list_pods(namespace, f"job-name={name}"):
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (status.get("state") or {}).get("terminated") or {}
+            code = terminated.get("exitCode")
+            if code is None or code == 0:
+                continue
+            detail = (terminated.get("message") or terminated.get("reason") or "").strip()
+            if code >= PERMANENT and code in PrepareExit._value2member_map_:
+                return PrepareExit(code).reason, detail or f"exit code {code}", True
+            return KmReason.PREPARE_FAILED, detail or f"exit code {code}", False
+    conditions = (job.get("status") or {}).get("conditions") or []
+    failed: dict[str, Any] = next((c for c in conditions if c.get("type") == "Failed"), {})
+    return KmReason.PREPARE_FAILED, failed.get("message") or "prepare Job failed", True
+
+
+def _job_state(job: Mapping[str, Any] | None) -> str:
+    if job is None:
+        return "missing"
+    for c in (job.get("status") or {}).get("conditions") or []:
+        if c.get("status") == "True" and c.get("type") in ("Complete", "Failed"):
+            return str(c["type"]).lower()
+    return "running"
+
+
+def reconcile(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: KimiModelSpec) -> Observed:
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    owner = render.Owner(namespace, name, meta["uid"])
+    label = render.model_label(namespace, name)
+    previous = {n.get("name"): n for n in (body.get("status") or {}).get("nodes") or []}
+
+    candidates, missing = _candidates(kube, spec)
+    ineligible = dict(missing)
+    eligible = []
+    for facts in candidates:
+        why = render.ineligible_reason(facts, spec)
+        if why:
+            ineligible[facts.name] = why
+        else:
+            eligible.append(facts.name)
+    # Nodes already at work keep their place; new ones are taken in name order.
+    kept = [n for n in eligible if previous.get(n, {}).get("phase") in ("Preparing", "Ready", "Failed")]
+    chosen = (kept + [n for n in eligible if n not in kept])[: spec.placement.count]
+
+    for obj in render.prepare_rbac(owner):
+        kube.apply(obj)
+    jobs = {j["metadata"]["name"]: j for j in kube.list_jobs(namespace, _job_selector(name))}
+    nodes: list[NodeStatus] = []
+    stalled: list[tuple[str, str]] = []
+    for node in chosen:
+        desired = render.prepare_job(owner, spec, node, image=settings.prepare_image)
+        job_name = desired["metadata"]["name"]
+        if job_name not in jobs:
+            kube.apply(desired)
+        state = _job_state(jobs.get(job_name))
+        if state == "complete":
+            nodes.append(NodeStatus(name=node, phase="Ready", variants=list(spec.variants), job=job_name))
+        elif state == "failed":
+            reason, message, permanent = _failure(kube, namespace, jobs[job_name])
+            nodes.append(NodeStatus(name=node, phase="Failed", job=job_name, message=f"{reason}: {message}"))
+            if permanent:
+                stalled.append((reason, f"node {node}: {message}"))
+        else:
+            nodes.append(NodeStatus(name=node, phase="Preparing", job=job_name))
+    for node_name, why in sorted(ineligible.items()):
+        nodes.append(NodeStatus(name=node_name, phase="Ineligible", message=why))
+
+    ready = sorted(n.name for n in nodes if n.phase == "Ready")
+    _sync_labels(kube, label, set(ready))
+    verdict = _verdict(spec, ready, chosen, ineligible, stalled)
+    revision = next(
+        (p["progress"]["revision"] for p in previous.values() if (p.get("progress") or {}).get("revision")), None
+    )
+    status: dict[str, Any] = {
+        "readyNodes": len(ready),
+        "nodes": [n.to_wire() for n in nodes],
+    }
+    if revision:
+        status["resolvedRevision"] = revision
+    return Observed(verdict, status)
+
+
+def _job_selector(name: str) -> str:
+    return ",".join(
+        f"{k}={v}" for k, v in {**common("KimiModel", name), "app.kubernetes.io/component": "prepare"}.items()
+    )
+
+
+def _sync_labels(kube: Kube, label: str, ready: set[str]) -> None:
+    labelled = {n["metadata"]["name"] for n in kube.list_nodes(label)}
+    for node in sorted(ready - labelled):
+        kube.label_node(node, label, render.READY)
+    for node in sorted(labelled - ready):
+        kube.label_node(node, label, None)
+
+
+def _verdict(
+    spec: KimiModelSpec,
+    ready: Sequence[str],
+    chosen: Sequence[str],
+    ineligible: Mapping[str, str],
+    stalled: Sequence[tuple[str, str]],
+) -> Verdict:
+    want = spec.placement.count
+    variants = ", ".join(spec.variants)
+    if len(ready) >= want:
+        return Verdict(state="ready", reason=KmReason.NODES_READY, message=f"{len(ready)}/{want} nodes hold {variants}")
+    if stalled:
+        reason = stalled[0][0]
+        return Verdict(state="stalled", reason=reason, message="; ".join(m for _, m in stalled))
+    if len(chosen) < want:
+        why = "; ".join(f"{n}: {r}" for n, r in sorted(ineligible.items())) or "no candidate nodes"
+        return Verdict(
+            state="stalled",
+            reason=KmReason.INSUFFICIENT_NODES,
+            message=f"{want} nodes wanted, {len(chosen)} eligible; ineligible: {why}",
+        )
+    waiting = [n for n in chosen if n not in ready]
+    return Verdict(
+        state="progressing",
+        reason=KmReason.PREPARING,
+        message=f"{len(ready)}/{want} nodes ready; preparing {variants} on {', '.join(waiting)}",
+    )
+
+
+def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: KimiModelSpec | None) -> list[str]:
+    """Undo what the model put on nodes; return the cleanup Jobs still running (empty when done)."""
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    label = render.model_label(namespace, name)
+    for node in kube.list_nodes(label):
+        kube.label_node(node["metadata"]["name"], label, None)
+    if spec is None or spec.storage.reclaim_policy != "Delete":
+        return []
+    owner = render.Owner(namespace, name, meta["uid"])
+    holding = [n.get("name") for n in (body.get("status") or {}).get("nodes") or [] if n.get("phase") != "Ineligible"]
+    waiting = []
+    for node in holding:
+        job = render.cleanup_job(owner, spec, node, image=settings.prepare_image)
+        live = kube.get_job(namespace, job["metadata"]["name"])
+        if live is None:
+            kube.apply(job)
+            waiting.append(job["metadata"]["name"])
+        elif _job_state(live) != "complete":
+            waiting.append(job["metadata"]["name"])
+    return waiting

@@ -1,0 +1,272 @@
+"""Pure builders for a KimiModel's children: node eligibility, prepare Jobs, their RBAC, cleanup Jobs.
+
+Inputs are the validated spec and facts observed by the controller; outputs are manifest dicts for
+server-side apply. Nothing here performs I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kimi_operator.api.base import API_VERSION, GROUP
+from kimi_operator.api.exitcodes import PrepareExit
+from kimi_operator.api.kimimodel import KIND, PLURAL, KimiModelSpec, Variant
+from kimi_operator.render.labels import MANAGED_BY, OPERATOR, bounded, common
+from kimi_operator.render.quantity import parse_quantity
+
+MOUNT = "/models"
+SOURCE_MOUNT = "/source"
+READY = "ready"
+NODE_LABEL = f"{GROUP}/node"
+# kt-kernel's CPU expert kernels (AMXINT8/AMXINT4 and their AVX-512 fallbacks) need these.
+CPU_VARIANT_FEATURES = ("AVX512F", "AVX512BW")
+NFD_CPUID = "feature.node.kubernetes.io/cpu-cpuid."
+
+
+@dataclasses.dataclass(frozen=True)
+class Owner:
+    """The KimiModel as the controller observed it."""
+
+    namespace: str
+    name: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeFacts:
+    """What the API says about a candidate node."""
+
+    name: str
+    labels: Mapping[str, str]
+    allocatable: Mapping[str, str]
+    ready: bool
+    unschedulable: bool
+
+
+def model_label(namespace: str, name: str) -> str:
+    """The node label that marks a node holding this model's requested variants."""
+    return f"{GROUP}/{bounded(f'model.{namespace}.{name}')}"
+
+
+def ineligible_reason(node: NodeFacts, spec: KimiModelSpec) -> str | None:
+    """Why a node cannot hold this model, from what the API tells; None when it can."""
+    if not node.ready:
+        return "node is not Ready"
+    if node.unschedulable:
+        return "node is cordoned (unschedulable)"
+    gpus = int(node.allocatable.get("nvidia.com/gpu", "0") or 0)
+    if gpus < 1:
+        return "node has no allocatable nvidia.com/gpu"
+    if any(v.startswith("cpu-") for v in spec.variants):
+        missing = [f for f in CPU_VARIANT_FEATURES if node.labels.get(NFD_CPUID + f) != "true"]
+        if missing:
+            return (
+                f"kt-kernel CPU expert weights need {' and '.join(CPU_VARIANT_FEATURES)}; the node lacks "
+                f"{', '.join(missing)} (labels {NFD_CPUID}*)"
+            )
+    for resource, wanted in (("memory", spec.resources.memory), ("cpu", spec.resources.cpu)):
+        have = node.allocatable.get(resource)
+        if have is not None and parse_quantity(have) < parse_quantity(wanted):
+            return f"prepare Job requests {resource} {wanted}, node allocatable is {have}"
+    return None
+
+
+def job_name(model: str, node: str, variants: Sequence[Variant]) -> str:
+    """One name per (node, variants): a spec asking for other variants gets a new Job."""
+    digest = hashlib.sha256(f"{node}/{','.join(sorted(variants))}".encode()).hexdigest()[:8]
+    return f"{model[: 63 - len('-prepare-') - 8]}-prepare-{digest}"
+
+
+def service_account_name(model: str) -> str:
+    return f"{model[: 63 - len('-prepare')]}-prepare"
+
+
+def model_dir(namespace: str, name: str) -> str:
+    return f"{MOUNT}/{namespace}/{name}"
+
+
+def prepare_rbac(owner: Owner) -> list[dict[str, Any]]:
+    """A ServiceAccount whose only right is to patch this KimiModel's status (its progress)."""
+    name = service_account_name(owner.name)
+    meta = {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": common(KIND, owner.name),
+        "ownerReferences": [owner.reference()],
+    }
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta,
+            "rules": [
+                {
+                    "apiGroups": [GROUP],
+                    "resources": [f"{PLURAL}/status"],
+                    "resourceNames": [owner.name],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
+        },
+    ]
+
+
+def _pinned(node: str) -> dict[str, Any]:
+    # Required affinity, not nodeName: the scheduler still accounts for the Job's resources.
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}
+                ]
+            }
+        }
+    }
+
+
+def prepare_job(owner: Owner, spec: KimiModelSpec, node: str, *, image: str) -> dict[str, Any]:
+    """The Job that downloads, verifies and converts the weights on one node."""
+    name = job_name(owner.name, node, spec.variants)
+    labels = {**common(KIND, owner.name), NODE_LABEL: bounded(node), "app.kubernetes.io/component": "prepare"}
+    args = [
+        "prepare",
+        f"--root={model_dir(owner.namespace, owner.name)}",
+        f"--variants={','.join(spec.variants)}",
+        f"--report={owner.namespace}/{owner.name}",
+        "--node=$(NODE_NAME)",
+        f"--download-concurrency={spec.resources.download_concurrency}",
+    ]
+    env: list[dict[str, Any]] = [
+        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        # Threads follow the CPU the pod was given, not the node's core count.
+        {"name": "PREPARE_THREADS", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "models", "hostPath": {"path": spec.storage.host_path, "type": "DirectoryOrCreate"}}
+    ]
+    mounts: list[dict[str, Any]] = [{"name": "models", "mountPath": MOUNT}]
+    hub = spec.source.hugging_face
+    if hub is not None:
+        args += [f"--repo={hub.repo}", f"--revision={hub.revision}"]
+        if hub.endpoint:
+            args.append(f"--endpoint={hub.endpoint}")
+        if hub.token_secret_ref is not None:
+            # The token reaches the pod only as an environment variable: never in args or status.
+            env.append(
+                {
+                    "name": "HF_TOKEN",
+                    "valueFrom": {"secretKeyRef": {"name": hub.token_secret_ref.name, "key": hub.token_secret_ref.key}},
+                }
+            )
+    elif spec.source.path is not None:
+        args.append(f"--source-path={SOURCE_MOUNT}")
+        volumes.append({"name": "source", "hostPath": {"path": spec.source.path.path, "type": "Directory"}})
+        mounts.append({"name": "source", "mountPath": SOURCE_MOUNT, "readOnly": True})
+    resources = {"cpu": str(spec.resources.cpu), "memory": str(spec.resources.memory)}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": owner.namespace,
+            "labels": labels,
+            "ownerReferences": [owner.reference()],
+        },
+        "spec": {
+            "backoffLimit": 3,
+            # Failures a retry cannot fix end the Job at once; crashes and evictions are retried.
+            "podFailurePolicy": {
+                "rules": [
+                    {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [int(c) for c in PrepareExit]}},
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                ]
+            },
+            "template": {
+                "metadata": {
+                    "labels": {**spec.pod_metadata.labels, **labels},
+                    "annotations": dict(spec.pod_metadata.annotations),
+                },
+                "spec": {
+                    "restartPolicy": "Never",
+                    "serviceAccountName": service_account_name(owner.name),
+                    "affinity": _pinned(node),
+                    "containers": [
+                        {
+                            "name": "prepare",
+                            "image": image,
+                            "args": args,
+                            "env": env,
+                            "resources": {"requests": resources, "limits": resources},
+                            "volumeMounts": mounts,
+                            "terminationMessagePolicy": "FallbackToLogsOnError",
+                        }
+                    ],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+
+
+def cleanup_job(owner: Owner, spec: KimiModelSpec, node: str, *, image: str) -> dict[str, Any]:
+    """The Job that removes the model's files from one node (reclaimPolicy Delete).
+
+    It is not owned by the KimiModel: it must outlive the object it cleans up after.
+    """
+    digest = hashlib.sha256(node.encode()).hexdigest()[:8]
+    name = f"{owner.name[: 63 - len('-cleanup-') - 8]}-cleanup-{digest}"
+    labels = {
+        MANAGED_BY: OPERATOR,
+        f"{GROUP}/{KIND.lower()}": bounded(owner.name),
+        NODE_LABEL: bounded(node),
+        "app.kubernetes.io/component": "cleanup",
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": owner.namespace, "labels": labels},
+        "spec": {
+            "backoffLimit": 3,
+            "ttlSecondsAfterFinished": 3600,
+            "template": {
+                "metadata": {
+                    "labels": {**spec.pod_metadata.labels, **labels},
+                    "annotations": dict(spec.pod_metadata.annotations),
+                },
+                "spec": {
+                    "restartPolicy": "Never",
+                    "affinity": _pinned(node),
+                    "containers": [
+                        {
+                            "name": "cleanup",
+                            "image": image,
+                            "args": ["remove-model", f"--root={model_dir(owner.namespace, owner.name)}"],
+                            "volumeMounts": [{"name": "models", "mountPath": MOUNT}],
+                        }
+                    ],
+                    "volumes": [{"name": "models", "hostPath": {"path": spec.storage.host_path, "type": "Directory"}}],
+                },
+            },
+        },
+    }

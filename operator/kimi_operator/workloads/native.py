@@ -1,0 +1,84 @@
+"""The compiled INT4 -> BF16 kernel: built from ``native/dequant_int4.c`` on first use.
+
+Built on the machine that runs it (``-march=native``: the prepare Job runs on the node that holds
+the weights), cached by source and compiler flags, loaded with ctypes. ctypes releases the GIL, so
+threads over row ranges use every core. Without a C compiler the numpy path is used instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native") / "dequant_int4.c"
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fno-strict-aliasing")
+
+
+class NativeUnavailable(RuntimeError):
+    """No compiler, or the build failed; the message says why."""
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("KIMI_OPERATOR_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"), "kimi-operator"
+    )
+    return Path(base) / "native"
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise NativeUnavailable("no C compiler (cc/gcc) on PATH")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"dequant_int4-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        partial = Path(tmp) / target.name
+        proc = subprocess.run(
+            [compiler, *FLAGS, "-o", str(partial), str(SOURCE)], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            raise NativeUnavailable(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
+        partial.rename(target)
+    return target
+
+
+_LIB: Any = None
+
+
+def kernel() -> Any:
+    """The loaded kernel function, building it if needed."""
+    global _LIB  # noqa: PLW0603 (one shared library per process)
+    if _LIB is None:
+        lib = ctypes.CDLL(str(_build()))
+        fn = lib.kimi_dequant_int4_rows
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4
+        _LIB = fn
+    return _LIB
+
+
+def dequantize_rows(
+    packed: np.ndarray[Any, Any],
+    scale_bits: np.ndarray[Any, Any],
+    out: np.ndarray[Any, Any],
+    *,
+    cols: int,
+    group_size: int,
+    rows: tuple[int, int],
+) -> None:
+    """Fill ``out[rows[0]:rows[1]]`` (uint16 bf16 bits); arrays must be C-contiguous and validated."""
+    kernel()(packed.ctypes.data, scale_bits.ctypes.data, out.ctypes.data, cols, group_size, rows[0], rows[1])
