@@ -19,7 +19,7 @@ CRD_DIRS := --out crds --out charts/kimi-operator/crds
 CLUSTER_DIR ?= $(CURDIR)/.cluster
 KUBECONFIG_DEV := $(CLUSTER_DIR)/kubeconfig
 
-.PHONY: help venv oracle-env lock controlplane crds verify lint unit e2e test run cluster-up cluster-down cluster-status cluster-env
+.PHONY: help venv oracle-env lock bench bench-convert controlplane crds verify lint unit e2e test run cluster-up cluster-down cluster-status cluster-env
 
 help:
 	@echo "make run            local control plane + CRDs + examples + operator in the foreground (Ctrl-C stops all)"
@@ -81,6 +81,13 @@ e2e: venv controlplane
 	$(KO) dev-cluster stray --dir $(E2E_DIR)
 
 test: lint verify unit e2e
+
+# Benchmarks print ratios measured side by side in one run and write JSON; they are not tests.
+bench: bench-convert
+
+bench-convert: venv oracle-env
+	$(PY) e2e/bench/bench_convert.py --work $(CACHE)/bench-convert --out bench-results/convert.json \
+		--oracle-python $(ORACLE_VENV)/bin/python
 
 cluster-up: venv
 	$(KO) dev-cluster up --dir $(CLUSTER_DIR) --crds crds

@@ -219,3 +219,25 @@ def test_disk_too_small(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pyte
     assert f"needs {info.value.needed} bytes" in str(info.value)
     assert f"only {needed // 2} bytes" in str(info.value)
     _assert_nothing_complete(tmp_path / "bf16")
+
+
+def test_resume_redoes_a_finished_shard_that_no_longer_matches_its_digest(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    clean = tensors_of(converted(tiny_checkpoint, tmp_path / "clean"))
+    out = tmp_path / "bf16"
+    first_shard_bytes = convert.plan(open_checkpoint(tiny_checkpoint))[0].size
+
+    def stop_in_second_shard(done: int, total: int) -> None:
+        if done > first_shard_bytes + 1000:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        convert.convert(tiny_checkpoint, out, threads=1, on_progress=stop_in_second_shard)
+    shard = out / "model-00001-of-00003.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # e.g. a write lost in a crash before it reached the disk
+    shard.write_bytes(bytes(data))
+    resumed = convert.convert(tiny_checkpoint, out, threads=1)
+    assert resumed.shards_skipped == []
+    assert tensors_of(out) == clean

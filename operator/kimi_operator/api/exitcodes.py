@@ -18,6 +18,7 @@ class PrepareExit(enum.IntEnum):
     UNKNOWN_REVISION = 13
     CORRUPT_FILE = 14
     UNSUPPORTED_NODE = 15
+    CONVERTER_UNAVAILABLE = 16
 
     @property
     def reason(self) -> str:
@@ -29,4 +30,5 @@ class PrepareExit(enum.IntEnum):
             PrepareExit.UNKNOWN_REVISION: "UnknownRevision",
             PrepareExit.CORRUPT_FILE: "CorruptFile",
             PrepareExit.UNSUPPORTED_NODE: "UnsupportedNode",
+            PrepareExit.CONVERTER_UNAVAILABLE: "ConverterUnavailable",
         }[self]

@@ -14,17 +14,11 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import NotFoundError
 
 from kimi_operator.api.kinds import Kind
+from kimi_operator.kubeconfig import load_client as load_config
+
+__all__ = ["FIELD_MANAGER", "Kube", "load_config"]
 
 FIELD_MANAGER = "kimi-operator"
-
-
-def load_config() -> kubernetes.client.ApiClient:
-    """In-cluster credentials when running in a pod, else the current kubeconfig."""
-    try:
-        kubernetes.config.load_incluster_config()
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
-    return kubernetes.client.ApiClient()
 
 
 class Kube:

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from kimi_operator.workloads.checkpoint import (
     text_config,
 )
 from kimi_operator.workloads.diskspace import require_free
-from kimi_operator.workloads.safetensors_io import PlannedTensor, Reader, Writer, planned_size
+from kimi_operator.workloads.safetensors_io import PlannedTensor, Reader, Writer, digest_path, planned_size
 
 Progress = Callable[[int, int], None]
 
@@ -64,6 +65,23 @@ def plan(ckpt: Checkpoint) -> list[ShardPlan]:
                 out.append(PlannedTensor(name, dtype, shape))
         plans.append(ShardPlan(shard, out))
     return plans
+
+
+def _finished(shard: Path) -> bool:
+    """A shard from an earlier run counts only if it still matches the digest recorded while writing."""
+    recorded = digest_path(shard)
+    if not (shard.exists() and recorded.exists()):
+        return False
+    return manifest.sha256_file(shard) == recorded.read_text().strip()
+
+
+def _sync(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def bytes_needed(ckpt: Checkpoint, out_dir: Path) -> int:
@@ -121,7 +139,7 @@ def convert(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / manifest.MANIFEST).unlink(missing_ok=True)
     plans = plan(ckpt)
-    todo = [p for p in plans if not (out_dir / p.shard).exists()]
+    todo = [p for p in plans if not _finished(out_dir / p.shard)]
     total = sum(p.size for p in todo)
     # Checked again here, right before the expensive step, with the exact bytes still to write.
     require_free(out_dir, total + sum(f.stat().st_size for f in _side_files(src)), what="BF16 conversion")
@@ -142,6 +160,8 @@ def convert(
         },
     )
     _write_json(out_dir / CONFIG, converted_config(ckpt.config))
+    # Everything on disk before the manifest says the variant is complete.
+    _sync([out_dir / p.shard for p in plans] + [out_dir / INDEX, out_dir / CONFIG])
     manifest.write(out_dir, variant="bf16", revision=revision, tools={"numpy": np.__version__})
     return Result([p.shard for p in todo], [p.shard for p in plans if p not in todo], total)
 
@@ -177,21 +197,33 @@ class _ShardConverter:
 
     def write(self, shard_plan: ShardPlan) -> None:
         writer = Writer(self.out_dir / shard_plan.shard, shard_plan.tensors)
+        # Writing and hashing one tensor overlaps computing the next; at most two outputs are alive.
+        pending: Future[None] | None = None
         try:
-            for tensor in shard_plan.tensors:
-                base = tensor.name.removesuffix(".weight")
-                if base != tensor.name and base in self.ckpt.packed:
-                    writer.write(tensor.name, self._dense(base))
-                else:
-                    writer.write(tensor.name, self._reader(tensor.name).raw(tensor.name))
-                self.done += tensor.nbytes
-                if self.on_progress:
-                    self.on_progress(self.done, self.total)
+            with ThreadPoolExecutor(1, thread_name_prefix="shard-writer") as io:
+                for tensor in shard_plan.tensors:
+                    base = tensor.name.removesuffix(".weight")
+                    if base != tensor.name and base in self.ckpt.packed:
+                        data: Any = self._dense(base)
+                    else:
+                        data = self._reader(tensor.name).raw(tensor.name)
+                    if pending is not None:
+                        pending.result()
+                    pending = io.submit(writer.write, tensor.name, data)
+                    self.done += tensor.nbytes
+                    if self.on_progress:
+                        self.on_progress(self.done, self.total)
+                if pending is not None:
+                    pending.result()
             writer.commit()
         except BaseException:
             writer.abort()
             raise
+        finally:
+            # Unmapping the inputs after each shard keeps resident memory at about one shard.
+            self.close()
 
     def close(self) -> None:
         for reader in self.readers.values():
             reader.close()
+        self.readers.clear()

@@ -220,8 +220,9 @@ class Writer:
         leftover = next(self._plan, None)
         if leftover is not None:
             raise SafetensorsError(f"{self.path}: tensor {leftover.name} was never written")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        # No fsync here: flushing each shard would stall the conversion on the disk. The caller
+        # syncs everything once before writing the completion manifest, and a resumed run
+        # re-checks finished shards against their recorded digests.
         self._fh.close()
         # The digest is kept beside the file before the file gets its final name, which appears
         # only for a complete file.
