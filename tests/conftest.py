@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from huggingface_hub import close_session, constants
 
 from tests.checkpoints import run_oracle
 
@@ -33,3 +35,31 @@ def tiny_checkpoint(tiny_checkpoint_source: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny checkpoint that a test may corrupt."""
     shutil.copytree(tiny_checkpoint_source / "model", tmp_path / "model")
     return tmp_path / "model"
+
+
+@pytest.fixture
+def isolated_hub_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No stored token, cache, proxy or offline switch of the machine reaches the client."""
+    home = tmp_path / "hf-home"
+    env = {
+        "HF_HOME": str(home),
+        "HF_HUB_CACHE": str(home / "hub"),
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    # The client reads its settings once, at import: set the copies it actually consults.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    close_session()  # a fresh HTTP client, built from this environment
+    yield
+    close_session()

@@ -83,6 +83,18 @@ def _dev_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from kimi_operator.workloads import prepare
+
+    return prepare.main(args.rest)
+
+
+def _remove_model(args: argparse.Namespace) -> int:
+    from kimi_operator.workloads import prepare
+
+    return prepare.remove_main(args.rest)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="kimi-operator", description="Fine-tune and serve Kimi K2.5 on Kubernetes.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -106,6 +118,13 @@ def parser() -> argparse.ArgumentParser:
     crds.add_argument("--out", action="append", required=True, help="directory to write (repeatable)")
     crds.add_argument("--check", action="store_true", help="fail if the directories are not current")
     crds.set_defaults(func=_crds)
+
+    prep = sub.add_parser("prepare", help="download, verify and convert a model's weights on this node", add_help=False)
+    prep.add_argument("rest", nargs=argparse.REMAINDER)
+    prep.set_defaults(func=_prepare)
+    remove = sub.add_parser("remove-model", help="delete a model's files on this node", add_help=False)
+    remove.add_argument("rest", nargs=argparse.REMAINDER)
+    remove.set_defaults(func=_remove_model)
 
     dev = sub.add_parser("dev-cluster", help="the local control plane for development and tests")
     dev.add_argument(

@@ -19,6 +19,7 @@ class PrepareExit(enum.IntEnum):
     CORRUPT_FILE = 14
     UNSUPPORTED_NODE = 15
     CONVERTER_UNAVAILABLE = 16
+    REPO_NOT_FOUND = 17
 
     @property
     def reason(self) -> str:
@@ -31,4 +32,5 @@ class PrepareExit(enum.IntEnum):
             PrepareExit.CORRUPT_FILE: "CorruptFile",
             PrepareExit.UNSUPPORTED_NODE: "UnsupportedNode",
             PrepareExit.CONVERTER_UNAVAILABLE: "ConverterUnavailable",
+            PrepareExit.REPO_NOT_FOUND: "RepoNotFound",
         }[self]

@@ -143,7 +143,9 @@ def convert(
     total = sum(p.size for p in todo)
     # Checked again here, right before the expensive step, with the exact bytes still to write.
     require_free(out_dir, total + sum(f.stat().st_size for f in _side_files(src)), what="BF16 conversion")
-    shard_writer = _ShardConverter(ckpt, out_dir, threads or os.cpu_count() or 1, use_native, total, on_progress)
+    # Progress counts tensor bytes, so it ends exactly at its total.
+    tensor_bytes = sum(t.nbytes for p in todo for t in p.tensors)
+    shard_writer = _ShardConverter(ckpt, out_dir, threads or os.cpu_count() or 1, use_native, tensor_bytes, on_progress)
     try:
         for shard_plan in todo:
             shard_writer.write(shard_plan)

@@ -93,11 +93,13 @@ class Reporter:
         self,
         writer: StatusWriter | None = None,
         *,
-        stream: TextIO = sys.stdout,
+        stream: TextIO | None = None,
         min_interval: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.writer, self.stream, self.min_interval, self.clock = writer, stream, min_interval, clock
+        # Looked up when writing, so a redirected sys.stdout is honoured.
+        self._stream, self.min_interval, self.clock = stream, min_interval, clock
+        self.writer = writer
         self.rate = Rate(clock=clock)
         self.revision: str | None = None
         self._last: tuple[float, str] | None = None
@@ -120,6 +122,10 @@ class Reporter:
                 # Progress is best effort: the work goes on, the failure is visible in the log.
                 self.failures += 1
                 self._print_error(f"could not write progress to status: {exc.status} {exc.reason}")
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream or sys.stdout
 
     def _print(self, record: NodeProgress) -> None:
         wire: dict[str, Any] = record.to_wire()
