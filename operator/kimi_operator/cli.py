@@ -95,6 +95,12 @@ def _remove_model(args: argparse.Namespace) -> int:
     return prepare.remove_main(args.rest)
 
 
+def _validate_dataset(args: argparse.Namespace) -> int:
+    from kimi_operator.workloads import dataset
+
+    return dataset.main(args.rest)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="kimi-operator", description="Fine-tune and serve Kimi K2.5 on Kubernetes.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -125,6 +131,10 @@ def parser() -> argparse.ArgumentParser:
     remove = sub.add_parser("remove-model", help="delete a model's files on this node", add_help=False)
     remove.add_argument("rest", nargs=argparse.REMAINDER)
     remove.set_defaults(func=_remove_model)
+
+    check = sub.add_parser("validate-dataset", help="check a chat dataset (JSON lines)", add_help=False)
+    check.add_argument("rest", nargs=argparse.REMAINDER)
+    check.set_defaults(func=_validate_dataset)
 
     dev = sub.add_parser("dev-cluster", help="the local control plane for development and tests")
     dev.add_argument(

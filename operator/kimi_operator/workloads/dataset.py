@@ -1,0 +1,207 @@
+"""``kimi-operator validate-dataset``: check a chat dataset before any GPU time is spent on it.
+
+Records are JSON lines in the OpenAI messages shape, under ``messages`` or ``conversations``:
+``{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}``.
+Content is a string, or a list of parts ``{"type": "text", "text": ...}`` and
+``{"type": "image_url", "image_url": {"url": "file://relative/or/absolute.png"}}``; relative image
+paths are resolved against the dataset's directory (or ``--root``).
+
+Every problem is reported with its line number; the first ones are printed, then how many more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+MIN_EXAMPLES = 100
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.message}"
+
+
+@dataclasses.dataclass
+class Report:
+    records: int = 0
+    messages: int = 0
+    images: int = 0
+    duplicates: int = 0
+    errors: list[Problem] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self, max_errors: int = 20) -> str:
+        lines = [
+            f"records: {self.records}, messages: {self.messages}, images: {self.images}, "
+            f"duplicates: {self.duplicates}, errors: {len(self.errors)}"
+        ]
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines += [f"error: {e}" for e in self.errors[:max_errors]]
+        if len(self.errors) > max_errors:
+            lines.append(f"... and {len(self.errors) - max_errors} more errors")
+        return "\n".join(lines)
+
+
+def _image_problem(url: str, root: Path) -> str | None:
+    if not url.startswith("file://"):
+        return f"image url {url!r} is not a file:// path (remote images are not fetched during training)"
+    raw = url[len("file://") :]
+    path = Path(raw) if raw.startswith("/") else root / raw
+    if not path.is_file():
+        return f"image {raw} not found (looked at {path})"
+    try:
+        from PIL import Image, UnidentifiedImageError  # noqa: PLC0415 (optional: the trainer image has it)
+    except ImportError:
+        with path.open("rb") as fh:
+            head = fh.read(16)
+        if not (head.startswith(IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")):
+            return f"image {raw} is not a PNG, JPEG, GIF or WebP file"
+        return None
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode the pixels, not only the header
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return f"image {raw} does not decode: {exc}"
+    return None
+
+
+def _content_problems(content: Any, where: str, root: Path, report: Report) -> Iterator[str]:
+    if isinstance(content, str):
+        if not content.strip():
+            yield f"{where}: empty content"
+        return
+    if not isinstance(content, list):
+        yield f"{where}: content must be a string or a list of parts, not {type(content).__name__}"
+        return
+    if not content:
+        yield f"{where}: empty content"
+        return
+    for i, part in enumerate(content):
+        at = f"{where}.content[{i}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str) or not part["text"].strip():
+                yield f"{at}: empty text"
+        elif kind == "image_url":
+            url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else None
+            if not isinstance(url, str):
+                yield f"{at}: image_url part without image_url.url"
+                continue
+            report.images += 1
+            problem = _image_problem(url, root)
+            if problem:
+                yield f"{at}: {problem}"
+        else:
+            yield f"{at}: part type {kind!r} is not 'text' or 'image_url'"
+
+
+def _role_problem(index: int, role: Any, expected: str) -> str | None:
+    """Whether a turn's role fits: system first only, then user and assistant alternating."""
+    if role not in ROLES:
+        return f"unknown role {role!r} (expected one of {', '.join(ROLES)})"
+    if role == "system":
+        return None if index == 0 else "system message only allowed first"
+    if role != expected:
+        return f"expected a {expected} turn, found {role} (turns must alternate user/assistant)"
+    return None
+
+
+def check_record(record: Any, key: str, root: Path, report: Report) -> Iterator[str]:
+    if not isinstance(record, dict):
+        yield f"record must be a JSON object, not {type(record).__name__}"
+        return
+    if key not in record:
+        other = "conversations" if key == "messages" else "messages"
+        hint = f" (found {other!r}: set spec.dataset.messagesKey)" if other in record else ""
+        yield f"no {key!r} key{hint}"
+        return
+    messages = record[key]
+    if not isinstance(messages, list) or not messages:
+        yield f"{key} must be a non-empty list"
+        return
+    expected = "user"
+    for i, message in enumerate(messages):
+        where = f"{key}[{i}]"
+        if not isinstance(message, dict):
+            yield f"{where}: message must be an object"
+            return
+        # The first turn-order problem makes the rest of the record meaningless to check.
+        problem = _role_problem(i, message.get("role"), expected)
+        if problem:
+            yield f"{where}: {problem}"
+            return
+        if message["role"] != "system":
+            expected = "assistant" if message["role"] == "user" else "user"
+        if "content" not in message:
+            yield f"{where}: no content"
+        else:
+            yield from _content_problems(message["content"], where, root, report)
+        report.messages += 1
+    if messages[-1]["role"] != "assistant":
+        yield f"{key}: must end with an assistant turn, ends with {messages[-1]['role']}"
+
+
+def validate_lines(lines: Iterable[str], *, key: str = "messages", root: Path) -> Report:
+    report = Report()
+    seen: set[str] = set()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            report.errors.append(Problem(number, "blank line"))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            report.errors.append(Problem(number, f"invalid JSON: {exc.msg} at column {exc.colno}"))
+            continue
+        report.records += 1
+        found = list(check_record(record, key, root, report))
+        report.errors.extend(Problem(number, message) for message in found)
+        digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+        if digest in seen:
+            report.duplicates += 1
+        seen.add(digest)
+    if report.records < MIN_EXAMPLES:
+        report.warnings.append(f"only {report.records} examples; LoRA SFT usually needs at least {MIN_EXAMPLES}")
+    if report.duplicates:
+        report.warnings.append(f"{report.duplicates} duplicate records")
+    return report
+
+
+def validate_file(path: Path, *, key: str = "messages", root: Path | None = None) -> Report:
+    with path.open(encoding="utf-8") as fh:
+        # A trailing newline is not a blank record.
+        lines = fh.read().splitlines()
+    return validate_lines(lines, key=key, root=root or path.parent)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kimi-operator validate-dataset", description=__doc__)
+    parser.add_argument("path", type=Path, help="JSON-lines file")
+    parser.add_argument("--messages-key", default="messages", choices=["messages", "conversations"])
+    parser.add_argument("--root", type=Path, help="directory file:// image paths are relative to")
+    parser.add_argument("--max-errors", type=int, default=20, help="errors printed before the count of the rest")
+    args = parser.parse_args(argv)
+    try:
+        report = validate_file(args.path, key=args.messages_key, root=args.root)
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"error: {args.path}: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary(args.max_errors))
+    return 0 if report.ok else 1
