@@ -10,7 +10,7 @@ import yaml
 
 from e2e.conftest import OperatorProcess
 from e2e.helpers import wait_for
-from e2e.manifests import FINE_TUNE_JOB, GROUP, KIMI_MODEL, LORA_SERVER, PLURALS, VERSION
+from e2e.manifests import GROUP, KIMI_MODEL, LORA_SERVER, PLURALS, VERSION
 from kimi_operator.devcluster.paths import repo_root
 
 pytestmark = pytest.mark.e2e
@@ -29,7 +29,7 @@ def _observed(api: kubernetes.client.ApiClient, namespace: str, kind: str, name:
     return obj if status.get("observedGeneration") == obj["metadata"]["generation"] else None
 
 
-@pytest.mark.parametrize("base", [FINE_TUNE_JOB, LORA_SERVER], ids=lambda b: b["kind"])
+@pytest.mark.parametrize("base", [LORA_SERVER], ids=lambda b: b["kind"])
 def test_status_follows_the_conventions(
     api: kubernetes.client.ApiClient, namespace: str, operator: OperatorProcess, base: dict[str, Any]
 ) -> None:
@@ -78,7 +78,7 @@ def test_examples_reconcile_and_show_in_printer_columns(
     table = cluster.kubectl("get", "km,ftj,lsrv", "-n", namespace)
     assert "READY-NODES" in table
     assert "PROGRESS" in table
-    assert table.count("Pending") == 2, table  # FineTuneJob and LoraServer await their reconcilers
+    assert table.count("Pending") == 1, table  # the LoraServer awaits its reconciler
 
 
 def test_health_and_metrics_endpoints(

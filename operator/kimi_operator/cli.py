@@ -46,6 +46,7 @@ def _run(args: argparse.Namespace) -> int:
             bind_address=args.bind_address,
             priority=args.priority,
             prepare_image=args.prepare_image,
+            trainer_image=args.trainer_image,
         )
     )
 
@@ -115,6 +116,11 @@ def parser() -> argparse.ArgumentParser:
         "--prepare-image",
         default=os.environ.get("KIMI_PREPARE_IMAGE", "ghcr.io/kimi-operator/prepare:0.1.0"),
         help="image of the prepare and cleanup Jobs (env KIMI_PREPARE_IMAGE)",
+    )
+    run.add_argument(
+        "--trainer-image",
+        default=os.environ.get("KIMI_TRAINER_IMAGE", "ghcr.io/kimi-operator/trainer:0.1.0"),
+        help="image of the training Jobs (env KIMI_TRAINER_IMAGE)",
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="text", choices=["text", "json"], help="json for log collectors")

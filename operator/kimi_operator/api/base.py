@@ -103,3 +103,14 @@ class ObjectRef(ApiModel):
     """A reference by name to an object of a known kind in the same namespace."""
 
     name: ObjectName = Field(description="Name of the object in the same namespace.")
+
+
+class PodMetadata(ApiModel):
+    """Extra labels and annotations for the pods the operator starts for this object."""
+
+    labels: Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_length=32)] = Field(
+        default_factory=dict, description="Labels added to the pods (e.g. for cost allocation or policies)."
+    )
+    annotations: Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=32)] = Field(
+        default_factory=dict, description="Annotations added to the pods."
+    )

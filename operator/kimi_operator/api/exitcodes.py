@@ -34,3 +34,21 @@ class PrepareExit(enum.IntEnum):
             PrepareExit.CONVERTER_UNAVAILABLE: "ConverterUnavailable",
             PrepareExit.REPO_NOT_FOUND: "RepoNotFound",
         }[self]
+
+
+class TrainExit(enum.IntEnum):
+    INVALID_DATASET = 20
+    INVALID_CONFIG = 21
+    MISSING_WEIGHTS = 22
+
+    @property
+    def reason(self) -> str:
+        return {
+            TrainExit.INVALID_DATASET: "InvalidDataset",
+            TrainExit.INVALID_CONFIG: "InvalidTrainingConfig",
+            TrainExit.MISSING_WEIGHTS: "MissingWeights",
+        }[self]
+
+
+# SIGKILL: the kernel's OOM killer (or the kubelet) ended the container.
+OOM_EXIT = 137

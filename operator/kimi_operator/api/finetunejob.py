@@ -11,6 +11,7 @@ from kimi_operator.api.base import (
     ApiModel,
     ObjectName,
     ObjectRef,
+    PodMetadata,
     Quantity,
     SecretKeyRef,
     cel,
@@ -193,6 +194,9 @@ class FineTuneJobSpec(ApiModel):
     ) = Field(default=None, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label on the Job.")
     backoff_limit: Annotated[int, Field(ge=0, le=100)] = Field(
         default=3, description="Retries after crashes or node loss (config and data errors are not retried)."
+    )
+    pod_metadata: PodMetadata = Field(
+        default_factory=PodMetadata, description="Labels and annotations for the training pod."
     )
 
 

@@ -10,6 +10,7 @@ from kimi_operator.api.base import (
     AbsolutePath,
     ApiModel,
     ObjectName,
+    PodMetadata,
     Quantity,
     SecretKeyRef,
     cel,
@@ -106,17 +107,6 @@ class PrepareResources(ApiModel):
     memory: Quantity = Field(default="64Gi", description="Memory request and limit of the prepare pod.")
     download_concurrency: Annotated[int, Field(ge=1, le=64)] = Field(
         default=8, description="Files downloaded in parallel."
-    )
-
-
-class PodMetadata(ApiModel):
-    """Extra labels and annotations for the pods the operator starts for this object."""
-
-    labels: Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_length=32)] = Field(
-        default_factory=dict, description="Labels added to the pods (e.g. for cost allocation or policies)."
-    )
-    annotations: Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=32)] = Field(
-        default_factory=dict, description="Annotations added to the pods."
     )
 
 

@@ -17,9 +17,10 @@ import kopf
 
 from kimi_operator.api.base import GROUP, VERSION
 from kimi_operator.api.conditions import Reason, Verdict, now_rfc3339
+from kimi_operator.api.finetunejob import FineTuneJobSpec
 from kimi_operator.api.kimimodel import KimiModelSpec
-from kimi_operator.api.kinds import KIMI_MODEL, KINDS, Kind
-from kimi_operator.controller import kimimodel, metrics
+from kimi_operator.api.kinds import FINE_TUNE_JOB, KIMI_MODEL, KINDS, Kind, by_kind
+from kimi_operator.controller import finetunejob, kimimodel, metrics
 from kimi_operator.controller.kube import Kube
 from kimi_operator.controller.reconcile import PassResult, evaluate
 from kimi_operator.render.labels import MANAGED_BY, OPERATOR
@@ -47,19 +48,26 @@ def configure(settings: kopf.OperatorSettings) -> None:
 
 
 class Reconciler:
-    def __init__(self, kube: Kube, km_settings: kimimodel.Settings) -> None:
+    def __init__(self, kube: Kube, km_settings: kimimodel.Settings, ftj_settings: finetunejob.Settings) -> None:
         self.kube = kube
         self.km_settings = km_settings
+        self.ftj_settings = ftj_settings
 
     def _work(self, kind: Kind, body: Mapping[str, Any]) -> Any:
-        if kind is not KIMI_MODEL:
-            return None
+        if kind is KIMI_MODEL:
 
-        def work(spec: KimiModelSpec) -> tuple[Verdict, dict[str, Any]]:
-            observed = kimimodel.reconcile(self.kube, self.km_settings, body, spec)
-            return observed.verdict, observed.status
+            def work_km(spec: KimiModelSpec) -> tuple[Verdict, dict[str, Any]]:
+                observed = kimimodel.reconcile(self.kube, self.km_settings, body, spec)
+                return observed.verdict, observed.status
 
-        return work
+            return work_km
+        if kind is FINE_TUNE_JOB:
+
+            def work_ftj(spec: FineTuneJobSpec) -> tuple[Verdict, dict[str, Any]]:
+                return finetunejob.reconcile(self.kube, self.ftj_settings, body, spec)
+
+            return work_ftj
+        return None
 
     def run(self, kind: Kind, body: Mapping[str, Any], logger: logging.Logger | kopf.Logger) -> PassResult | None:
         meta = body["metadata"]
@@ -90,8 +98,13 @@ class Reconciler:
         return result
 
 
-def register(registry: kopf.OperatorRegistry, kube: Kube, km_settings: kimimodel.Settings) -> None:
-    reconciler = Reconciler(kube, km_settings)
+def register(
+    registry: kopf.OperatorRegistry,
+    kube: Kube,
+    km_settings: kimimodel.Settings,
+    ftj_settings: finetunejob.Settings,
+) -> None:
+    reconciler = Reconciler(kube, km_settings, ftj_settings)
     for kind in KINDS:
         resource = (GROUP, VERSION, kind.plural)
 
@@ -110,24 +123,31 @@ def register(registry: kopf.OperatorRegistry, kube: Kube, km_settings: kimimodel
             kopf.on.delete(*resource, registry=registry, id="forget", optional=True)(forget)
 
     km = (GROUP, VERSION, KIMI_MODEL.plural)
+    for kind in (KIMI_MODEL, FINE_TUNE_JOB):
 
-    @kopf.timer(*km, registry=registry, id="resync", interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-    def resync(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-        reconciler.run(KIMI_MODEL, body, logger)
+        def resync(body: kopf.Body, logger: kopf.Logger, kind: Kind = kind, **_: Any) -> None:
+            reconciler.run(kind, body, logger)
 
-    @kopf.on.event(
-        "batch",
-        "v1",
-        "jobs",
-        registry=registry,
-        labels={MANAGED_BY: OPERATOR, "app.kubernetes.io/component": "prepare"},
-    )
-    def prepare_job_changed(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-        owners = [o for o in body["metadata"].get("ownerReferences") or [] if o.get("kind") == KIMI_MODEL.kind]
-        for owner in owners:
-            model = kube.get(KIMI_MODEL.api_version, KIMI_MODEL.kind, body["metadata"]["namespace"], owner["name"])
-            if model is not None:
-                reconciler.run(KIMI_MODEL, model, logger)
+        kopf.timer(
+            GROUP,
+            VERSION,
+            kind.plural,
+            registry=registry,
+            id="resync",
+            interval=RESYNC_SECONDS,
+            initial_delay=RESYNC_SECONDS,
+        )(resync)
+
+    @kopf.on.event("batch", "v1", "jobs", registry=registry, labels={MANAGED_BY: OPERATOR})
+    def child_job_changed(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+        # A Job's status changed: run a pass of the object that owns it (its status follows the Job).
+        for ref in body["metadata"].get("ownerReferences") or []:
+            if not ref.get("controller") or ref.get("apiVersion") != KIMI_MODEL.api_version:
+                continue
+            kind = by_kind(ref["kind"])
+            owner = kube.get(kind.api_version, kind.kind, body["metadata"]["namespace"], ref["name"])
+            if owner is not None:
+                reconciler.run(kind, owner, logger)
 
     @kopf.on.delete(*km, registry=registry, id="finalize")
     def finalize(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:

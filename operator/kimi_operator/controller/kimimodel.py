@@ -77,7 +77,7 @@ def _failure(kube: Kube, namespace: str, job: Mapping[str, Any]) -> tuple[str, s
     return KmReason.PREPARE_FAILED, failed.get("message") or "prepare Job failed", True
 
 
-def _job_state(job: Mapping[str, Any] | None) -> str:
+def job_state(job: Mapping[str, Any] | None) -> str:
     if job is None:
         return "missing"
     for c in (job.get("status") or {}).get("conditions") or []:
@@ -116,7 +116,7 @@ def reconcile(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: Kim
         job_name = desired["metadata"]["name"]
         if job_name not in jobs:
             kube.apply(desired)
-        state = _job_state(jobs.get(job_name))
+        state = job_state(jobs.get(job_name))
         if state == "complete":
             nodes.append(NodeStatus(name=node, phase="Ready", variants=list(spec.variants), job=job_name))
         elif state == "failed":
@@ -205,6 +205,6 @@ def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: Kimi
         if live is None:
             kube.apply(job)
             waiting.append(job["metadata"]["name"])
-        elif _job_state(live) != "complete":
+        elif job_state(live) != "complete":
             waiting.append(job["metadata"]["name"])
     return waiting

@@ -9,7 +9,7 @@ from typing import Any
 
 import kopf
 
-from kimi_operator.controller import handlers, health, kimimodel
+from kimi_operator.controller import finetunejob, handlers, health, kimimodel
 from kimi_operator.controller.kube import Kube, load_config
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,7 @@ class Options:
     bind_address: str = "0.0.0.0"  # noqa: S104 (probes and scrapes come from outside the pod)
     priority: int = 0
     prepare_image: str = "ghcr.io/kimi-operator/prepare:0.1.0"
+    trainer_image: str = "ghcr.io/kimi-operator/trainer:0.1.0"
 
 
 async def _operate(options: Options) -> None:
@@ -39,7 +40,12 @@ async def _operate(options: Options) -> None:
         info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
         return info
 
-    handlers.register(registry, kube, kimimodel.Settings(prepare_image=options.prepare_image))
+    handlers.register(
+        registry,
+        kube,
+        kimimodel.Settings(prepare_image=options.prepare_image),
+        finetunejob.Settings(trainer_image=options.trainer_image),
+    )
     ready = asyncio.Event()
     runners = []
     if options.health_port:

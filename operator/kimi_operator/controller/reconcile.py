@@ -17,18 +17,14 @@ from pydantic import ValidationError
 from kimi_operator.api import conditions as cond
 from kimi_operator.api.base import ApiModel
 from kimi_operator.api.conditions import Condition, Reason, Verdict
-from kimi_operator.api.kinds import FINE_TUNE_JOB, KIMI_MODEL, LORA_SERVER, Kind
+from kimi_operator.api.kinds import LORA_SERVER, Kind
 
 # What each kind's reconciler will do, for the message while it does not exist yet.
-_PENDING_WORK = {
-    KIMI_MODEL.kind: "preparing weights on nodes",
-    FINE_TUNE_JOB.kind: "running the training Job",
-    LORA_SERVER.kind: "starting engine replicas and the router",
-}
+_PENDING_WORK = {LORA_SERVER.kind: "starting engine replicas and the router"}
 
 PHASES = {"ready": "Ready", "progressing": "Progressing", "stalled": "Stalled", "waiting": "Pending"}
 # Fields of status entries written by workload pods, not by the operator.
-_POD_OWNED = ("progress",)
+_POD_OWNED = ("progress", "adapter", "latestCheckpoint")
 
 # Given a valid spec, do the kind's work and return the verdict and the kind's own status fields.
 Work = Callable[[Any], tuple[Verdict, dict[str, Any]]]
@@ -87,7 +83,10 @@ def evaluate(kind: Kind, body: Mapping[str, Any], now: str, work: Work | None = 
             verdict = Verdict(
                 state="waiting",
                 reason=Reason.AWAITING_RECONCILER,
-                message=f"spec accepted; {_PENDING_WORK[kind.kind]} is not implemented in this operator version",
+                message=(
+                    f"spec accepted; {_PENDING_WORK.get(kind.kind, 'its work')} is not implemented "
+                    "in this operator version"
+                ),
             )
     updated = cond.apply_verdict(current_conditions(status), verdict, generation, now)
     desired = {

@@ -59,22 +59,24 @@ def progress(step: PrepareStep, done: int, total: int, rate: float | None, revis
     )
 
 
-class StatusWriter:
-    """Server-side apply of one node's progress into its KimiModel's status."""
+class OwnStatus:
+    """Server-side apply of the fields a workload pod owns in its object's status, under its own
+    field manager; the pod's Role allows this one object only."""
 
-    def __init__(self, api: kubernetes.client.ApiClient, namespace: str, name: str, node: str) -> None:
+    def __init__(
+        self, api: kubernetes.client.ApiClient, *, kind: str, plural: str, namespace: str, name: str, manager: str
+    ) -> None:
         self.client = DynamicClient(api)
-        self.namespace, self.name, self.node = namespace, name, node
-        self.path = f"/apis/{API_VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
-        # One manager per node: the pods of different nodes never take each other's fields.
-        self.field_manager = f"kimi-prepare-{node}"[:128]
+        self.kind, self.namespace, self.name = kind, namespace, name
+        self.path = f"/apis/{API_VERSION}/namespaces/{namespace}/{plural}/{name}/status"
+        self.field_manager = manager[:128]
 
-    def write(self, record: NodeProgress) -> None:
+    def apply(self, status: dict[str, Any]) -> None:
         body = {
             "apiVersion": API_VERSION,
-            "kind": KIND,
+            "kind": self.kind,
             "metadata": {"name": self.name, "namespace": self.namespace},
-            "status": {"nodes": [{"name": self.node, "progress": record.to_wire()}]},
+            "status": status,
         }
         self.client.request(
             "patch",
@@ -84,6 +86,20 @@ class StatusWriter:
             field_manager=self.field_manager,
             force=True,
         )
+
+
+class StatusWriter:
+    """One node's progress in its KimiModel's status."""
+
+    def __init__(self, api: kubernetes.client.ApiClient, namespace: str, name: str, node: str) -> None:
+        self.node = node
+        # One manager per node: the pods of different nodes never take each other's fields.
+        self.own = OwnStatus(
+            api, kind=KIND, plural=PLURAL, namespace=namespace, name=name, manager=f"kimi-prepare-{node}"
+        )
+
+    def write(self, record: NodeProgress) -> None:
+        self.own.apply({"nodes": [{"name": self.node, "progress": record.to_wire()}]})
 
 
 class Reporter:

@@ -1,0 +1,249 @@
+"""FineTuneJob against the real apiserver: pinning to the KimiModel's node, suspend, Kueue, progress
+RBAC, OOM handling and success, with KWOK running the training pods."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import kubernetes
+import pytest
+
+from e2e.conftest import OperatorProcess
+from e2e.helpers import wait_for
+from e2e.manifests import FINE_TUNE_JOB, GROUP, KIMI_MODEL, VERSION
+from e2e.test_kimimodel import _token_kubeconfig, condition
+from kimi_operator.devcluster.cluster import Cluster
+from kimi_operator.render.kimimodel import model_label
+from kimi_operator.workloads.report import OwnStatus
+
+pytestmark = pytest.mark.e2e
+HOLD = {"annotations": {"sim.kimi-operator.io/hold": "true"}}
+# Small requests keep the simulated node free for the other tests' held pods.
+SMALL = {"gpus": 1, "cpu": "4", "memory": "16Gi"}
+
+
+def custom(api: kubernetes.client.ApiClient) -> kubernetes.client.CustomObjectsApi:
+    return kubernetes.client.CustomObjectsApi(api)
+
+
+def ftj(name: str, **spec: Any) -> dict[str, Any]:
+    obj = copy.deepcopy(FINE_TUNE_JOB)
+    obj["metadata"]["name"] = name
+    obj["spec"].update(spec)
+    return obj
+
+
+def ready_model(api: kubernetes.client.ApiClient, namespace: str, node: str = "gpu-h200-a") -> None:
+    model = copy.deepcopy(KIMI_MODEL)
+    model["spec"]["placement"] = {"nodeNames": [node], "count": 1}
+    model["spec"]["variants"] = ["bf16"]
+    custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "kimimodels", model)
+    wait_for(
+        lambda: (
+            condition(get(api, namespace, "kimimodels", "kimi"), "Ready") is not None
+            and condition(get(api, namespace, "kimimodels", "kimi"), "Ready")["status"] == "True"
+        ),
+        60,
+        "KimiModel Ready",
+    )  # type: ignore[index]
+
+
+def get(api: kubernetes.client.ApiClient, namespace: str, plural: str, name: str) -> dict[str, Any]:
+    obj: dict[str, Any] = custom(api).get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+    return obj
+
+
+def wait_phase(api: kubernetes.client.ApiClient, namespace: str, name: str, phase: str) -> dict[str, Any]:
+    last: dict[str, Any] = {}
+
+    def check() -> dict[str, Any] | None:
+        obj = get(api, namespace, "finetunejobs", name)
+        status = last["status"] = obj.get("status") or {}
+        current = status.get("observedGeneration") == obj["metadata"]["generation"]
+        return obj if current and status.get("phase") == phase else None
+
+    try:
+        return wait_for(check, 60, f"{name} phase {phase}")
+    except AssertionError as exc:
+        batch, core = kubernetes.client.BatchV1Api(api), kubernetes.client.CoreV1Api(api)
+        job_status = batch.read_namespaced_job(f"{name}-train", namespace).status
+        pods = [
+            (p.metadata.name, p.status.phase, [(c.type, c.reason, c.message) for c in p.status.conditions or []])
+            for p in core.list_namespaced_pod(namespace, label_selector=f"job-name={name}-train").items
+        ]
+        on_node = [
+            (p.metadata.namespace, p.metadata.name, p.status.phase, p.spec.containers[0].resources.requests)
+            for p in core.list_pod_for_all_namespaces(field_selector="spec.nodeName=gpu-h200-a").items
+        ]
+        raise AssertionError(
+            f"{exc}; status: {last.get('status')}; job: {job_status}; pods: {pods}; node: {on_node}"
+        ) from None
+
+
+def job(api: kubernetes.client.ApiClient, namespace: str, name: str) -> Any:
+    return kubernetes.client.BatchV1Api(api).read_namespaced_job(f"{name}-train", namespace)
+
+
+def test_waits_for_its_model(api: kubernetes.client.ApiClient, namespace: str, operator: OperatorProcess) -> None:
+    custom(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "finetunejobs", ftj("early", resources=SMALL)
+    )
+    obj = wait_for(
+        lambda: (
+            (c := condition(get(api, namespace, "finetunejobs", "early"), "Reconciling"))
+            and c["reason"] == "WaitingForModel"
+            and c
+        ),
+        60,
+        "WaitingForModel",
+    )
+    assert "KimiModel kimi does not exist" in obj["message"]
+
+
+def test_job_is_pinned_to_the_models_node_with_the_rendered_pod(
+    api: kubernetes.client.ApiClient, namespace: str, operator: OperatorProcess
+) -> None:
+    ready_model(api, namespace)
+    spec = {
+        "podMetadata": HOLD,
+        "queueName": "gpu-queue",
+        "resources": {"gpus": 2, "cpu": "8", "memory": "512Gi", "sharedMemory": "32Gi"},
+    }
+    custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "finetunejobs", ftj("tune", **spec))
+    obj = wait_phase(api, namespace, "tune", "Running")
+    assert obj["status"]["node"] == "gpu-h200-a"
+    assert condition(obj, "Reconciling")["reason"] == "Training"  # type: ignore[index]
+    assert condition(obj, "Reconciling")["message"] == "attempt 1 running on gpu-h200-a"  # type: ignore[index]
+    train = job(api, namespace, "tune")
+    assert train.metadata.labels["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    pod = train.spec.template.spec
+    (term,) = pod.affinity.node_affinity.required_during_scheduling_ignored_during_execution.node_selector_terms
+    assert {(e.key, tuple(e.values)) for e in term.match_expressions} == {
+        (model_label(namespace, "kimi"), ("ready",)),
+        ("kubernetes.io/hostname", ("gpu-h200-a",)),
+    }
+    (container,) = pod.containers
+    assert container.resources.limits == {"nvidia.com/gpu": "2", "cpu": "8", "memory": "512Gi"}
+    volumes = {v.name: v for v in pod.volumes}
+    assert volumes["dshm"].empty_dir.medium == "Memory"
+    assert volumes["dshm"].empty_dir.size_limit == "32Gi"
+    assert volumes["models"].host_path.path == "/mnt/nvme/kimi"
+    assert volumes["dataset"].config_map.name == "data"
+    assert f"--output-dir=/models/{namespace}/kimi/finetune/tune" in container.args
+    config = kubernetes.client.CoreV1Api(api).read_namespaced_config_map("tune-train", namespace)
+    assert '"lora_rank": 16' in config.data["train.yaml"]
+    assert '"template": "kimi_k25"' in config.data["train.yaml"]
+    assert '"formatting": "sharegpt"' in config.data["dataset_info.json"]
+    assert train.spec.pod_failure_policy.rules[0].on_exit_codes.values == [20, 21, 22]
+
+
+def test_suspended_job_starts_when_unsuspended(
+    api: kubernetes.client.ApiClient, namespace: str, operator: OperatorProcess
+) -> None:
+    ready_model(api, namespace)
+    custom(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "finetunejobs", ftj("later", suspend=True, podMetadata=HOLD, resources=SMALL)
+    )
+    obj = wait_phase(api, namespace, "later", "Suspended")
+    assert condition(obj, "Ready")["reason"] == "Suspended"  # type: ignore[index]
+    assert job(api, namespace, "later").spec.suspend is True
+    assert (
+        not kubernetes.client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector="job-name=later-train").items
+    )
+    custom(api).patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, "finetunejobs", "later", {"spec": {"suspend": False}}
+    )
+    wait_phase(api, namespace, "later", "Running")
+    assert job(api, namespace, "later").spec.suspend is False
+
+
+def test_training_pod_writes_its_own_status_only_and_success_needs_the_adapter(
+    api: kubernetes.client.ApiClient, namespace: str, operator: OperatorProcess, cluster: Cluster
+) -> None:
+    ready_model(api, namespace)
+    for name in ("mine", "theirs"):
+        custom(api).create_namespaced_custom_object(
+            GROUP, VERSION, namespace, "finetunejobs", ftj(name, podMetadata=HOLD, resources=SMALL)
+        )
+    wait_phase(api, namespace, "mine", "Running")
+    pod_api = _token_kubeconfig(cluster, api, namespace, "mine-train")
+    progress = {"step": 12, "totalSteps": 48, "percent": 25.0, "loss": 1.25, "tokensPerSecond": 41.5, "eta": "0:12:00"}
+    own = OwnStatus(
+        pod_api, kind="FineTuneJob", plural="finetunejobs", namespace=namespace, name="mine", manager="kimi-train"
+    )
+    own.apply({"progress": progress, "latestCheckpoint": f"/models/{namespace}/kimi/finetune/mine/checkpoint-12"})
+    table = cluster.kubectl("get", "ftj", "mine", "-n", namespace)
+    assert "Running" in table
+    assert "25" in table
+    assert "1.25" in table
+    with pytest.raises(kubernetes.client.ApiException) as info:
+        OwnStatus(
+            pod_api, kind="FineTuneJob", plural="finetunejobs", namespace=namespace, name="theirs", manager="x"
+        ).apply({"progress": progress})
+    assert info.value.status == 403
+    adapter = {
+        "name": "mine",
+        "node": "gpu-h200-a",
+        "path": f"/models/{namespace}/kimi/finetune/mine/adapter-sglang",
+        "sizeBytes": 123456,
+        "sha256": "0" * 64,
+        "baseModel": "kimi",
+        "rank": 16,
+    }
+    own.apply({"progress": progress, "adapter": adapter})
+    (pod,) = kubernetes.client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector="job-name=mine-train").items
+    kubernetes.client.CoreV1Api(api).patch_namespaced_pod(
+        pod.metadata.name, namespace, {"metadata": {"annotations": {"sim.kimi-operator.io/hold": None}}}
+    )
+    obj = wait_phase(api, namespace, "mine", "Succeeded")
+    assert condition(obj, "Ready")["status"] == "True"  # type: ignore[index]
+    assert condition(obj, "Ready")["reason"] == "Succeeded"  # type: ignore[index]
+    assert obj["status"]["adapter"] == adapter
+    assert obj["status"]["progress"]["step"] == 12
+    assert obj["status"]["attempts"] == 1
+
+
+def test_oom_kill_says_what_to_lower_and_was_retried(
+    api: kubernetes.client.ApiClient, namespace: str, operator: OperatorProcess
+) -> None:
+    ready_model(api, namespace)
+    oom = {
+        "labels": {"sim.kimi-operator.io/fail": "true"},
+        "annotations": {"sim.kimi-operator.io/exit-code": "137", "sim.kimi-operator.io/reason": "OOMKilled"},
+    }
+    custom(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "finetunejobs", ftj("big", podMetadata=oom, backoffLimit=1, resources=SMALL)
+    )
+    obj = wait_phase(api, namespace, "big", "Failed")
+    stalled = condition(obj, "Stalled")
+    assert stalled is not None
+    assert stalled["reason"] == "OOMKilled"
+    assert "lower spec.training.cutoffLen (4096) or spec.training.perDeviceBatchSize (1)" in stalled["message"]
+    assert obj["status"]["attempts"] == 2  # the first OOM kill was retried
+    pods = kubernetes.client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector="job-name=big-train").items
+    assert len(pods) == 2
+    # Every attempt trains into the same output directory, where the retry finds the checkpoints.
+    assert len({tuple(p.spec.containers[0].args) for p in pods}) == 1
+
+
+def test_bad_dataset_stalls_without_retry(
+    api: kubernetes.client.ApiClient, namespace: str, operator: OperatorProcess
+) -> None:
+    ready_model(api, namespace)
+    bad = {
+        "labels": {"sim.kimi-operator.io/fail": "true"},
+        "annotations": {
+            "sim.kimi-operator.io/exit-code": "20",
+            "sim.kimi-operator.io/message": "line 7: messages: must end with an assistant turn, ends with user",
+        },
+    }
+    custom(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "finetunejobs", ftj("data", podMetadata=bad, resources=SMALL)
+    )
+    obj = wait_phase(api, namespace, "data", "Failed")
+    stalled = condition(obj, "Stalled")
+    assert stalled is not None
+    assert stalled["reason"] == "InvalidDataset"
+    assert stalled["message"] == "line 7: messages: must end with an assistant turn, ends with user"
+    assert obj["status"]["attempts"] == 1

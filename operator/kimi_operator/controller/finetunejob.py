@@ -1,0 +1,178 @@
+"""The FineTuneJob reconcile pass: pin to a node holding the BF16 weights, run the training Job,
+report what the Job and its pods say.
+
+The training pod reports progress, the latest checkpoint and the exported adapter itself (server-side
+apply under its own field manager); this pass owns the phase, the node, the attempts and conditions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from kimi_operator.api.conditions import Reason, Verdict
+from kimi_operator.api.exitcodes import OOM_EXIT, TrainExit
+from kimi_operator.api.finetunejob import FineTuneJobSpec
+from kimi_operator.api.kinds import KIMI_MODEL
+from kimi_operator.controller.kimimodel import job_state
+from kimi_operator.controller.kube import Kube
+from kimi_operator.render import finetunejob as render
+from kimi_operator.render import llamafactory
+from kimi_operator.render.kimimodel import model_dir
+
+
+class FtjReason(Reason):
+    WAITING_FOR_MODEL = "WaitingForModel"
+    WAITING_FOR_WEIGHTS = "WaitingForWeights"
+    SUSPENDED = "Suspended"
+    STARTING = "Starting"
+    TRAINING = "Training"
+    OOM_KILLED = "OOMKilled"
+    FAILED = "TrainingFailed"
+    ADAPTER_MISSING = "AdapterMissing"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    trainer_image: str
+
+
+def _bf16_node(model: Mapping[str, Any], preferred: str | None) -> str | None:
+    ready = [
+        n["name"]
+        for n in (model.get("status") or {}).get("nodes") or []
+        if n.get("phase") == "Ready" and "bf16" in (n.get("variants") or [])
+    ]
+    if preferred in ready:
+        return preferred
+    return ready[0] if ready else None
+
+
+def _last_failure(kube: Kube, namespace: str, job: str) -> tuple[int, str, str] | None:
+    """(exit code, reason, message) of the most recent failed training pod."""
+    failures = []
+    for pod in kube.list_pods(namespace, f"job-name={job}"):
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (status.get("state") or {}).get("terminated") or {}
+            if terminated.get("exitCode") not in (None, 0):
+                failures.append(
+                    (
+                        terminated.get("finishedAt") or "",
+                        int(terminated["exitCode"]),
+                        terminated.get("reason") or "",
+                        (terminated.get("message") or "").strip(),
+                    )
+                )
+    if not failures:
+        return None
+    _, code, reason, message = max(failures)
+    return code, reason, message
+
+
+def _unscheduled(kube: Kube, namespace: str, job: str) -> str | None:
+    """The scheduler's word on a training pod that does not run yet (e.g. Insufficient memory)."""
+    for pod in kube.list_pods(namespace, f"job-name={job}"):
+        for c in (pod.get("status") or {}).get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False":
+                return str(c.get("message") or c.get("reason") or "")
+    return None
+
+
+def _oom_advice(spec: FineTuneJobSpec, attempt: int) -> str:
+    t, r = spec.training, spec.resources
+    return (
+        f"attempt {attempt} was OOMKilled: lower spec.training.cutoffLen ({t.cutoff_len}) or "
+        f"spec.training.perDeviceBatchSize ({t.per_device_batch_size}), or raise spec.resources.memory "
+        f"({r.memory}) in a new FineTuneJob"
+    )
+
+
+def reconcile(
+    kube: Kube, settings: Settings, body: Mapping[str, Any], spec: FineTuneJobSpec
+) -> tuple[Verdict, dict[str, Any]]:
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    status = body.get("status") or {}
+    model = kube.get(KIMI_MODEL.api_version, KIMI_MODEL.kind, namespace, spec.model.name)
+    if model is None:
+        return Verdict(
+            state="progressing",
+            reason=FtjReason.WAITING_FOR_MODEL,
+            message=f"KimiModel {spec.model.name} does not exist in namespace {namespace}",
+        ), {}
+    node = _bf16_node(model, status.get("node"))
+    if node is None:
+        return Verdict(
+            state="progressing",
+            reason=FtjReason.WAITING_FOR_WEIGHTS,
+            message=f"waiting for KimiModel {spec.model.name} to hold the bf16 variant on a node",
+        ), {}
+
+    owner = render.Owner(namespace, name, meta["uid"])
+    for obj in render.rbac(owner):
+        kube.apply(obj)
+    output = render.output_dir(namespace, spec.model.name, name)
+    files = llamafactory.config_files(
+        spec,
+        model_path=f"{model_dir(namespace, spec.model.name)}/bf16",
+        dataset_file=f"{output}/dataset.jsonl",
+        output_dir=output,
+        config_dir=render.CONFIG_MOUNT,
+    )
+    kube.apply(render.config_map(owner, files))
+    storage = model["spec"]["storage"]["hostPath"]
+    job = kube.apply(render.train_job(owner, spec, node, storage_path=storage, image=settings.trainer_image))
+    return _observe(kube, spec, namespace=namespace, job=job, node=node, status=status)
+
+
+def _failed(spec: FineTuneJobSpec, failure: tuple[int, str, str] | None, attempts: int) -> tuple[str, str]:
+    """(reason, message) of a training Job that failed for good."""
+    if failure is not None and failure[0] in TrainExit._value2member_map_:
+        code = TrainExit(failure[0])
+        return code.reason, failure[2] or code.reason
+    if failure is not None and (failure[0] == OOM_EXIT or failure[1] == "OOMKilled"):
+        return FtjReason.OOM_KILLED, _oom_advice(spec, attempts)
+    if failure is not None:
+        return FtjReason.FAILED, f"exit code {failure[0]}: {failure[2] or failure[1]}"
+    return FtjReason.FAILED, "the training Job failed"
+
+
+def _observe(
+    kube: Kube, spec: FineTuneJobSpec, *, namespace: str, job: Mapping[str, Any], node: str, status: Mapping[str, Any]
+) -> tuple[Verdict, dict[str, Any]]:
+    job_status = job.get("status") or {}
+    counts = [int(job_status.get(k) or 0) for k in ("failed", "active", "succeeded")]
+    attempts = sum(counts)
+    failure = _last_failure(kube, namespace, job["metadata"]["name"]) if counts[0] else None
+    state = job_state(job)
+    suspended = any(
+        c.get("type") == "Suspended" and c.get("status") == "True" for c in job_status.get("conditions") or []
+    )
+    if state == "complete" and status.get("adapter"):
+        verdict = Verdict(state="ready", reason=Reason.SUCCEEDED, message=f"adapter exported on {node}")
+        phase = "Succeeded"
+    elif state == "complete":
+        message = "the training Job succeeded but its pod reported no adapter"
+        verdict, phase = Verdict(state="stalled", reason=FtjReason.ADAPTER_MISSING, message=message), "Failed"
+    elif state == "failed":
+        reason, message = _failed(spec, failure, attempts)
+        verdict, phase = Verdict(state="stalled", reason=reason, message=message), "Failed"
+    elif suspended or (spec.suspend and not counts[1]):
+        message = "the training Job is suspended (spec.suspend, or waiting for admission by its queue)"
+        verdict, phase = Verdict(state="waiting", reason=FtjReason.SUSPENDED, message=message), "Suspended"
+    elif counts[1] and not job_status.get("ready"):
+        why = _unscheduled(kube, namespace, job["metadata"]["name"])
+        message = f"attempt {attempts} is waiting for the pod to start on {node}" + (f": {why}" if why else "")
+        verdict, phase = Verdict(state="progressing", reason=FtjReason.STARTING, message=message), "Pending"
+    elif counts[1]:
+        oom = failure is not None and (failure[0] == OOM_EXIT or failure[1] == "OOMKilled")
+        reason, message = FtjReason.TRAINING, f"attempt {attempts} running on {node}"
+        if oom:
+            reason = FtjReason.OOM_KILLED
+            message = f"{_oom_advice(spec, attempts - 1)}; retrying from the latest checkpoint"
+        verdict, phase = Verdict(state="progressing", reason=reason, message=message), "Running"
+    else:
+        verdict = Verdict(state="progressing", reason=FtjReason.STARTING, message=f"starting on {node}")
+        phase = "Pending"
+    return verdict, {"node": node, "attempts": attempts, "phase": phase}

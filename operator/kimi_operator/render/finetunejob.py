@@ -1,0 +1,216 @@
+"""Pure builders for a FineTuneJob's children: the training Job, its ConfigMap and its RBAC."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from kimi_operator.api.base import API_VERSION, GROUP
+from kimi_operator.api.exitcodes import TrainExit
+from kimi_operator.api.finetunejob import KIND, PLURAL, FineTuneJobSpec
+from kimi_operator.render.kimimodel import MOUNT, READY, model_dir, model_label
+from kimi_operator.render.labels import common
+
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+CONFIG_MOUNT = "/etc/kimi-train"
+DATA_MOUNT = "/data"
+COMPONENT = "train"
+
+
+@dataclasses.dataclass(frozen=True)
+class Owner:
+    namespace: str
+    name: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def _name(owner: str, suffix: str) -> str:
+    return f"{owner[: 63 - len(suffix) - 1]}-{suffix}"
+
+
+def job_name(owner: str) -> str:
+    return _name(owner, "train")
+
+
+def service_account_name(owner: str) -> str:
+    return _name(owner, "train")
+
+
+def config_map_name(owner: str) -> str:
+    return _name(owner, "train")
+
+
+def output_dir(namespace: str, model: str, name: str) -> str:
+    """Checkpoints and the adapter, on the node's storage beside the weights they were trained on."""
+    return f"{model_dir(namespace, model)}/finetune/{name}"
+
+
+def _meta(owner: Owner, name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": {**common(KIND, owner.name), "app.kubernetes.io/component": COMPONENT},
+        "ownerReferences": [owner.reference()],
+    }
+
+
+def rbac(owner: Owner) -> list[dict[str, Any]]:
+    """The training pod may patch this FineTuneJob's status (progress, adapter) and nothing else."""
+    name = service_account_name(owner.name)
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(owner, name)},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _meta(owner, name),
+            "rules": [
+                {
+                    "apiGroups": [GROUP],
+                    "resources": [f"{PLURAL}/status"],
+                    "resourceNames": [owner.name],
+                    "verbs": ["get", "patch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _meta(owner, name),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
+        },
+    ]
+
+
+def config_map(owner: Owner, files: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(owner, config_map_name(owner.name)),
+        "data": files,
+    }
+
+
+def _dataset_volume(spec: FineTuneJobSpec) -> tuple[dict[str, Any] | None, str]:
+    """The volume holding the records, and the records' path inside the container."""
+    data = spec.dataset
+    if data.config_map is not None:
+        volume = {"name": "dataset", "configMap": {"name": data.config_map.name}}
+        return volume, f"{DATA_MOUNT}/{data.config_map.key}"
+    if data.persistent_volume_claim is not None:
+        claim = data.persistent_volume_claim
+        volume = {"name": "dataset", "persistentVolumeClaim": {"claimName": claim.claim_name, "readOnly": True}}
+        return volume, f"{DATA_MOUNT}/{claim.path}"
+    if data.host_path is not None:
+        parent, _, filename = data.host_path.path.rpartition("/")
+        return {"name": "dataset", "hostPath": {"path": parent or "/", "type": "Directory"}}, f"{DATA_MOUNT}/{filename}"
+    return None, ""  # from the hub: downloaded by the pod
+
+
+def train_job(owner: Owner, spec: FineTuneJobSpec, node: str, *, storage_path: str, image: str) -> dict[str, Any]:
+    """The batch Job: validates the dataset, trains, exports the adapter; pinned to ``node``.
+
+    ``storage_path`` is the KimiModel's ``spec.storage.hostPath``: the one place it is declared.
+    """
+    model = spec.model.name
+    labels = {**common(KIND, owner.name), "app.kubernetes.io/component": COMPONENT}
+    meta = _meta(owner, job_name(owner.name))
+    if spec.queue_name:
+        meta["labels"] = {**meta["labels"], KUEUE_QUEUE_LABEL: spec.queue_name}
+    resources = {
+        "nvidia.com/gpu": str(spec.resources.gpus),
+        "cpu": str(spec.resources.cpu),
+        "memory": str(spec.resources.memory),
+    }
+    dataset_volume, dataset_path = _dataset_volume(spec)
+    volumes: list[dict[str, Any]] = [
+        {"name": "models", "hostPath": {"path": storage_path, "type": "Directory"}},
+        {"name": "config", "configMap": {"name": config_map_name(owner.name)}},
+        # NCCL and the data loaders share memory through /dev/shm; the container default is 64 MiB.
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.resources.shared_memory)}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "models", "mountPath": MOUNT},
+        {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},  # noqa: S108 (the shared-memory mount, not a temp file)
+    ]
+    if dataset_volume is not None:
+        volumes.append(dataset_volume)
+        mounts.append({"name": "dataset", "mountPath": DATA_MOUNT, "readOnly": True})
+    args = [
+        "train",
+        f"--config-dir={CONFIG_MOUNT}",
+        f"--dataset={dataset_path}",
+        f"--messages-key={spec.dataset.messages_key}",
+        f"--output-dir={output_dir(owner.namespace, model, owner.name)}",
+        f"--report={owner.namespace}/{owner.name}",
+    ]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "suspend": spec.suspend,
+            "backoffLimit": spec.backoff_limit,
+            # Bad data or config fail at once; crashes and OOM kills count against backoffLimit and
+            # resume from the newest checkpoint; node loss and evictions do not count.
+            "podFailurePolicy": {
+                "rules": [
+                    {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [int(c) for c in TrainExit]}},
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                ]
+            },
+            "template": {
+                "metadata": {
+                    "labels": {**spec.pod_metadata.labels, **labels},
+                    "annotations": dict(spec.pod_metadata.annotations),
+                },
+                "spec": {
+                    "restartPolicy": "Never",
+                    "serviceAccountName": service_account_name(owner.name),
+                    "affinity": {
+                        "nodeAffinity": {
+                            "requiredDuringSchedulingIgnoredDuringExecution": {
+                                "nodeSelectorTerms": [
+                                    {
+                                        "matchExpressions": [
+                                            # A node holding the model's weights, and the one the
+                                            # checkpoints of earlier attempts are on.
+                                            {
+                                                "key": model_label(owner.namespace, model),
+                                                "operator": "In",
+                                                "values": [READY],
+                                            },
+                                            {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]},
+                                        ]
+                                    }
+                                ]
+                            }
+                        }
+                    },
+                    "containers": [
+                        {
+                            "name": "train",
+                            "image": image,
+                            "args": args,
+                            "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+                            "resources": {"requests": resources, "limits": resources},
+                            "volumeMounts": mounts,
+                            "terminationMessagePolicy": "FallbackToLogsOnError",
+                        }
+                    ],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }

@@ -1,0 +1,84 @@
+"""LLaMA-Factory 0.9.5 inputs rendered from a FineTuneJob: the training arguments and the dataset
+registration. The trainer image registers the Kimi K2.5 chat template under TEMPLATE (LLaMA-Factory
+has none: `kimi` does not exist and `kimi_vl`/`deepseek` format turns differently).
+
+KTransformers is driven by 0.9.5's own fields (use_kt, kt_weight_path, kt_use_lora_experts, ...),
+not by the stale kt_optimize_rule/cpu_infer/chunk_size of the public guide.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kimi_operator.api.finetunejob import FineTuneJobSpec
+
+DATASET_NAME = "kimi_sft"
+TEMPLATE = "kimi_k25"
+
+
+def train_args(spec: FineTuneJobSpec, *, model_path: str, dataset_dir: str, output_dir: str) -> dict[str, Any]:
+    """The argument dict LLaMA-Factory's parser takes (also written as YAML for `llamafactory-cli`)."""
+    t, lora = spec.training, spec.lora
+    return {
+        "model_name_or_path": model_path,
+        "trust_remote_code": True,
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "lora_rank": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "lora_target": ",".join(lora.target_modules),
+        "dataset": DATASET_NAME,
+        "dataset_dir": dataset_dir,
+        "template": TEMPLATE,
+        # The template is a reasoning template: this switch keeps or drops the thinking section.
+        "enable_thinking": t.thinking,
+        "cutoff_len": t.cutoff_len,
+        "output_dir": output_dir,
+        # Never wipe the output directory: it holds the checkpoints a retried pod resumes from (with
+        # this false, LLaMA-Factory resumes from the last checkpoint there by itself).
+        "overwrite_output_dir": False,
+        "logging_steps": t.logging_steps,
+        "save_steps": t.save_steps,
+        "per_device_train_batch_size": t.per_device_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "learning_rate": t.learning_rate,
+        "num_train_epochs": float(t.epochs),
+        "lr_scheduler_type": "cosine",
+        "warmup_ratio": t.warmup_ratio,
+        "bf16": True,
+        "report_to": "none",
+        "use_kt": True,
+        "kt_use_lora_experts": lora.experts,
+    }
+
+
+def dataset_info(spec: FineTuneJobSpec, *, file_name: str) -> dict[str, Any]:
+    """Registration of the records as an OpenAI-style messages dataset."""
+    return {
+        DATASET_NAME: {
+            "file_name": file_name,
+            "formatting": "sharegpt",
+            "columns": {"messages": spec.dataset.messages_key, "images": "images"},
+            "tags": {
+                "role_tag": "role",
+                "content_tag": "content",
+                "user_tag": "user",
+                "assistant_tag": "assistant",
+                "system_tag": "system",
+            },
+        }
+    }
+
+
+def config_files(
+    spec: FineTuneJobSpec, *, model_path: str, dataset_file: str, output_dir: str, config_dir: str
+) -> dict[str, str]:
+    """ConfigMap data: the training arguments and the dataset registration, as JSON (valid YAML)."""
+    args = train_args(spec, model_path=model_path, dataset_dir=config_dir, output_dir=output_dir)
+    return {
+        "train.yaml": json.dumps(args, indent=2, sort_keys=True) + "\n",
+        "dataset_info.json": json.dumps(dataset_info(spec, file_name=dataset_file), indent=2) + "\n",
+    }

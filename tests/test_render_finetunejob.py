@@ -1,0 +1,104 @@
+from typing import Any
+
+from kimi_operator.api.finetunejob import FineTuneJobSpec
+from kimi_operator.render import finetunejob as render
+from kimi_operator.render import llamafactory
+
+OWNER = render.Owner("ml", "tune", "uid-2")
+
+
+def spec(**overrides: Any) -> FineTuneJobSpec:
+    base: dict[str, Any] = {"model": {"name": "kimi"}, "dataset": {"configMap": {"name": "data", "key": "train.jsonl"}}}
+    return FineTuneJobSpec.model_validate({**base, **overrides})
+
+
+def test_train_args_follow_the_spec_and_the_guide_defaults() -> None:
+    args = llamafactory.train_args(spec(), model_path="/m/bf16", dataset_dir="/etc/kimi-train", output_dir="/o")
+    assert (args["lora_rank"], args["lora_alpha"], args["lora_dropout"]) == (16, 32, 0.1)
+    assert args["learning_rate"] == 2e-5
+    assert args["num_train_epochs"] == 3.0
+    assert (args["per_device_train_batch_size"], args["gradient_accumulation_steps"]) == (1, 16)
+    assert args["template"] == "kimi_k25"
+    assert args["enable_thinking"] is False
+    assert args["overwrite_output_dir"] is False
+    assert args["use_kt"] is True
+    assert args["kt_use_lora_experts"] is False
+    # The stale keys of the public guide are never rendered.
+    assert not {"kt_optimize_rule", "cpu_infer", "chunk_size"} & args.keys()
+
+
+def test_thinking_and_expert_lora_switches() -> None:
+    s = spec(training={"thinking": True}, lora={"experts": True, "targetModules": ["q_a_proj", "o_proj"]})
+    args = llamafactory.train_args(s, model_path="/m", dataset_dir="/d", output_dir="/o")
+    assert args["enable_thinking"] is True
+    assert args["kt_use_lora_experts"] is True
+    assert args["lora_target"] == "q_a_proj,o_proj"
+
+
+def test_dataset_registration_maps_openai_messages() -> None:
+    info = llamafactory.dataset_info(
+        spec(dataset={"hostPath": {"path": "/d/x.jsonl"}, "messagesKey": "conversations"}), file_name="/d/x.jsonl"
+    )
+    entry = info["kimi_sft"]
+    assert entry["formatting"] == "sharegpt"
+    assert entry["columns"] == {"messages": "conversations", "images": "images"}
+    assert entry["tags"]["role_tag"] == "role"
+    assert entry["tags"]["assistant_tag"] == "assistant"
+
+
+def test_job_is_pinned_suspendable_and_queued() -> None:
+    job = render.train_job(OWNER, spec(suspend=True, queueName="gpu"), "n1", storage_path="/mnt/nvme/kimi", image="t:1")
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
+    terms = job["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    expressions = terms["nodeSelectorTerms"][0]["matchExpressions"]
+    assert {"key": "kimi-operator.io/model.ml.kimi", "operator": "In", "values": ["ready"]} in expressions
+    assert {"key": "kubernetes.io/hostname", "operator": "In", "values": ["n1"]} in expressions
+    pod = job["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "2", "cpu": "64", "memory": "900Gi"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["models"]["hostPath"]["path"] == "/mnt/nvme/kimi"
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
+    assert volumes["dataset"] == {"name": "dataset", "configMap": {"name": "data"}}
+    assert "--dataset=/data/train.jsonl" in pod["containers"][0]["args"]
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [20, 21, 22]}}
+    assert rules[1]["action"] == "Ignore"
+
+
+def test_no_queue_label_without_a_queue() -> None:
+    job = render.train_job(OWNER, spec(), "n1", storage_path="/s", image="t:1")
+    assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
+    assert job["spec"]["suspend"] is False
+
+
+def test_dataset_on_a_claim_or_the_node() -> None:
+    claim = render.train_job(
+        OWNER,
+        spec(dataset={"persistentVolumeClaim": {"claimName": "c", "path": "sets/a.jsonl"}}),
+        "n1",
+        storage_path="/s",
+        image="t",
+    )
+    volumes = {v["name"]: v for v in claim["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["dataset"]["persistentVolumeClaim"] == {"claimName": "c", "readOnly": True}
+    assert "--dataset=/data/sets/a.jsonl" in claim["spec"]["template"]["spec"]["containers"][0]["args"]
+    host = render.train_job(
+        OWNER, spec(dataset={"hostPath": {"path": "/srv/data/a.jsonl"}}), "n1", storage_path="/s", image="t"
+    )
+    volumes = {v["name"]: v for v in host["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["dataset"]["hostPath"] == {"path": "/srv/data", "type": "Directory"}
+
+
+def test_training_rbac_is_limited_to_this_objects_status() -> None:
+    _, role, _ = render.rbac(OWNER)
+    assert role["rules"] == [
+        {
+            "apiGroups": ["kimi-operator.io"],
+            "resources": ["finetunejobs/status"],
+            "resourceNames": ["tune"],
+            "verbs": ["get", "patch"],
+        }
+    ]
