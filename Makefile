@@ -19,7 +19,7 @@ CRD_DIRS := --out crds --out charts/kimi-operator/crds
 CLUSTER_DIR ?= $(CURDIR)/.cluster
 KUBECONFIG_DEV := $(CLUSTER_DIR)/kubeconfig
 
-.PHONY: help venv oracle-env lock bench bench-convert controlplane crds verify lint unit e2e test run cluster-up cluster-down cluster-status cluster-env
+.PHONY: help venv oracle-env train-env lock bench bench-convert controlplane crds verify lint unit e2e test run cluster-up cluster-down cluster-status cluster-env
 
 help:
 	@echo "make run            local control plane + CRDs + examples + operator in the foreground (Ctrl-C stops all)"
@@ -48,6 +48,17 @@ $(ORACLE_VENV)/.complete: requirements/oracle.lock
 
 oracle-env: $(ORACLE_VENV)/.complete
 
+# The training environment: LLaMA-Factory 0.9.5 with torch, only for the tests that train for real.
+TRAIN_KEY := $(shell cat requirements/train.lock | sha256sum | cut -c1-12)
+TRAIN_VENV := $(CACHE)/venv/train-$(TRAIN_KEY)
+$(TRAIN_VENV)/.complete: requirements/train.lock
+	rm -rf $(TRAIN_VENV)
+	$(PYTHON) -m venv $(TRAIN_VENV)
+	$(TRAIN_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements/train.lock
+	touch $@
+
+train-env: $(TRAIN_VENV)/.complete
+
 # Regenerate the lock after changing dependencies in pyproject.toml.
 lock:
 	rm -rf $(CACHE)/venv/lock && $(PYTHON) -m venv $(CACHE)/venv/lock
@@ -70,8 +81,8 @@ lint: venv
 	$(PY) -m mypy
 	cd $(CURDIR) && $(VENV)/bin/lint-imports
 
-unit: venv oracle-env
-	KIMI_ORACLE_PYTHON=$(ORACLE_VENV)/bin/python $(PY) -m pytest tests -q
+unit: venv oracle-env train-env
+	KIMI_ORACLE_PYTHON=$(ORACLE_VENV)/bin/python KIMI_TRAIN_PYTHON=$(TRAIN_VENV)/bin/python $(PY) -m pytest tests -q
 
 E2E_DIR := $(CURDIR)/.cluster-e2e
 # The control plane is built (or found in the cache) before pytest, outside any test's timeout.

@@ -63,3 +63,12 @@ def isolated_hub_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
     close_session()  # a fresh HTTP client, built from this environment
     yield
     close_session()
+
+
+@pytest.fixture(scope="session")
+def train_python() -> str:
+    """The training environment (LLaMA-Factory 0.9.5, torch), built by `make train-env`."""
+    python = os.environ.get("KIMI_TRAIN_PYTHON")
+    if not python or not Path(python).exists():
+        pytest.fail("KIMI_TRAIN_PYTHON is not set to the training environment's python: run the tests with `make unit`")
+    return python

@@ -102,6 +102,12 @@ def _validate_dataset(args: argparse.Namespace) -> int:
     return dataset.main(args.rest)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from kimi_operator.workloads import train
+
+    return train.main(args.rest)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="kimi-operator", description="Fine-tune and serve Kimi K2.5 on Kubernetes.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -138,6 +144,9 @@ def parser() -> argparse.ArgumentParser:
     remove.add_argument("rest", nargs=argparse.REMAINDER)
     remove.set_defaults(func=_remove_model)
 
+    trainer = sub.add_parser("train", help="the training pod: validate, train, report, export", add_help=False)
+    trainer.add_argument("rest", nargs=argparse.REMAINDER)
+    trainer.set_defaults(func=_train)
     check = sub.add_parser("validate-dataset", help="check a chat dataset (JSON lines)", add_help=False)
     check.add_argument("rest", nargs=argparse.REMAINDER)
     check.set_defaults(func=_validate_dataset)

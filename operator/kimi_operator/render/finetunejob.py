@@ -154,6 +154,9 @@ def train_job(owner: Owner, spec: FineTuneJobSpec, node: str, *, storage_path: s
         f"--messages-key={spec.dataset.messages_key}",
         f"--output-dir={output_dir(owner.namespace, model, owner.name)}",
         f"--report={owner.namespace}/{owner.name}",
+        "--node=$(NODE_NAME)",
+        f"--adapter-name={spec.output.adapter_name or owner.name}",
+        f"--base-model={model}",
     ]
     return {
         "apiVersion": "batch/v1",

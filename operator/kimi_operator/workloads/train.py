@@ -1,0 +1,289 @@
+"""``kimi-operator train``: what the training pod runs, in the trainer image (LLaMA-Factory 0.9.5).
+
+In order: validate the dataset (bad data fails here, before any GPU step); turn the records into
+LLaMA-Factory's messages format; register the Kimi K2.5 chat template; resume from the newest
+complete checkpoint in the output directory; train, while a reporter turns ``trainer_log.jsonl``
+into ``status.progress``; export the adapter under a temporary name, renamed when complete, and
+report it in ``status.adapter``. LLaMA-Factory is imported only by the steps that need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import shutil
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kimi_operator.api.exitcodes import TrainExit
+from kimi_operator.api.finetunejob import KIND, PLURAL
+from kimi_operator.workloads import dataset, manifest
+
+if TYPE_CHECKING:
+    from kimi_operator.workloads.report import OwnStatus
+
+TRAINER_LOG = "trainer_log.jsonl"
+ADAPTER_DIR = "adapter"
+TEMPLATE = "kimi_k25"
+TERMINATION_LOG = Path("/dev/termination-log")
+IMAGE_PLACEHOLDER = "<image>"
+
+
+class TrainError(RuntimeError):
+    def __init__(self, code: TrainExit, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def to_llamafactory(src: Path, key: str, root: Path, dst: Path) -> int:
+    """Write the records as LLaMA-Factory reads them: text content, an ``<image>`` placeholder where
+    each image part was, and the image paths (absolute) in ``images``. Returns the record count."""
+    count = 0
+    partial = dst.with_name(dst.name + ".partial")
+    with src.open(encoding="utf-8") as fin, partial.open("w", encoding="utf-8") as fout:
+        for line in fin:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            images: list[str] = []
+            messages = []
+            for message in record[key]:
+                content = message["content"]
+                if isinstance(content, list):
+                    pieces = []
+                    for part in content:
+                        if part.get("type") == "text":
+                            pieces.append(part["text"])
+                        else:
+                            raw = part["image_url"]["url"].removeprefix("file://")
+                            images.append(str(Path(raw) if raw.startswith("/") else root / raw))
+                            pieces.append(IMAGE_PLACEHOLDER)
+                    content = "".join(pieces)
+                messages.append({"role": message["role"], "content": content})
+            # The registration names an images column: every record carries one, empty for text only.
+            out: dict[str, Any] = {key: messages, "images": images}
+            fout.write(json.dumps(out, ensure_ascii=False) + "\n")
+            count += 1
+    partial.rename(dst)
+    return count
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest ``checkpoint-<step>`` that was written completely (its trainer state exists)."""
+    done = []
+    for path in output_dir.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if step.isdigit() and (path / "trainer_state.json").exists():
+            done.append((int(step), path))
+    return max(done)[1] if done else None
+
+
+def progress_from_log(record: dict[str, Any], now: str | None = None) -> dict[str, Any]:
+    """One ``trainer_log.jsonl`` record as the FineTuneJob's ``status.progress``."""
+    progress: dict[str, Any] = {
+        "step": record.get("current_steps"),
+        "totalSteps": record.get("total_steps"),
+        "percent": record.get("percentage"),
+        "loss": record.get("loss"),
+        "learningRate": record.get("lr"),
+        "epoch": record.get("epoch"),
+        "tokensPerSecond": record.get("throughput"),
+        "eta": record.get("remaining_time"),
+        "lastUpdateTime": now or datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    return {k: v for k, v in progress.items() if v is not None}
+
+
+class LogTail:
+    """New complete lines of a growing JSON-lines file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1  # a line being written is read next time
+        self.offset += end
+        for line in data[:end].splitlines():
+            with contextlib.suppress(ValueError):
+                yield json.loads(line)
+
+
+class Reporter:
+    """Turns the trainer log into status.progress, every few seconds and once more at the end."""
+
+    def __init__(self, output_dir: Path, own: OwnStatus | None, interval: float = 5.0) -> None:
+        self.tail = LogTail(output_dir / TRAINER_LOG)
+        self.output_dir, self.own, self.interval = output_dir, own, interval
+        self.last: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
+
+    def poll(self) -> dict[str, Any] | None:
+        # LLaMA-Factory writes a last summary line without a loss: keep the last loss seen.
+        for record in self.tail.records():
+            merged = {**(self.last or {}), **progress_from_log(record)}
+            self.last = merged
+        if self.last is None:
+            return None
+        status: dict[str, Any] = {"progress": self.last}
+        checkpoint = latest_checkpoint(self.output_dir)
+        if checkpoint is not None:
+            status["latestCheckpoint"] = str(checkpoint)
+        print(json.dumps({"event": "progress", **status}), flush=True)
+        if self.own is not None:
+            try:
+                self.own.apply(status)
+            except Exception as exc:
+                print(json.dumps({"event": "warning", "message": f"progress not written: {exc}"}), file=sys.stderr)
+        return status
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def __enter__(self) -> Reporter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+
+
+def register_template() -> None:
+    """Kimi K2.5's chat format, which LLaMA-Factory 0.9.5 lacks (``kimi`` does not exist there).
+
+    A reasoning template: the data argument ``enable_thinking`` keeps or drops the thinking section.
+    """
+    from llamafactory.data.formatter import StringFormatter  # noqa: PLC0415 (trainer image only)
+    from llamafactory.data.template import TEMPLATES, ReasoningTemplate, register_template  # noqa: PLC0415
+
+    if TEMPLATE in TEMPLATES:
+        return
+    register_template(
+        name=TEMPLATE,
+        format_user=StringFormatter(
+            slots=["<|im_user|>user<|im_middle|>{{content}}<|im_end|><|im_assistant|>assistant<|im_middle|>"]
+        ),
+        format_assistant=StringFormatter(slots=["{{content}}<|im_end|>"]),
+        format_system=StringFormatter(slots=["<|im_system|>system<|im_middle|>{{content}}<|im_end|>"]),
+        default_system="You are Kimi, an AI assistant created by Moonshot AI.",
+        stop_words=["<|im_end|>"],
+        thought_words=("<think>", "</think>"),
+        template_class=ReasoningTemplate,
+    )
+
+
+def export_adapter(output_dir: Path, *, name: str, node: str, base_model: str) -> dict[str, Any]:
+    """Check the PEFT adapter LLaMA-Factory saved and publish it as ``<output>/adapter``."""
+    config_path = output_dir / "adapter_config.json"
+    weights = output_dir / "adapter_model.safetensors"
+    if not (config_path.exists() and weights.exists()):
+        raise TrainError(TrainExit.INVALID_CONFIG, f"no PEFT adapter in {output_dir} after training")
+    config = json.loads(config_path.read_text())
+    if not config.get("target_modules") or not config.get("r"):
+        raise TrainError(TrainExit.INVALID_CONFIG, f"{config_path}: adapter without target_modules or rank")
+    final = output_dir / ADAPTER_DIR
+    partial = output_dir / (ADAPTER_DIR + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    for item in (config_path, weights):
+        shutil.copy2(item, partial / item.name)
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    return {
+        "name": name,
+        "node": node,
+        "path": str(final),
+        "sizeBytes": sum(p.stat().st_size for p in final.iterdir()),
+        "sha256": manifest.sha256_file(final / weights.name),
+        "baseModel": base_model,
+        "rank": int(config["r"]),
+    }
+
+
+def _fail(code: TrainExit, message: str) -> int:
+    sys.stderr.write(json.dumps({"event": "error", "reason": code.reason, "message": message}) + "\n")
+    if TERMINATION_LOG.exists():
+        with contextlib.suppress(OSError):
+            TERMINATION_LOG.write_text(message[:4000])
+    return int(code)
+
+
+def _override(args: dict[str, Any], pairs: Sequence[str]) -> dict[str, Any]:
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        args[key] = json.loads(value)
+    return args
+
+
+def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
+    report = dataset.validate_file(opts.dataset, key=opts.messages_key, root=opts.root)
+    if not report.ok:
+        raise TrainError(TrainExit.INVALID_DATASET, report.summary(5))
+    opts.output_dir.mkdir(parents=True, exist_ok=True)
+    to_llamafactory(
+        opts.dataset, opts.messages_key, opts.root or opts.dataset.parent, opts.output_dir / "dataset.jsonl"
+    )
+    args = _override(json.loads((opts.config_dir / "train.yaml").read_text()), opts.set)
+    checkpoint = latest_checkpoint(opts.output_dir)
+    if checkpoint is not None:
+        args["resume_from_checkpoint"] = str(checkpoint)
+    register_template()
+    from llamafactory.train.tuner import run_exp  # noqa: PLC0415 (trainer image only)
+
+    with Reporter(opts.output_dir, own, interval=opts.report_interval):
+        try:
+            run_exp(args)
+        except (ValueError, AssertionError) as exc:
+            # LLaMA-Factory's argument checks: a config a retry cannot fix.
+            raise TrainError(TrainExit.INVALID_CONFIG, f"LLaMA-Factory refused the configuration: {exc}") from exc
+    adapter = export_adapter(opts.output_dir, name=opts.adapter_name, node=opts.node, base_model=opts.base_model)
+    if own is not None:
+        own.apply({"adapter": adapter})
+    print(json.dumps({"event": "adapter", **adapter}), flush=True)
+    return adapter
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kimi-operator train", description=__doc__)
+    parser.add_argument("--config-dir", type=Path, required=True, help="train.yaml and dataset_info.json")
+    parser.add_argument("--dataset", type=Path, required=True, help="JSON-lines records")
+    parser.add_argument("--messages-key", default="messages", choices=["messages", "conversations"])
+    parser.add_argument("--root", type=Path, help="directory file:// image paths are relative to")
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--report", help="namespace/name of the FineTuneJob whose status gets the progress")
+    parser.add_argument("--node", default="", help="this node's name (for status.adapter)")
+    parser.add_argument("--adapter-name", default="adapter")
+    parser.add_argument("--base-model", default="")
+    parser.add_argument("--report-interval", type=float, default=5.0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="override a training argument")
+    opts = parser.parse_args(argv)
+    own = None
+    if opts.report:
+        # Only a pod that reports needs the Kubernetes client.
+        from kimi_operator.kubeconfig import load_client  # noqa: PLC0415
+        from kimi_operator.workloads.report import OwnStatus  # noqa: PLC0415
+
+        namespace, name = opts.report.split("/", 1)
+        own = OwnStatus(load_client(), kind=KIND, plural=PLURAL, namespace=namespace, name=name, manager="kimi-train")
+    try:
+        train(opts, own)
+    except TrainError as exc:
+        return _fail(exc.code, str(exc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

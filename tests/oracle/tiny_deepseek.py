@@ -1,0 +1,90 @@
+"""A tiny DeepSeek-V3-architecture model with random weights and a tokenizer with Kimi's special
+tokens, built locally in the training environment (nothing is downloaded).
+
+    python tiny_deepseek.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, PreTrainedTokenizerFast
+
+KIMI_TOKENS = ["<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|im_end|>", "<think>", "</think>"]
+CORPUS = [
+    "system user assistant You are Kimi, an AI assistant created by Moonshot AI.",
+    "Tell me one fact about cats rivers the moon bread trains music rain chess coffee maps bees.",
+    "Here is a fact: it is number one two three four five six seven eight nine ten in my list.",
+] * 20
+
+
+def main(out: Path) -> None:
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = ["[UNK]", "[PAD]", *KIMI_TOKENS]
+    tokenizer.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        eos_token="<|im_end|>",
+        additional_special_tokens=KIMI_TOKENS,
+    )
+    wrapped.save_pretrained(out)
+    config = DeepseekV3Config(
+        vocab_size=len(wrapped),
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        max_position_embeddings=512,
+        pad_token_id=wrapped.pad_token_id,
+        eos_token_id=wrapped.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    DeepseekV3ForCausalLM(config).to(torch.float32).save_pretrained(out)
+
+
+def effect(base: Path, adapter: Path) -> float:
+    """Largest change the adapter makes to the logits of a fixed input."""
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(base)
+    ids = tokenizer("<|im_user|>user<|im_middle|>Tell me one fact about cats.<|im_end|>", return_tensors="pt")
+    model = DeepseekV3ForCausalLM.from_pretrained(base).eval()
+    with torch.no_grad():
+        before = model(**ids).logits
+        tuned = PeftModel.from_pretrained(model, adapter).eval()
+        after = tuned(**ids).logits
+    return float((after - before).abs().max())
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "effect":
+        print(effect(Path(sys.argv[2]), Path(sys.argv[3])))
+    else:
+        main(Path(sys.argv[1]))
