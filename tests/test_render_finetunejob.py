@@ -4,7 +4,7 @@ from kimi_operator.api.finetunejob import FineTuneJobSpec
 from kimi_operator.render import finetunejob as render
 from kimi_operator.render import llamafactory
 
-OWNER = render.Owner("ml", "tune", "uid-2")
+OWNER = render.owner("ml", "tune", "uid-2")
 
 
 def spec(**overrides: Any) -> FineTuneJobSpec:

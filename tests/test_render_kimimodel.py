@@ -7,7 +7,7 @@ from kimi_operator.api.kimimodel import KimiModelSpec
 from kimi_operator.render import kimimodel as render
 from kimi_operator.render.quantity import parse_quantity
 
-OWNER = render.Owner("ml", "kimi", "uid-1")
+OWNER = render.owner("ml", "kimi", "uid-1")
 AMX = {f"feature.node.kubernetes.io/cpu-cpuid.{f}": "true" for f in ("AVX512F", "AVX512BW", "AMXINT8")}
 
 

@@ -109,7 +109,7 @@ def reconcile(
             message=f"waiting for KimiModel {spec.model.name} to hold the bf16 variant on a node",
         ), {}
 
-    owner = render.Owner(namespace, name, meta["uid"])
+    owner = render.owner(namespace, name, meta["uid"])
     for obj in render.rbac(owner):
         kube.apply(obj)
     output = render.output_dir(namespace, spec.model.name, name)

@@ -89,7 +89,7 @@ def job_state(job: Mapping[str, Any] | None) -> str:
 def reconcile(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: KimiModelSpec) -> Observed:
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    owner = render.Owner(namespace, name, meta["uid"])
+    owner = render.owner(namespace, name, meta["uid"])
     label = render.model_label(namespace, name)
     previous = {n.get("name"): n for n in (body.get("status") or {}).get("nodes") or []}
 
@@ -196,7 +196,7 @@ def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: Kimi
         kube.label_node(node["metadata"]["name"], label, None)
     if spec is None or spec.storage.reclaim_policy != "Delete":
         return []
-    owner = render.Owner(namespace, name, meta["uid"])
+    owner = render.owner(namespace, name, meta["uid"])
     holding = [n.get("name") for n in (body.get("status") or {}).get("nodes") or [] if n.get("phase") != "Ineligible"]
     waiting = []
     for node in holding:

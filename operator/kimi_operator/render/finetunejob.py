@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-from kimi_operator.api.base import API_VERSION, GROUP
 from kimi_operator.api.exitcodes import TrainExit
 from kimi_operator.api.finetunejob import KIND, PLURAL, FineTuneJobSpec
 from kimi_operator.render.kimimodel import MOUNT, READY, model_dir, model_label
 from kimi_operator.render.labels import common
+from kimi_operator.render.owner import Owner, status_rbac
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONFIG_MOUNT = "/etc/kimi-train"
@@ -17,21 +16,8 @@ DATA_MOUNT = "/data"
 COMPONENT = "train"
 
 
-@dataclasses.dataclass(frozen=True)
-class Owner:
-    namespace: str
-    name: str
-    uid: str
-
-    def reference(self) -> dict[str, Any]:
-        return {
-            "apiVersion": API_VERSION,
-            "kind": KIND,
-            "name": self.name,
-            "uid": self.uid,
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }
+def owner(namespace: str, name: str, uid: str) -> Owner:
+    return Owner(KIND, PLURAL, namespace, name, uid)
 
 
 def _name(owner: str, suffix: str) -> str:
@@ -55,48 +41,16 @@ def output_dir(namespace: str, model: str, name: str) -> str:
     return f"{model_dir(namespace, model)}/finetune/{name}"
 
 
-def _meta(owner: Owner, name: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "namespace": owner.namespace,
-        "labels": {**common(KIND, owner.name), "app.kubernetes.io/component": COMPONENT},
-        "ownerReferences": [owner.reference()],
-    }
-
-
 def rbac(owner: Owner) -> list[dict[str, Any]]:
     """The training pod may patch this FineTuneJob's status (progress, adapter) and nothing else."""
-    name = service_account_name(owner.name)
-    return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(owner, name)},
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": _meta(owner, name),
-            "rules": [
-                {
-                    "apiGroups": [GROUP],
-                    "resources": [f"{PLURAL}/status"],
-                    "resourceNames": [owner.name],
-                    "verbs": ["get", "patch"],
-                }
-            ],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": _meta(owner, name),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
-        },
-    ]
+    return status_rbac(owner, service_account_name(owner.name), COMPONENT)
 
 
 def config_map(owner: Owner, files: dict[str, str]) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _meta(owner, config_map_name(owner.name)),
+        "metadata": owner.metadata(config_map_name(owner.name), COMPONENT),
         "data": files,
     }
 
@@ -124,7 +78,7 @@ def train_job(owner: Owner, spec: FineTuneJobSpec, node: str, *, storage_path: s
     """
     model = spec.model.name
     labels = {**common(KIND, owner.name), "app.kubernetes.io/component": COMPONENT}
-    meta = _meta(owner, job_name(owner.name))
+    meta = owner.metadata(job_name(owner.name), COMPONENT)
     if spec.queue_name:
         meta["labels"] = {**meta["labels"], KUEUE_QUEUE_LABEL: spec.queue_name}
     resources = {

@@ -11,10 +11,11 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kimi_operator.api.base import API_VERSION, GROUP
+from kimi_operator.api.base import GROUP
 from kimi_operator.api.exitcodes import PrepareExit
 from kimi_operator.api.kimimodel import KIND, PLURAL, KimiModelSpec, Variant
 from kimi_operator.render.labels import MANAGED_BY, OPERATOR, bounded, common
+from kimi_operator.render.owner import Owner, status_rbac
 from kimi_operator.render.quantity import parse_quantity
 
 MOUNT = "/models"
@@ -26,23 +27,8 @@ CPU_VARIANT_FEATURES = ("AVX512F", "AVX512BW")
 NFD_CPUID = "feature.node.kubernetes.io/cpu-cpuid."
 
 
-@dataclasses.dataclass(frozen=True)
-class Owner:
-    """The KimiModel as the controller observed it."""
-
-    namespace: str
-    name: str
-    uid: str
-
-    def reference(self) -> dict[str, Any]:
-        return {
-            "apiVersion": API_VERSION,
-            "kind": KIND,
-            "name": self.name,
-            "uid": self.uid,
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }
+def owner(namespace: str, name: str, uid: str) -> Owner:
+    return Owner(KIND, PLURAL, namespace, name, uid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,37 +85,8 @@ def model_dir(namespace: str, name: str) -> str:
 
 
 def prepare_rbac(owner: Owner) -> list[dict[str, Any]]:
-    """A ServiceAccount whose only right is to patch this KimiModel's status (its progress)."""
-    name = service_account_name(owner.name)
-    meta = {
-        "name": name,
-        "namespace": owner.namespace,
-        "labels": common(KIND, owner.name),
-        "ownerReferences": [owner.reference()],
-    }
-    return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": meta,
-            "rules": [
-                {
-                    "apiGroups": [GROUP],
-                    "resources": [f"{PLURAL}/status"],
-                    "resourceNames": [owner.name],
-                    "verbs": ["get", "patch"],
-                }
-            ],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": meta,
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
-        },
-    ]
+    """The prepare pods may patch this KimiModel's status (their progress) and nothing else."""
+    return status_rbac(owner, service_account_name(owner.name), "prepare")
 
 
 def _pinned(node: str) -> dict[str, Any]:

@@ -11,7 +11,6 @@ before the download and again before each conversion. Failures exit with the cod
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -25,12 +24,11 @@ from pathlib import Path
 from kimi_operator.api.exitcodes import PrepareExit
 from kimi_operator.api.kimimodel import Variant
 from kimi_operator.kubeconfig import load_client
-from kimi_operator.workloads import convert, hub, manifest
+from kimi_operator.workloads import convert, hub, manifest, termination
 from kimi_operator.workloads.checkpoint import CheckpointError, open_checkpoint
 from kimi_operator.workloads.diskspace import InsufficientDisk, require_free
 from kimi_operator.workloads.report import Reporter, StatusWriter
 
-TERMINATION_LOG = Path("/dev/termination-log")
 CPU_METHODS = {"cpu-int8": "int8", "cpu-int4": "int4"}
 # kt-kernel's CPU weight converter is not part of its wheel; the prepare image carries it and
 # points here (see images/prepare/Dockerfile).
@@ -209,12 +207,7 @@ def exit_code(exc: Exception) -> PrepareExit | None:
 
 
 def _fail(code: PrepareExit, message: str) -> int:
-    sys.stderr.write(json.dumps({"event": "error", "reason": code.reason, "message": message}) + "\n")
-    # In a pod the kubelet creates this file and shows it as the container's termination message.
-    if TERMINATION_LOG.exists():
-        with contextlib.suppress(OSError):
-            TERMINATION_LOG.write_text(message[:4000])
-    return int(code)
+    return termination.fail(code, code.reason, message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

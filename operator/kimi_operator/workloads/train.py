@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from kimi_operator.api.exitcodes import TrainExit
 from kimi_operator.api.finetunejob import KIND, PLURAL
-from kimi_operator.workloads import dataset, manifest
+from kimi_operator.workloads import dataset, manifest, termination
 
 if TYPE_CHECKING:
     from kimi_operator.workloads.report import OwnStatus
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 TRAINER_LOG = "trainer_log.jsonl"
 ADAPTER_DIR = "adapter"
 TEMPLATE = "kimi_k25"
-TERMINATION_LOG = Path("/dev/termination-log")
 IMAGE_PLACEHOLDER = "<image>"
 
 
@@ -214,11 +213,7 @@ def export_adapter(output_dir: Path, *, name: str, node: str, base_model: str) -
 
 
 def _fail(code: TrainExit, message: str) -> int:
-    sys.stderr.write(json.dumps({"event": "error", "reason": code.reason, "message": message}) + "\n")
-    if TERMINATION_LOG.exists():
-        with contextlib.suppress(OSError):
-            TERMINATION_LOG.write_text(message[:4000])
-    return int(code)
+    return termination.fail(code, code.reason, message)
 
 
 def _override(args: dict[str, Any], pairs: Sequence[str]) -> dict[str, Any]:
