@@ -42,6 +42,7 @@ def test_chart_renders_objects_the_apiserver_accepts(cluster: Cluster, namespace
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=a" in args
     assert "--namespace=b" in args
+    assert "--prepare-image=ghcr.io/kimi-operator/prepare:0.1.0" in args
     out = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-n", namespace, "-f", "-", input_text=rendered)
     assert out.count("(server dry run)") == len(kinds), out
 
