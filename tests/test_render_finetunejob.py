@@ -102,3 +102,15 @@ def test_training_rbac_is_limited_to_this_objects_status() -> None:
             "verbs": ["get", "patch"],
         }
     ]
+
+
+def test_a_hub_dataset_is_fetched_by_the_pod_with_the_token_from_a_secret() -> None:
+    hub = {"repo": "acme/chats", "revision": "abc", "path": "train.jsonl", "tokenSecretRef": {"name": "hf", "key": "t"}}
+    job = render.train_job(OWNER, spec(dataset={"huggingFace": hub}), "n1", storage_path="/s", image="t")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert "--dataset-repo=acme/chats" in container["args"]
+    assert "--dataset-revision=abc" in container["args"]
+    assert "--dataset-file=train.jsonl" in container["args"]
+    assert not [a for a in container["args"] if a.startswith("--dataset=")]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}} in container["env"]
+    assert "dataset" not in {v["name"] for v in job["spec"]["template"]["spec"]["volumes"]}

@@ -1,7 +1,12 @@
 import json
 from pathlib import Path
 
+import pytest
+
+from kimi_operator.api.exitcodes import TrainExit
+from kimi_operator.workloads import train
 from kimi_operator.workloads.train import LogTail, latest_checkpoint, progress_from_log, to_llamafactory
+from tests.fakehub import FakeHub
 
 
 def test_records_become_text_with_image_placeholders(tmp_path: Path) -> None:
@@ -61,3 +66,45 @@ def test_trainer_log_lines_become_progress(tmp_path: Path) -> None:
     with log.open("a") as fh:
         fh.write(', "total_steps": 48}\n')
     assert [r["current_steps"] for r in tail.records()] == [13]
+
+
+def test_a_bad_dataset_on_the_hub_fails_before_training(
+    isolated_hub_client: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
+    with FakeHub(token="hf_data_token") as server:
+        server.add_commit("acme/support-chats", {"data/train.jsonl": bad.encode(), "README.md": b"# data\n"})
+        monkeypatch.setenv("HF_TOKEN", "hf_data_token")
+        code = train.main(
+            [
+                "--config-dir=/nonexistent",
+                "--dataset-repo=acme/support-chats",
+                "--dataset-revision=main",
+                "--dataset-file=data/train.jsonl",
+                f"--endpoint={server.endpoint}",
+                f"--output-dir={tmp_path / 'out'}",
+            ]
+        )
+    assert code == TrainExit.INVALID_DATASET
+    error = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert "line 1: messages: must end with an assistant turn" in error["message"]
+    assert (tmp_path / "out" / "source" / "data" / "train.jsonl").read_text() == bad
+
+
+def test_a_missing_file_in_the_hub_dataset_is_named(
+    isolated_hub_client: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with FakeHub() as server:
+        sha = server.add_commit("acme/chats", {"README.md": b"# data\n"})
+        code = train.main(
+            [
+                "--config-dir=/nonexistent",
+                "--dataset-repo=acme/chats",
+                f"--dataset-revision={sha}",
+                "--dataset-file=train.jsonl",
+                f"--endpoint={server.endpoint}",
+                f"--output-dir={tmp_path / 'out'}",
+            ]
+        )
+    assert code == TrainExit.INVALID_DATASET
+    assert f"acme/chats@{sha} has no file train.jsonl" in capsys.readouterr().err

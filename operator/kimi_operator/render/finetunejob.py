@@ -68,7 +68,7 @@ def _dataset_volume(spec: FineTuneJobSpec) -> tuple[dict[str, Any] | None, str]:
     if data.host_path is not None:
         parent, _, filename = data.host_path.path.rpartition("/")
         return {"name": "dataset", "hostPath": {"path": parent or "/", "type": "Directory"}}, f"{DATA_MOUNT}/{filename}"
-    return None, ""  # from the hub: downloaded by the pod
+    return None, ""  # from the hub: downloaded by the pod (see train_job)
 
 
 def train_job(owner: Owner, spec: FineTuneJobSpec, node: str, *, storage_path: str, image: str) -> dict[str, Any]:
@@ -112,6 +112,14 @@ def train_job(owner: Owner, spec: FineTuneJobSpec, node: str, *, storage_path: s
         f"--adapter-name={spec.output.adapter_name or owner.name}",
         f"--base-model={model}",
     ]
+    env: list[dict[str, Any]] = [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
+    hub = spec.dataset.hugging_face
+    if hub is not None:
+        args = [a for a in args if not a.startswith("--dataset=")]
+        args += [f"--dataset-repo={hub.repo}", f"--dataset-revision={hub.revision}", f"--dataset-file={hub.path}"]
+        if hub.token_secret_ref is not None:
+            secret = {"name": hub.token_secret_ref.name, "key": hub.token_secret_ref.key}
+            env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": secret}})
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -160,7 +168,7 @@ def train_job(owner: Owner, spec: FineTuneJobSpec, node: str, *, storage_path: s
                             "name": "train",
                             "image": image,
                             "args": args,
-                            "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+                            "env": env,
                             "resources": {"requests": resources, "limits": resources},
                             "volumeMounts": mounts,
                             "terminationMessagePolicy": "FallbackToLogsOnError",

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
 import shutil
 import sys
 import threading
@@ -223,7 +224,38 @@ def _override(args: dict[str, Any], pairs: Sequence[str]) -> dict[str, Any]:
     return args
 
 
+def fetch_dataset(opts: argparse.Namespace) -> Path:
+    """Download the one dataset file at the pinned revision into the output directory."""
+    from kimi_operator.workloads import hub  # noqa: PLC0415 (only hub-sourced datasets need it)
+
+    sha, files = hub.resolve(
+        opts.dataset_repo, opts.dataset_revision, token=os.environ.get("HF_TOKEN") or None, endpoint=opts.endpoint
+    )
+    wanted = [f for f in files if f.path == opts.dataset_file]
+    if not wanted:
+        raise TrainError(TrainExit.INVALID_DATASET, f"{opts.dataset_repo}@{sha} has no file {opts.dataset_file}")
+    target = opts.output_dir / "source"
+    target.mkdir(parents=True, exist_ok=True)
+    hub.download(
+        opts.dataset_repo,
+        sha,
+        target,
+        wanted,
+        token=os.environ.get("HF_TOKEN") or None,
+        endpoint=opts.endpoint,
+        max_workers=1,
+        on_progress=None,
+    )
+    problems = hub.verify(target, wanted)
+    if problems:
+        raise TrainError(TrainExit.INVALID_DATASET, "; ".join(problems))
+    path: Path = target / opts.dataset_file
+    return path
+
+
 def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
+    if opts.dataset_repo:
+        opts.dataset = fetch_dataset(opts)
     report = dataset.validate_file(opts.dataset, key=opts.messages_key, root=opts.root)
     if not report.ok:
         raise TrainError(TrainExit.INVALID_DATASET, report.summary(5))
@@ -254,7 +286,11 @@ def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kimi-operator train", description=__doc__)
     parser.add_argument("--config-dir", type=Path, required=True, help="train.yaml and dataset_info.json")
-    parser.add_argument("--dataset", type=Path, required=True, help="JSON-lines records")
+    parser.add_argument("--dataset", type=Path, help="JSON-lines records")
+    parser.add_argument("--dataset-repo", help="hub dataset repository, instead of --dataset")
+    parser.add_argument("--dataset-revision", help="commit sha or tag of --dataset-repo")
+    parser.add_argument("--dataset-file", help="JSON-lines file within --dataset-repo")
+    parser.add_argument("--endpoint", help="hub endpoint (a mirror)")
     parser.add_argument("--messages-key", default="messages", choices=["messages", "conversations"])
     parser.add_argument("--root", type=Path, help="directory file:// image paths are relative to")
     parser.add_argument("--output-dir", type=Path, required=True)
@@ -265,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--report-interval", type=float, default=5.0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="override a training argument")
     opts = parser.parse_args(argv)
+    if (opts.dataset is None) == (opts.dataset_repo is None):
+        parser.error("give exactly one of --dataset or --dataset-repo (with --dataset-revision and --dataset-file)")
     own = None
     if opts.report:
         # Only a pod that reports needs the Kubernetes client.
@@ -277,6 +315,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         train(opts, own)
     except TrainError as exc:
         return _fail(exc.code, str(exc))
+    except Exception as exc:
+        from kimi_operator.workloads import hub  # noqa: PLC0415
+
+        # A dataset the hub refuses for good is bad input, not a crash to retry.
+        if isinstance(exc, (hub.HubAuthError, hub.RevisionNotFound, hub.RepoNotFound)):
+            return _fail(TrainExit.INVALID_DATASET, str(exc))
+        raise
     return 0
 
 
