@@ -247,3 +247,30 @@ def test_bad_dataset_stalls_without_retry(
     assert stalled["reason"] == "InvalidDataset"
     assert stalled["message"] == "line 7: messages: must end with an assistant turn, ends with user"
     assert obj["status"]["attempts"] == 1
+
+
+def test_deletion_keeps_outputs_unless_asked_then_cleans_them_on_the_node(
+    api: kubernetes.client.ApiClient, namespace: str, operator: OperatorProcess
+) -> None:
+    ready_model(api, namespace)
+    for name, policy in (("keep", "Retain"), ("drop", "Delete")):
+        obj = ftj(name, resources=SMALL, output={"reclaimPolicy": policy})
+        custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "finetunejobs", obj)
+        wait_phase(api, namespace, name, "Failed")  # simulated pods export nothing: AdapterMissing
+        custom(api).delete_namespaced_custom_object(GROUP, VERSION, namespace, "finetunejobs", name)
+    wait_for(
+        lambda: not custom(api).list_namespaced_custom_object(GROUP, VERSION, namespace, "finetunejobs")["items"],
+        60,
+        "FineTuneJobs gone",
+    )
+    batch = kubernetes.client.BatchV1Api(api)
+    cleanups = batch.list_namespaced_job(namespace, label_selector="app.kubernetes.io/component=cleanup").items
+    assert [j.metadata.labels["kimi-operator.io/finetunejob"] for j in cleanups] == ["drop"]
+    (cleanup,) = cleanups
+    assert cleanup.status.succeeded == 1
+    assert cleanup.spec.template.spec.containers[0].args == [
+        "remove-model",
+        f"--root=/models/{namespace}/kimi/finetune/drop",
+    ]
+    terms = cleanup.spec.template.spec.affinity.node_affinity.required_during_scheduling_ignored_during_execution
+    assert terms.node_selector_terms[0].match_expressions[0].values == ["gpu-h200-a"]

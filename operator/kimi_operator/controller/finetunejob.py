@@ -17,8 +17,8 @@ from kimi_operator.api.finetunejob import FineTuneJobSpec
 from kimi_operator.api.kinds import KIMI_MODEL
 from kimi_operator.controller.kimimodel import job_state
 from kimi_operator.controller.kube import Kube
+from kimi_operator.render import cleanup, llamafactory
 from kimi_operator.render import finetunejob as render
-from kimi_operator.render import llamafactory
 from kimi_operator.render.kimimodel import model_dir
 
 
@@ -176,3 +176,33 @@ def _observe(
         verdict = Verdict(state="progressing", reason=FtjReason.STARTING, message=f"starting on {node}")
         phase = "Pending"
     return verdict, {"node": node, "attempts": attempts, "phase": phase}
+
+
+def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: FineTuneJobSpec | None) -> list[str]:
+    """Remove the outputs when the spec asks for it; return the cleanup Jobs still running.
+
+    The training Job and its pods go with the FineTuneJob (owner references). Checkpoints and the
+    adapter stay on the node unless ``spec.output.reclaimPolicy`` is Delete.
+    """
+    node = (body.get("status") or {}).get("node")
+    if spec is None or spec.output.reclaim_policy != "Delete" or not node:
+        return []
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    model = kube.get(KIMI_MODEL.api_version, KIMI_MODEL.kind, namespace, spec.model.name)
+    if model is None:
+        # The storage path is declared only in the KimiModel; without it there is nothing to mount.
+        return []
+    job = cleanup.cleanup_job(
+        render.owner(namespace, name, meta["uid"]),
+        node=node,
+        storage_path=model["spec"]["storage"]["hostPath"],
+        root=render.output_dir(namespace, spec.model.name, name),
+        image=settings.trainer_image,
+        pod_metadata=(spec.pod_metadata.labels, spec.pod_metadata.annotations),
+    )
+    live = kube.get_job(namespace, job["metadata"]["name"])
+    if live is None:
+        kube.apply(job)
+        return [job["metadata"]["name"]]
+    return [] if job_state(live) == "complete" else [job["metadata"]["name"]]

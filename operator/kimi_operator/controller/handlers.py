@@ -19,7 +19,7 @@ from kimi_operator.api.base import GROUP, VERSION
 from kimi_operator.api.conditions import Reason, Verdict, now_rfc3339
 from kimi_operator.api.finetunejob import FineTuneJobSpec
 from kimi_operator.api.kimimodel import KimiModelSpec
-from kimi_operator.api.kinds import FINE_TUNE_JOB, KIMI_MODEL, KINDS, Kind, by_kind
+from kimi_operator.api.kinds import FINE_TUNE_JOB, KIMI_MODEL, KINDS, LORA_SERVER, Kind, by_kind
 from kimi_operator.controller import finetunejob, kimimodel, metrics
 from kimi_operator.controller.kube import Kube
 from kimi_operator.controller.reconcile import PassResult, evaluate
@@ -118,7 +118,7 @@ def register(
         kopf.on.resume(*resource, registry=registry, id="reconcile")(reconcile)
         kopf.on.create(*resource, registry=registry, id="reconcile")(reconcile)
         kopf.on.update(*resource, registry=registry, id="reconcile", field="spec")(reconcile)
-        if kind is not KIMI_MODEL:
+        if kind is LORA_SERVER:
             # optional=True: no finalizer is needed just to forget metric series.
             kopf.on.delete(*resource, registry=registry, id="forget", optional=True)(forget)
 
@@ -162,6 +162,17 @@ def register(
         logger.info(
             "node labels removed%s", "; files removed" if spec and spec.storage.reclaim_policy == "Delete" else ""
         )
+
+    @kopf.on.delete(GROUP, VERSION, FINE_TUNE_JOB.plural, registry=registry, id="finalize")
+    def finalize_ftj(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
+        try:
+            spec: FineTuneJobSpec | None = FineTuneJobSpec.model_validate(body.get("spec") or {})
+        except ValueError:
+            spec = None
+        waiting = finetunejob.finalize(kube, ftj_settings, body, spec)
+        if waiting:
+            raise kopf.TemporaryError(f"waiting for cleanup Jobs {', '.join(waiting)}", delay=5)
+        metrics.forget(FINE_TUNE_JOB.kind, body["metadata"]["namespace"], body["metadata"]["name"])
 
 
 __all__ = ["FINALIZER", "Reason", "configure", "register"]

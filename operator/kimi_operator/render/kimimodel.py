@@ -14,14 +14,16 @@ from typing import Any
 from kimi_operator.api.base import GROUP
 from kimi_operator.api.exitcodes import PrepareExit
 from kimi_operator.api.kimimodel import KIND, PLURAL, KimiModelSpec, Variant
-from kimi_operator.render.labels import MANAGED_BY, OPERATOR, bounded, common
+from kimi_operator.render import cleanup
+from kimi_operator.render.kimimodel_paths import MOUNT, NODE_LABEL, model_dir, pinned
+from kimi_operator.render.labels import bounded, common
 from kimi_operator.render.owner import Owner, status_rbac
+
+__all__ = ["MOUNT", "NODE_LABEL", "model_dir"]
 from kimi_operator.render.quantity import parse_quantity
 
-MOUNT = "/models"
 SOURCE_MOUNT = "/source"
 READY = "ready"
-NODE_LABEL = f"{GROUP}/node"
 # kt-kernel's CPU expert kernels (AMXINT8/AMXINT4 and their AVX-512 fallbacks) need these.
 CPU_VARIANT_FEATURES = ("AVX512F", "AVX512BW")
 NFD_CPUID = "feature.node.kubernetes.io/cpu-cpuid."
@@ -80,26 +82,9 @@ def service_account_name(model: str) -> str:
     return f"{model[: 63 - len('-prepare')]}-prepare"
 
 
-def model_dir(namespace: str, name: str) -> str:
-    return f"{MOUNT}/{namespace}/{name}"
-
-
 def prepare_rbac(owner: Owner) -> list[dict[str, Any]]:
     """The prepare pods may patch this KimiModel's status (their progress) and nothing else."""
     return status_rbac(owner, service_account_name(owner.name), "prepare")
-
-
-def _pinned(node: str) -> dict[str, Any]:
-    # Required affinity, not nodeName: the scheduler still accounts for the Job's resources.
-    return {
-        "nodeAffinity": {
-            "requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [
-                    {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}
-                ]
-            }
-        }
-    }
 
 
 def prepare_job(owner: Owner, spec: KimiModelSpec, node: str, *, image: str) -> dict[str, Any]:
@@ -167,7 +152,7 @@ def prepare_job(owner: Owner, spec: KimiModelSpec, node: str, *, image: str) -> 
                 "spec": {
                     "restartPolicy": "Never",
                     "serviceAccountName": service_account_name(owner.name),
-                    "affinity": _pinned(node),
+                    "affinity": pinned(node),
                     "containers": [
                         {
                             "name": "prepare",
@@ -187,43 +172,12 @@ def prepare_job(owner: Owner, spec: KimiModelSpec, node: str, *, image: str) -> 
 
 
 def cleanup_job(owner: Owner, spec: KimiModelSpec, node: str, *, image: str) -> dict[str, Any]:
-    """The Job that removes the model's files from one node (reclaimPolicy Delete).
-
-    It is not owned by the KimiModel: it must outlive the object it cleans up after.
-    """
-    digest = hashlib.sha256(node.encode()).hexdigest()[:8]
-    name = f"{owner.name[: 63 - len('-cleanup-') - 8]}-cleanup-{digest}"
-    labels = {
-        MANAGED_BY: OPERATOR,
-        f"{GROUP}/{KIND.lower()}": bounded(owner.name),
-        NODE_LABEL: bounded(node),
-        "app.kubernetes.io/component": "cleanup",
-    }
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": name, "namespace": owner.namespace, "labels": labels},
-        "spec": {
-            "backoffLimit": 3,
-            "ttlSecondsAfterFinished": 3600,
-            "template": {
-                "metadata": {
-                    "labels": {**spec.pod_metadata.labels, **labels},
-                    "annotations": dict(spec.pod_metadata.annotations),
-                },
-                "spec": {
-                    "restartPolicy": "Never",
-                    "affinity": _pinned(node),
-                    "containers": [
-                        {
-                            "name": "cleanup",
-                            "image": image,
-                            "args": ["remove-model", f"--root={model_dir(owner.namespace, owner.name)}"],
-                            "volumeMounts": [{"name": "models", "mountPath": MOUNT}],
-                        }
-                    ],
-                    "volumes": [{"name": "models", "hostPath": {"path": spec.storage.host_path, "type": "Directory"}}],
-                },
-            },
-        },
-    }
+    """The Job that removes the model's files from one node (reclaimPolicy Delete)."""
+    return cleanup.cleanup_job(
+        owner,
+        node=node,
+        storage_path=spec.storage.host_path,
+        root=model_dir(owner.namespace, owner.name),
+        image=image,
+        pod_metadata=(spec.pod_metadata.labels, spec.pod_metadata.annotations),
+    )

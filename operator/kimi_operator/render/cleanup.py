@@ -1,0 +1,61 @@
+"""The Job that removes files an object left on a node, when its reclaimPolicy is Delete."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+from kimi_operator.api.base import GROUP
+from kimi_operator.render.kimimodel_paths import MOUNT, NODE_LABEL, pinned
+from kimi_operator.render.labels import MANAGED_BY, OPERATOR, bounded
+from kimi_operator.render.owner import Owner
+
+
+def cleanup_job(
+    owner: Owner,
+    *,
+    node: str,
+    storage_path: str,
+    root: str,
+    image: str,
+    pod_metadata: tuple[Mapping[str, str], Mapping[str, str]] = ({}, {}),
+) -> dict[str, Any]:
+    """Delete ``root`` (a path under the storage mount) on ``node``.
+
+    Not owned by the object: it must outlive what it cleans up after.
+    """
+    digest = hashlib.sha256(f"{node}:{root}".encode()).hexdigest()[:8]
+    name = f"{owner.name[: 63 - len('-cleanup-') - 8]}-cleanup-{digest}"
+    labels = {
+        MANAGED_BY: OPERATOR,
+        f"{GROUP}/{owner.kind.lower()}": bounded(owner.name),
+        NODE_LABEL: bounded(node),
+        "app.kubernetes.io/component": "cleanup",
+    }
+    extra_labels, annotations = pod_metadata
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": owner.namespace, "labels": labels},
+        "spec": {
+            "backoffLimit": 3,
+            "ttlSecondsAfterFinished": 3600,
+            "template": {
+                "metadata": {"labels": {**extra_labels, **labels}, "annotations": dict(annotations)},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "affinity": pinned(node),
+                    "containers": [
+                        {
+                            "name": "cleanup",
+                            "image": image,
+                            "args": ["remove-model", f"--root={root}"],
+                            "volumeMounts": [{"name": "models", "mountPath": MOUNT}],
+                        }
+                    ],
+                    "volumes": [{"name": "models", "hostPath": {"path": storage_path, "type": "Directory"}}],
+                },
+            },
+        },
+    }
