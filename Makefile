@@ -29,11 +29,17 @@ help:
 	@echo "make verify         fail if crds/ is stale"
 	@echo "make cluster-up     start (or reuse) the local control plane; cluster-down stops it"
 
+# A virtual environment from an exact lock, rebuilt from scratch when the lock changes:
+# $(call venv_from_lock,<dir>,<lock file>)
+define venv_from_lock
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/pip install --quiet --disable-pip-version-check --no-deps -r $(2)
+	touch $(1)/.complete
+endef
+
 $(VENV)/.complete: requirements/dev.lock
-	rm -rf $(VENV)
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements/dev.lock
-	touch $@
+	$(call venv_from_lock,$(VENV),requirements/dev.lock)
 
 venv: $(VENV)/.complete
 
@@ -41,10 +47,7 @@ venv: $(VENV)/.complete
 ORACLE_KEY := $(shell cat requirements/oracle.lock | sha256sum | cut -c1-12)
 ORACLE_VENV := $(CACHE)/venv/oracle-$(ORACLE_KEY)
 $(ORACLE_VENV)/.complete: requirements/oracle.lock
-	rm -rf $(ORACLE_VENV)
-	$(PYTHON) -m venv $(ORACLE_VENV)
-	$(ORACLE_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements/oracle.lock
-	touch $@
+	$(call venv_from_lock,$(ORACLE_VENV),requirements/oracle.lock)
 
 oracle-env: $(ORACLE_VENV)/.complete
 
@@ -52,10 +55,7 @@ oracle-env: $(ORACLE_VENV)/.complete
 TRAIN_KEY := $(shell cat requirements/train.lock | sha256sum | cut -c1-12)
 TRAIN_VENV := $(CACHE)/venv/train-$(TRAIN_KEY)
 $(TRAIN_VENV)/.complete: requirements/train.lock
-	rm -rf $(TRAIN_VENV)
-	$(PYTHON) -m venv $(TRAIN_VENV)
-	$(TRAIN_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements/train.lock
-	touch $@
+	$(call venv_from_lock,$(TRAIN_VENV),requirements/train.lock)
 
 train-env: $(TRAIN_VENV)/.complete
 

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
@@ -122,7 +122,6 @@ def register(
             # optional=True: no finalizer is needed just to forget metric series.
             kopf.on.delete(*resource, registry=registry, id="forget", optional=True)(forget)
 
-    km = (GROUP, VERSION, KIMI_MODEL.plural)
     for kind in (KIMI_MODEL, FINE_TUNE_JOB):
 
         def resync(body: kopf.Body, logger: kopf.Logger, kind: Kind = kind, **_: Any) -> None:
@@ -149,30 +148,29 @@ def register(
             if owner is not None:
                 reconciler.run(kind, owner, logger)
 
-    @kopf.on.delete(*km, registry=registry, id="finalize")
-    def finalize(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-        try:
-            spec: KimiModelSpec | None = KimiModelSpec.model_validate(body.get("spec") or {})
-        except ValueError:
-            spec = None
-        waiting = kimimodel.finalize(kube, km_settings, body, spec)
-        if waiting:
-            raise kopf.TemporaryError(f"waiting for cleanup Jobs {', '.join(waiting)}", delay=5)
-        metrics.forget(KIMI_MODEL.kind, body["metadata"]["namespace"], body["metadata"]["name"])
-        logger.info(
-            "node labels removed%s", "; files removed" if spec and spec.storage.reclaim_policy == "Delete" else ""
-        )
+    # Deletion waits for what the object put on nodes to be undone (labels, files if asked).
+    finalizers: tuple[tuple[Kind, Callable[[Mapping[str, Any], Any], list[str]]], ...] = (
+        (KIMI_MODEL, lambda body, spec: kimimodel.finalize(kube, km_settings, body, spec)),
+        (FINE_TUNE_JOB, lambda body, spec: finetunejob.finalize(kube, ftj_settings, body, spec)),
+    )
+    for kind, undo in finalizers:
 
-    @kopf.on.delete(GROUP, VERSION, FINE_TUNE_JOB.plural, registry=registry, id="finalize")
-    def finalize_ftj(body: kopf.Body, logger: kopf.Logger, **_: Any) -> None:
-        try:
-            spec: FineTuneJobSpec | None = FineTuneJobSpec.model_validate(body.get("spec") or {})
-        except ValueError:
-            spec = None
-        waiting = finetunejob.finalize(kube, ftj_settings, body, spec)
-        if waiting:
-            raise kopf.TemporaryError(f"waiting for cleanup Jobs {', '.join(waiting)}", delay=5)
-        metrics.forget(FINE_TUNE_JOB.kind, body["metadata"]["namespace"], body["metadata"]["name"])
+        def finalize(
+            body: kopf.Body,
+            kind: Kind = kind,
+            undo: Callable[[Mapping[str, Any], Any], list[str]] = undo,
+            **_: Any,
+        ) -> None:
+            try:
+                spec = kind.spec.model_validate(body.get("spec") or {})
+            except ValueError:
+                spec = None  # an object that never validated left nothing to undo beyond labels
+            waiting = undo(body, spec)
+            if waiting:
+                raise kopf.TemporaryError(f"waiting for cleanup Jobs {', '.join(waiting)}", delay=5)
+            metrics.forget(kind.kind, body["metadata"]["namespace"], body["metadata"]["name"])
+
+        kopf.on.delete(GROUP, VERSION, kind.plural, registry=registry, id="finalize")(finalize)
 
 
 __all__ = ["FINALIZER", "Reason", "configure", "register"]
