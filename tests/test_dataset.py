@@ -168,3 +168,18 @@ def test_relative_images_resolve_against_the_given_root(root: Path, tmp_path_fac
     elsewhere.write_text(rec(("user", image("file://cat.png")), ("assistant", "red")) + "\n")
     assert not dataset.validate_file(elsewhere).ok
     assert dataset.validate_file(elsewhere, root=root).ok
+
+
+def test_records_longer_than_the_cutoff_are_named(root: Path) -> None:
+    long = rec(("user", "x" * 50), ("assistant", "y" * 50))
+    lines = [GOOD, long, GOOD_SYSTEM, long]
+
+    def count(messages: list[dict[str, object]]) -> int:
+        return sum(len(str(m["content"])) for m in messages)
+
+    report = dataset.validate_lines(lines, root=root, count_tokens=count, cutoff_len=40)
+    assert report.ok
+    assert (
+        "2 records are longer than cutoffLen 40 and will be truncated: line 2 (100 tokens), line 4 (100 tokens)"
+        in report.warnings
+    )

@@ -177,3 +177,30 @@ def test_bad_dataset_fails_before_training(train_python: str, tmp_path: Path) ->
     assert error["reason"] == "InvalidDataset"
     assert "line 1: messages: must end with an assistant turn" in error["message"]
     assert not (tmp_path / "out").exists()
+
+
+def test_token_lengths_are_checked_with_the_models_tokenizer(
+    train_python: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "train.jsonl"
+    seed_dataset(data)
+    proc = run(
+        train_python,
+        "-m",
+        "kimi_operator",
+        "validate-dataset",
+        str(data),
+        f"--tokenizer={tiny_model}",
+        "--cutoff-len=12",
+    )
+    assert "24 records are longer than cutoffLen 12 and will be truncated: line 1 (" in proc.stdout
+    roomy = run(
+        train_python,
+        "-m",
+        "kimi_operator",
+        "validate-dataset",
+        str(data),
+        f"--tokenizer={tiny_model}",
+        "--cutoff-len=4096",
+    )
+    assert "longer than cutoffLen" not in roomy.stdout

@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import json
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,9 +158,21 @@ def check_record(record: Any, key: str, root: Path, report: Report) -> Iterator[
         yield f"{key}: must end with an assistant turn, ends with {messages[-1]['role']}"
 
 
-def validate_lines(lines: Iterable[str], *, key: str = "messages", root: Path) -> Report:
+# Counts the tokens of one record's messages (with the model's tokenizer).
+TokenCounter = Callable[[list[dict[str, Any]]], int]
+
+
+def validate_lines(
+    lines: Iterable[str],
+    *,
+    key: str = "messages",
+    root: Path,
+    count_tokens: TokenCounter | None = None,
+    cutoff_len: int | None = None,
+) -> Report:
     report = Report()
     seen: set[str] = set()
+    too_long: list[tuple[int, int]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             report.errors.append(Problem(number, "blank line"))
@@ -173,6 +185,10 @@ def validate_lines(lines: Iterable[str], *, key: str = "messages", root: Path) -
         report.records += 1
         found = list(check_record(record, key, root, report))
         report.errors.extend(Problem(number, message) for message in found)
+        if not found and count_tokens is not None and cutoff_len is not None:
+            tokens = count_tokens(record[key])
+            if tokens > cutoff_len:
+                too_long.append((number, tokens))
         digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
         if digest in seen:
             report.duplicates += 1
@@ -181,14 +197,43 @@ def validate_lines(lines: Iterable[str], *, key: str = "messages", root: Path) -
         report.warnings.append(f"only {report.records} examples; LoRA SFT usually needs at least {MIN_EXAMPLES}")
     if report.duplicates:
         report.warnings.append(f"{report.duplicates} duplicate records")
+    if too_long:
+        lines_ = ", ".join(f"line {n} ({t} tokens)" for n, t in too_long[:5])
+        more = f" and {len(too_long) - 5} more" if len(too_long) > 5 else ""
+        report.warnings.append(
+            f"{len(too_long)} records are longer than cutoffLen {cutoff_len} and will be truncated: {lines_}{more}"
+        )
     return report
 
 
-def validate_file(path: Path, *, key: str = "messages", root: Path | None = None) -> Report:
+def tokenizer_counter(path: Path) -> TokenCounter:
+    """Token counts with the model's own tokenizer (the trainer image has transformers)."""
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+
+    def count(messages: list[dict[str, Any]]) -> int:
+        text = "".join(
+            m["content"] if isinstance(m["content"], str) else " ".join(p.get("text", "") for p in m["content"])
+            for m in messages
+        )
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 4 * len(messages)  # role markers
+
+    return count
+
+
+def validate_file(
+    path: Path,
+    *,
+    key: str = "messages",
+    root: Path | None = None,
+    count_tokens: TokenCounter | None = None,
+    cutoff_len: int | None = None,
+) -> Report:
     with path.open(encoding="utf-8") as fh:
         # A trailing newline is not a blank record.
         lines = fh.read().splitlines()
-    return validate_lines(lines, key=key, root=root or path.parent)
+    return validate_lines(lines, key=key, root=root or path.parent, count_tokens=count_tokens, cutoff_len=cutoff_len)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,9 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--messages-key", default="messages", choices=["messages", "conversations"])
     parser.add_argument("--root", type=Path, help="directory file:// image paths are relative to")
     parser.add_argument("--max-errors", type=int, default=20, help="errors printed before the count of the rest")
+    parser.add_argument("--tokenizer", type=Path, help="model directory whose tokenizer counts tokens")
+    parser.add_argument("--cutoff-len", type=int, help="warn about records longer than this many tokens")
     args = parser.parse_args(argv)
     try:
-        report = validate_file(args.path, key=args.messages_key, root=args.root)
+        counter = tokenizer_counter(args.tokenizer) if args.tokenizer and args.cutoff_len else None
+        report = validate_file(
+            args.path, key=args.messages_key, root=args.root, count_tokens=counter, cutoff_len=args.cutoff_len
+        )
     except (OSError, UnicodeDecodeError) as exc:
         print(f"error: {args.path}: {exc}", file=sys.stderr)
         return 2

@@ -256,14 +256,23 @@ def fetch_dataset(opts: argparse.Namespace) -> Path:
 def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
     if opts.dataset_repo:
         opts.dataset = fetch_dataset(opts)
-    report = dataset.validate_file(opts.dataset, key=opts.messages_key, root=opts.root)
+    config = opts.config_dir / "train.yaml"
+    # Bad data is reported before the configuration is even read: it fails first whatever else is wrong.
+    args = _override(json.loads(config.read_text()), opts.set) if config.exists() else {}
+    counter = None
+    if args.get("model_name_or_path") and Path(args["model_name_or_path"]).exists():
+        counter = dataset.tokenizer_counter(Path(args["model_name_or_path"]))
+    report = dataset.validate_file(
+        opts.dataset, key=opts.messages_key, root=opts.root, count_tokens=counter, cutoff_len=args.get("cutoff_len")
+    )
     if not report.ok:
         raise TrainError(TrainExit.INVALID_DATASET, report.summary(5))
+    for warning in report.warnings:
+        print(json.dumps({"event": "warning", "message": warning}), flush=True)
     opts.output_dir.mkdir(parents=True, exist_ok=True)
     to_llamafactory(
         opts.dataset, opts.messages_key, opts.root or opts.dataset.parent, opts.output_dir / "dataset.jsonl"
     )
-    args = _override(json.loads((opts.config_dir / "train.yaml").read_text()), opts.set)
     checkpoint = latest_checkpoint(opts.output_dir)
     if checkpoint is not None:
         args["resume_from_checkpoint"] = str(checkpoint)
@@ -316,11 +325,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainError as exc:
         return _fail(exc.code, str(exc))
     except Exception as exc:
-        from kimi_operator.workloads import hub  # noqa: PLC0415
+        if opts.dataset_repo:
+            from kimi_operator.workloads import hub  # noqa: PLC0415 (only hub-sourced datasets need it)
 
-        # A dataset the hub refuses for good is bad input, not a crash to retry.
-        if isinstance(exc, (hub.HubAuthError, hub.RevisionNotFound, hub.RepoNotFound)):
-            return _fail(TrainExit.INVALID_DATASET, str(exc))
+            # A dataset the hub refuses for good is bad input, not a crash to retry.
+            if isinstance(exc, (hub.HubAuthError, hub.RevisionNotFound, hub.RepoNotFound)):
+                return _fail(TrainExit.INVALID_DATASET, str(exc))
         raise
     return 0
 
