@@ -101,17 +101,22 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_conversion_resumes_to_identical_output(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    clean = tensors_of(converted(tiny_checkpoint, tmp_path / "clean"))
-    out = tmp_path / "bf16"
-    first_shard_bytes = convert.plan(open_checkpoint(tiny_checkpoint))[0].size
+def interrupt_in_second_shard(src: Path, out: Path) -> None:
+    """Stop a conversion once the first shard is complete, as a killed pod would."""
+    first_shard_bytes = convert.plan(open_checkpoint(src))[0].size
 
-    def stop_in_second_shard(done: int, total: int) -> None:
+    def stop(done: int, total: int) -> None:
         if done > first_shard_bytes + 1000:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        convert.convert(tiny_checkpoint, out, threads=1, on_progress=stop_in_second_shard)
+        convert.convert(src, out, threads=1, on_progress=stop)
+
+
+def test_interrupted_conversion_resumes_to_identical_output(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    clean = tensors_of(converted(tiny_checkpoint, tmp_path / "clean"))
+    out = tmp_path / "bf16"
+    interrupt_in_second_shard(tiny_checkpoint, out)
     names = sorted(p.name for p in out.iterdir())
     assert names == ["model-00001-of-00003.safetensors", "model-00001-of-00003.safetensors.sha256"]
     assert manifest.read(out) is None  # never marked complete
@@ -226,14 +231,7 @@ def test_resume_redoes_a_finished_shard_that_no_longer_matches_its_digest(
 ) -> None:
     clean = tensors_of(converted(tiny_checkpoint, tmp_path / "clean"))
     out = tmp_path / "bf16"
-    first_shard_bytes = convert.plan(open_checkpoint(tiny_checkpoint))[0].size
-
-    def stop_in_second_shard(done: int, total: int) -> None:
-        if done > first_shard_bytes + 1000:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        convert.convert(tiny_checkpoint, out, threads=1, on_progress=stop_in_second_shard)
+    interrupt_in_second_shard(tiny_checkpoint, out)
     shard = out / "model-00001-of-00003.safetensors"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01  # e.g. a write lost in a crash before it reached the disk

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import logging
 import os
 import sys
@@ -84,28 +86,20 @@ def _dev_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare(args: argparse.Namespace) -> int:
-    from kimi_operator.workloads import prepare
-
-    return prepare.main(args.rest)
-
-
-def _remove_model(args: argparse.Namespace) -> int:
-    from kimi_operator.workloads import prepare
-
-    return prepare.remove_main(args.rest)
+# name, "module:function" taking argv, help
+WORKLOAD_COMMANDS = (
+    ("prepare", "kimi_operator.workloads.prepare:main", "download, verify and convert a model's weights on this node"),
+    ("remove-model", "kimi_operator.workloads.prepare:remove_main", "delete a model's files on this node"),
+    ("train", "kimi_operator.workloads.train:main", "the training pod: validate, train, report, export"),
+    ("validate-dataset", "kimi_operator.workloads.dataset:main", "check a chat dataset (JSON lines)"),
+)
 
 
-def _validate_dataset(args: argparse.Namespace) -> int:
-    from kimi_operator.workloads import dataset
-
-    return dataset.main(args.rest)
-
-
-def _train(args: argparse.Namespace) -> int:
-    from kimi_operator.workloads import train
-
-    return train.main(args.rest)
+def _workload(target: str, args: argparse.Namespace) -> int:
+    # Imported on use: each pod image loads only what its own command needs.
+    module, function = target.split(":")
+    result: int = getattr(importlib.import_module(module), function)(args.rest)
+    return result
 
 
 def parser() -> argparse.ArgumentParser:
@@ -137,19 +131,11 @@ def parser() -> argparse.ArgumentParser:
     crds.add_argument("--check", action="store_true", help="fail if the directories are not current")
     crds.set_defaults(func=_crds)
 
-    prep = sub.add_parser("prepare", help="download, verify and convert a model's weights on this node", add_help=False)
-    prep.add_argument("rest", nargs=argparse.REMAINDER)
-    prep.set_defaults(func=_prepare)
-    remove = sub.add_parser("remove-model", help="delete a model's files on this node", add_help=False)
-    remove.add_argument("rest", nargs=argparse.REMAINDER)
-    remove.set_defaults(func=_remove_model)
-
-    trainer = sub.add_parser("train", help="the training pod: validate, train, report, export", add_help=False)
-    trainer.add_argument("rest", nargs=argparse.REMAINDER)
-    trainer.set_defaults(func=_train)
-    check = sub.add_parser("validate-dataset", help="check a chat dataset (JSON lines)", add_help=False)
-    check.add_argument("rest", nargs=argparse.REMAINDER)
-    check.set_defaults(func=_validate_dataset)
+    # Commands that run inside the workload pods parse their own arguments.
+    for name, target, help_text in WORKLOAD_COMMANDS:
+        command = sub.add_parser(name, help=help_text, add_help=False)
+        command.add_argument("rest", nargs=argparse.REMAINDER)
+        command.set_defaults(func=functools.partial(_workload, target))
 
     dev = sub.add_parser("dev-cluster", help="the local control plane for development and tests")
     dev.add_argument(

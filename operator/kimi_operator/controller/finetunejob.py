@@ -199,7 +199,7 @@ def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: Fine
         storage_path=model["spec"]["storage"]["hostPath"],
         root=render.output_dir(namespace, spec.model.name, name),
         image=settings.trainer_image,
-        pod_metadata=(spec.pod_metadata.labels, spec.pod_metadata.annotations),
+        pod_metadata=spec.pod_metadata,
     )
     live = kube.get_job(namespace, job["metadata"]["name"])
     if live is None:

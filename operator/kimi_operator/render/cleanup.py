@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
 from typing import Any
 
-from kimi_operator.api.base import GROUP
-from kimi_operator.render.kimimodel_paths import MOUNT, NODE_LABEL, pinned
+from kimi_operator.api.base import GROUP, PodMetadata
+from kimi_operator.render.jobs import pinned, template_metadata
+from kimi_operator.render.kimimodel_paths import MOUNT, NODE_LABEL
 from kimi_operator.render.labels import MANAGED_BY, OPERATOR, bounded
 from kimi_operator.render.owner import Owner
 
@@ -19,7 +19,7 @@ def cleanup_job(
     storage_path: str,
     root: str,
     image: str,
-    pod_metadata: tuple[Mapping[str, str], Mapping[str, str]] = ({}, {}),
+    pod_metadata: PodMetadata | None = None,
 ) -> dict[str, Any]:
     """Delete ``root`` (a path under the storage mount) on ``node``.
 
@@ -33,7 +33,6 @@ def cleanup_job(
         NODE_LABEL: bounded(node),
         "app.kubernetes.io/component": "cleanup",
     }
-    extra_labels, annotations = pod_metadata
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -42,7 +41,7 @@ def cleanup_job(
             "backoffLimit": 3,
             "ttlSecondsAfterFinished": 3600,
             "template": {
-                "metadata": {"labels": {**extra_labels, **labels}, "annotations": dict(annotations)},
+                "metadata": template_metadata(pod_metadata or PodMetadata(), labels),
                 "spec": {
                     "restartPolicy": "Never",
                     "affinity": pinned(node),

@@ -6,6 +6,7 @@ from typing import Any
 
 from kimi_operator.api.exitcodes import TrainExit
 from kimi_operator.api.finetunejob import KIND, PLURAL, FineTuneJobSpec
+from kimi_operator.render.jobs import failure_policy, pinned, template_metadata
 from kimi_operator.render.kimimodel import MOUNT, READY, model_dir, model_label
 from kimi_operator.render.labels import common
 from kimi_operator.render.owner import Owner, status_rbac
@@ -129,40 +130,17 @@ def train_job(owner: Owner, spec: FineTuneJobSpec, node: str, *, storage_path: s
             "backoffLimit": spec.backoff_limit,
             # Bad data or config fail at once; crashes and OOM kills count against backoffLimit and
             # resume from the newest checkpoint; node loss and evictions do not count.
-            "podFailurePolicy": {
-                "rules": [
-                    {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [int(c) for c in TrainExit]}},
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                ]
-            },
+            "podFailurePolicy": failure_policy(TrainExit),
             "template": {
-                "metadata": {
-                    "labels": {**spec.pod_metadata.labels, **labels},
-                    "annotations": dict(spec.pod_metadata.annotations),
-                },
+                "metadata": template_metadata(spec.pod_metadata, labels),
                 "spec": {
                     "restartPolicy": "Never",
                     "serviceAccountName": service_account_name(owner.name),
-                    "affinity": {
-                        "nodeAffinity": {
-                            "requiredDuringSchedulingIgnoredDuringExecution": {
-                                "nodeSelectorTerms": [
-                                    {
-                                        "matchExpressions": [
-                                            # A node holding the model's weights, and the one the
-                                            # checkpoints of earlier attempts are on.
-                                            {
-                                                "key": model_label(owner.namespace, model),
-                                                "operator": "In",
-                                                "values": [READY],
-                                            },
-                                            {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]},
-                                        ]
-                                    }
-                                ]
-                            }
-                        }
-                    },
+                    # A node holding the model's weights, and the one the checkpoints of earlier
+                    # attempts are on.
+                    "affinity": pinned(
+                        node, {"key": model_label(owner.namespace, model), "operator": "In", "values": [READY]}
+                    ),
                     "containers": [
                         {
                             "name": "train",

@@ -15,7 +15,8 @@ from kimi_operator.api.base import GROUP
 from kimi_operator.api.exitcodes import PrepareExit
 from kimi_operator.api.kimimodel import KIND, PLURAL, KimiModelSpec, Variant
 from kimi_operator.render import cleanup
-from kimi_operator.render.kimimodel_paths import MOUNT, NODE_LABEL, model_dir, pinned
+from kimi_operator.render.jobs import failure_policy, pinned, template_metadata
+from kimi_operator.render.kimimodel_paths import MOUNT, NODE_LABEL, model_dir
 from kimi_operator.render.labels import bounded, common
 from kimi_operator.render.owner import Owner, status_rbac
 
@@ -138,17 +139,9 @@ def prepare_job(owner: Owner, spec: KimiModelSpec, node: str, *, image: str) -> 
         "spec": {
             "backoffLimit": 3,
             # Failures a retry cannot fix end the Job at once; crashes and evictions are retried.
-            "podFailurePolicy": {
-                "rules": [
-                    {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [int(c) for c in PrepareExit]}},
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                ]
-            },
+            "podFailurePolicy": failure_policy(PrepareExit),
             "template": {
-                "metadata": {
-                    "labels": {**spec.pod_metadata.labels, **labels},
-                    "annotations": dict(spec.pod_metadata.annotations),
-                },
+                "metadata": template_metadata(spec.pod_metadata, labels),
                 "spec": {
                     "restartPolicy": "Never",
                     "serviceAccountName": service_account_name(owner.name),
@@ -179,5 +172,5 @@ def cleanup_job(owner: Owner, spec: KimiModelSpec, node: str, *, image: str) -> 
         storage_path=spec.storage.host_path,
         root=model_dir(owner.namespace, owner.name),
         image=image,
-        pod_metadata=(spec.pod_metadata.labels, spec.pod_metadata.annotations),
+        pod_metadata=spec.pod_metadata,
     )
