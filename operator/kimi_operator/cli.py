@@ -151,6 +151,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Workload commands get every argument, --help included (argparse's REMAINDER would not take a
+    # leading option).
+    workloads = {name: target for name, target, _ in WORKLOAD_COMMANDS}
+    if argv and argv[0] in workloads:
+        return _workload(workloads[argv[0]], argparse.Namespace(rest=argv[1:]))
     args = parser().parse_args(argv)
     result: int = args.func(args)
     return result
