@@ -19,7 +19,7 @@ CRD_DIRS := --out crds --out charts/kimi-operator/crds
 CLUSTER_DIR ?= $(CURDIR)/.cluster
 KUBECONFIG_DEV := $(CLUSTER_DIR)/kubeconfig
 
-.PHONY: help venv oracle-env train-env lock bench bench-convert controlplane crds verify lint unit e2e test run cluster-up cluster-down cluster-status cluster-env
+.PHONY: help venv oracle-env train-env kt-env gpu-wheels bench-train lock bench bench-convert controlplane crds verify lint unit e2e test run cluster-up cluster-down cluster-status cluster-env
 
 help:
 	@echo "make run            local control plane + CRDs + examples + operator in the foreground (Ctrl-C stops all)"
@@ -59,6 +59,23 @@ $(TRAIN_VENV)/.complete: requirements/train.lock
 
 train-env: $(TRAIN_VENV)/.complete
 
+# The KTransformers training environment (kt-kernel, transformers-kt, accelerate-kt on torch 2.9.1),
+# for the tests of the use_kt configuration and of the expert-LoRA export.
+KT_KEY := $(shell cat requirements/kt.lock | sha256sum | cut -c1-12)
+KT_VENV := $(CACHE)/venv/kt-$(KT_KEY)
+$(KT_VENV)/.complete: requirements/kt.lock
+	$(call venv_from_lock,$(KT_VENV),requirements/kt.lock)
+
+kt-env: $(KT_VENV)/.complete
+
+# Wheels a CUDA host with its own torch lacks to train (requirements/gpu-host.txt), for its Python.
+GPU_PYTHON_VERSION ?= 3.12
+gpu-wheels: venv
+	rm -rf build/gpu-wheels
+	$(VENV)/bin/pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version $(GPU_PYTHON_VERSION) --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d build/gpu-wheels -r requirements/gpu-host.txt
+
 # Regenerate the lock after changing dependencies in pyproject.toml.
 lock:
 	rm -rf $(CACHE)/venv/lock && $(PYTHON) -m venv $(CACHE)/venv/lock
@@ -81,8 +98,9 @@ lint: venv
 	$(PY) -m mypy
 	cd $(CURDIR) && $(VENV)/bin/lint-imports
 
-unit: venv oracle-env train-env
-	KIMI_ORACLE_PYTHON=$(ORACLE_VENV)/bin/python KIMI_TRAIN_PYTHON=$(TRAIN_VENV)/bin/python $(PY) -m pytest tests -q
+unit: venv oracle-env train-env kt-env
+	KIMI_ORACLE_PYTHON=$(ORACLE_VENV)/bin/python KIMI_TRAIN_PYTHON=$(TRAIN_VENV)/bin/python \
+		KIMI_KT_PYTHON=$(KT_VENV)/bin/python $(PY) -m pytest tests -q
 
 E2E_DIR := $(CURDIR)/.cluster-e2e
 # The control plane is built (or found in the cache) before pytest, outside any test's timeout.
@@ -94,7 +112,14 @@ e2e: venv controlplane
 test: lint verify unit e2e
 
 # Benchmarks print ratios measured side by side in one run and write JSON; they are not tests.
-bench: bench-convert
+bench: bench-convert bench-train
+
+# The tiny LoRA SFT on this machine's CPU (e2e/gpu/run.sh runs the same on a CUDA host).
+bench-train: venv train-env
+	mkdir -p bench-results
+	rm -rf $(CACHE)/bench-train
+	$(TRAIN_VENV)/bin/python e2e/gpu/tiny_train.py --device cpu --size small --work $(CACHE)/bench-train \
+		--summary bench-results/train-cpu-small.json
 
 bench-convert: venv oracle-env
 	$(PY) e2e/bench/bench_convert.py --work $(CACHE)/bench-convert --out bench-results/convert.json \

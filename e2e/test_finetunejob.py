@@ -135,7 +135,7 @@ def test_job_is_pinned_to_the_models_node_with_the_rendered_pod(
     assert '"lora_rank": 16' in config.data["train.yaml"]
     assert '"template": "kimi_k25"' in config.data["train.yaml"]
     assert '"formatting": "sharegpt"' in config.data["dataset_info.json"]
-    assert train.spec.pod_failure_policy.rules[0].on_exit_codes.values == [20, 21, 22]
+    assert train.spec.pod_failure_policy.rules[0].on_exit_codes.values == [20, 21, 22, 23]
 
 
 def test_suspended_job_starts_when_unsuspended(

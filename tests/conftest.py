@@ -72,3 +72,14 @@ def train_python() -> str:
     if not python or not Path(python).exists():
         pytest.fail("KIMI_TRAIN_PYTHON is not set to the training environment's python: run the tests with `make unit`")
     return python
+
+
+@pytest.fixture(scope="session")
+def kt_python() -> str:
+    """The KTransformers training environment (kt-kernel, transformers-kt, accelerate-kt), `make kt-env`."""
+    python = os.environ.get("KIMI_KT_PYTHON")
+    if not python or not Path(python).exists():
+        pytest.fail(
+            "KIMI_KT_PYTHON is not set to the KTransformers environment's python: run the tests with `make unit`"
+        )
+    return python

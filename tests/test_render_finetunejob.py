@@ -31,8 +31,22 @@ def test_thinking_and_expert_lora_switches() -> None:
     s = spec(training={"thinking": True}, lora={"experts": True, "targetModules": ["q_a_proj", "o_proj"]})
     args = llamafactory.train_args(s, model_path="/m", dataset_dir="/d", output_dir="/o")
     assert args["enable_thinking"] is True
-    assert args["kt_use_lora_experts"] is True
+    # Expert LoRA is trained by kt-kernel whenever use_kt is on; the switch chooses what is exported,
+    # and never turns on kt-kernel's separate GPU-side "LoRA Experts".
+    assert args["kt_use_lora_experts"] is False
     assert args["lora_target"] == "q_a_proj,o_proj"
+    # Real tokens are counted, so the trainer log carries throughput for status.progress.
+    assert args["include_num_input_tokens_seen"] == "non_padding"
+    container = render.train_job(OWNER, s, "n1", storage_path="/mnt/nvme/kimi", image="t:1")["spec"]["template"][
+        "spec"
+    ]["containers"][0]
+    assert "--lora-experts" in container["args"]
+    plain = render.train_job(OWNER, spec(), "n1", storage_path="/mnt/nvme/kimi", image="t:1")["spec"]["template"][
+        "spec"
+    ]["containers"][0]
+    assert "--lora-experts" not in plain["args"]
+    threads = {"name": "ACCELERATE_KT_NUM_THREADS", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}}
+    assert threads in plain["env"]
 
 
 def test_dataset_registration_maps_openai_messages() -> None:
@@ -64,7 +78,7 @@ def test_job_is_pinned_suspendable_and_queued() -> None:
     assert volumes["dataset"] == {"name": "dataset", "configMap": {"name": "data"}}
     assert "--dataset=/data/train.jsonl" in pod["containers"][0]["args"]
     rules = job["spec"]["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [20, 21, 22]}}
+    assert rules[0] == {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [20, 21, 22, 23]}}
     assert rules[1]["action"] == "Ignore"
 
 

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,7 +20,6 @@ ORACLE = Path(__file__).parent / "oracle" / "tiny_deepseek.py"
 OPERATOR = Path(__file__).parents[1] / "operator"
 # What differs on a CPU-only test machine from the GPU hosts the config is rendered for.
 CPU = ["use_cpu=true", "bf16=false", "use_kt=false", "trust_remote_code=false", "preprocessing_num_workers=1"]
-TOPICS = ["cats", "rivers", "the moon", "bread", "trains", "music", "rain", "chess", "coffee", "maps", "bees", "tea"]
 
 
 def run(python: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -32,19 +30,8 @@ def run(python: str, *args: str, check: bool = True) -> subprocess.CompletedProc
     return proc
 
 
-def seed_dataset(path: Path) -> None:
-    lines = []
-    for i in range(24):
-        topic = TOPICS[i % len(TOPICS)]
-        messages: list[dict[str, Any]] = (
-            [{"role": "system", "content": "You are Kimi, a helpful assistant."}] if i % 2 == 0 else []
-        )
-        messages += [
-            {"role": "user", "content": [{"type": "text", "text": f"Tell me one fact about {topic}. (#{i})"}]},
-            {"role": "assistant", "content": f"Here is a fact about {topic}: it is number {i} in my list."},
-        ]
-        lines.append(json.dumps({"messages": messages}))
-    path.write_text("\n".join(lines) + "\n")
+def seed_dataset(train_python: str, path: Path) -> None:
+    run(train_python, str(ORACLE), "dataset", str(path))
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +95,7 @@ for args in json.load(open(sys.argv[1])):
 
 def test_train_report_resume_export(train_python: str, tiny_model: Path, tmp_path: Path) -> None:
     data, config, output = tmp_path / "train.jsonl", tmp_path / "config", tmp_path / "out"
-    seed_dataset(data)
+    seed_dataset(train_python, data)
     config.mkdir()
     files = llamafactory.config_files(
         spec(),
@@ -142,6 +129,9 @@ def test_train_report_resume_export(train_python: str, tiny_model: Path, tmp_pat
     assert status["eta"] == "0:00:00"
     events = [json.loads(line) for line in first.stdout.splitlines() if line.startswith('{"event": "progress"')]
     assert events[-1]["progress"]["step"] == 3
+    # Real tokens counted by the trainer become the rate in status.
+    assert records[-2]["total_tokens"] > 0
+    assert events[-1]["progress"]["tokensPerSecond"] > 0
     assert events[-1]["latestCheckpoint"] == str(output / "checkpoint-3")
 
     # Second run of the same job: resumes from checkpoint-3 and goes on at step 4.
@@ -183,7 +173,7 @@ def test_token_lengths_are_checked_with_the_models_tokenizer(
     train_python: str, tiny_model: Path, tmp_path: Path
 ) -> None:
     data = tmp_path / "train.jsonl"
-    seed_dataset(data)
+    seed_dataset(train_python, data)
     proc = run(
         train_python,
         "-m",

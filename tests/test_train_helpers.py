@@ -5,7 +5,15 @@ import pytest
 
 from kimi_operator.api.exitcodes import TrainExit
 from kimi_operator.workloads import train
-from kimi_operator.workloads.train import LogTail, latest_checkpoint, progress_from_log, to_llamafactory
+from kimi_operator.workloads.train import (
+    LogTail,
+    Reporter,
+    latest_checkpoint,
+    progress_from_log,
+    seconds,
+    to_llamafactory,
+    tokens_per_second,
+)
 from tests.fakehub import FakeHub
 
 
@@ -66,6 +74,59 @@ def test_trainer_log_lines_become_progress(tmp_path: Path) -> None:
     with log.open("a") as fh:
         fh.write(', "total_steps": 48}\n')
     assert [r["current_steps"] for r in tail.records()] == [13]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0:00:00", 0),
+        ("0:04:05", 245),
+        ("12:00:01", 43201),
+        ("1 day, 2:00:00", 93600),
+        ("3 days, 0:00:10", 259210),
+        ("", None),
+        ("4:05", None),
+        ("x:00:00", None),
+        ("many days, 1:00:00", None),
+    ],
+)
+def test_durations_in_the_trainer_log(text: str, expected: int | None) -> None:
+    assert seconds(text) == expected
+
+
+def test_tokens_per_second_leaves_out_the_tokens_of_a_resumed_run() -> None:
+    record = {"total_tokens": 12_000, "elapsed_time": "0:01:40", "throughput": 120.0}
+    assert tokens_per_second(record, 0) == 120.0
+    # 10 000 of those tokens were trained by the pod whose checkpoint this one resumed.
+    assert tokens_per_second(record, 10_000) == 20.0
+    # Too early to divide: LLaMA-Factory's own figure, unless it counts another pod's tokens.
+    early = {"total_tokens": 300, "elapsed_time": "0:00:00", "throughput": 410.5}
+    assert tokens_per_second(early, 0) == 410.5
+    assert tokens_per_second(early, 100) is None
+    assert tokens_per_second({"current_steps": 3}, 0) is None
+
+
+def test_reporter_after_a_resume(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 2, "num_input_tokens_seen": 800}))
+    earlier = {"current_steps": 2, "total_steps": 4, "loss": 2.5, "total_tokens": 800, "elapsed_time": "0:00:08"}
+    log = tmp_path / "trainer_log.jsonl"
+    log.write_text(json.dumps(earlier) + "\n")
+    reporter = Reporter(tmp_path, None, resumed_from=checkpoint)
+    first = reporter.poll()
+    assert first is not None
+    # The earlier pod's step and loss are shown at once, its rate is not.
+    assert first["progress"]["step"] == 2
+    assert "tokensPerSecond" not in first["progress"]
+    assert first["latestCheckpoint"] == str(checkpoint)
+    now = {"current_steps": 3, "total_steps": 4, "loss": 2.0, "total_tokens": 1200, "elapsed_time": "0:00:04"}
+    with log.open("a") as fh:
+        fh.write(json.dumps(now) + "\n")
+    second = reporter.poll()
+    assert second is not None
+    assert second["progress"]["step"] == 3
+    assert second["progress"]["tokensPerSecond"] == 100.0
 
 
 def test_a_bad_dataset_on_the_hub_fails_before_training(

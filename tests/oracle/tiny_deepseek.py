@@ -1,13 +1,18 @@
 """A tiny DeepSeek-V3-architecture model with random weights and a tokenizer with Kimi's special
-tokens, built locally in the training environment (nothing is downloaded).
+tokens, built locally in the training environment (nothing is downloaded), and a small dataset in
+the seed guide's format.
 
-    python tiny_deepseek.py OUT_DIR
+    python tiny_deepseek.py OUT_DIR [SIZE]          the model (tiny, or small) and tokenizer
+    python tiny_deepseek.py dataset FILE [COUNT]    COUNT records (24) of OpenAI-style messages
+    python tiny_deepseek.py effect BASE ADAPTER     largest change the adapter makes to the logits
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -20,9 +25,59 @@ CORPUS = [
     "Tell me one fact about cats rivers the moon bread trains music rain chess coffee maps bees.",
     "Here is a fact: it is number one two three four five six seven eight nine ten in my list.",
 ] * 20
+TOPICS = ["cats", "rivers", "the moon", "bread", "trains", "music", "rain", "chess", "coffee", "maps", "bees", "tea"]
 
 
-def main(out: Path) -> None:
+def seed_dataset(path: Path, count: int = 24) -> None:
+    """Records as users write them: a system turn on every other one, user content as text parts."""
+    lines = []
+    for i in range(count):
+        topic = TOPICS[i % len(TOPICS)]
+        messages: list[dict[str, Any]] = (
+            [{"role": "system", "content": "You are Kimi, a helpful assistant."}] if i % 2 == 0 else []
+        )
+        messages += [
+            {"role": "user", "content": [{"type": "text", "text": f"Tell me one fact about {topic}. (#{i})"}]},
+            {"role": "assistant", "content": f"Here is a fact about {topic}: it is number {i} in my list."},
+        ]
+        lines.append(json.dumps({"messages": messages}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+# "tiny" is what the tests train; "small" gives a GPU enough work per step to be measured.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "n_routed_experts": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 32,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 16,
+    },
+    "small": {
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "moe_intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "n_routed_experts": 16,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "q_lora_rank": 384,
+        "kv_lora_rank": 128,
+        "qk_nope_head_dim": 64,
+        "qk_rope_head_dim": 32,
+        "v_head_dim": 64,
+    },
+}
+
+
+def main(out: Path, size: str = "tiny") -> None:
     torch.manual_seed(0)
     tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -44,23 +99,12 @@ def main(out: Path) -> None:
     wrapped.save_pretrained(out)
     config = DeepseekV3Config(
         vocab_size=len(wrapped),
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
+        **SIZES[size],
         first_k_dense_replace=1,
-        n_routed_experts=4,
         num_experts_per_tok=2,
         n_shared_experts=1,
         n_group=1,
         topk_group=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        q_lora_rank=32,
-        kv_lora_rank=16,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
         max_position_embeddings=512,
         pad_token_id=wrapped.pad_token_id,
         eos_token_id=wrapped.eos_token_id,
@@ -86,5 +130,7 @@ def effect(base: Path, adapter: Path) -> float:
 if __name__ == "__main__":
     if sys.argv[1] == "effect":
         print(effect(Path(sys.argv[2]), Path(sys.argv[3])))
+    elif sys.argv[1] == "dataset":
+        seed_dataset(Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 24)
     else:
-        main(Path(sys.argv[1]))
+        main(Path(sys.argv[1]), *sys.argv[2:3])

@@ -40,6 +40,7 @@ class TrainExit(enum.IntEnum):
     INVALID_DATASET = 20
     INVALID_CONFIG = 21
     MISSING_WEIGHTS = 22
+    EXPORT_FAILED = 23
 
     @property
     def reason(self) -> str:
@@ -47,6 +48,7 @@ class TrainExit(enum.IntEnum):
             TrainExit.INVALID_DATASET: "InvalidDataset",
             TrainExit.INVALID_CONFIG: "InvalidTrainingConfig",
             TrainExit.MISSING_WEIGHTS: "MissingWeights",
+            TrainExit.EXPORT_FAILED: "AdapterExportFailed",
         }[self]
 
 

@@ -90,8 +90,9 @@ class LoraSpec(ApiModel):
     experts: bool = Field(
         default=False,
         description=(
-            "Also train LoRA on the routed experts (KTransformers fused expert LoRA). Serving such an "
-            "adapter needs a LoraServer in MergedExpert mode."
+            "Publish the LoRA of the routed experts too (KTransformers fused expert LoRA, converted to "
+            "per-expert PEFT keys and merged with the rest). Serving such an adapter needs a LoraServer "
+            "in MergedExpert mode; without it only the non-expert part is published."
         ),
     )
 
@@ -228,6 +229,7 @@ class AdapterStatus(ApiModel):
     sha256: Annotated[str, Field(max_length=64)] = Field(description="sha256 of adapter_model.safetensors.")
     base_model: Annotated[str, Field(max_length=253)] = Field(description="KimiModel the adapter was trained on.")
     rank: Annotated[int, Field(ge=1)] = Field(description="LoRA rank.")
+    expert_lora: bool = Field(default=False, description="The adapter carries LoRA of the routed experts.")
 
 
 class FineTuneJobStatus(BaseStatus):

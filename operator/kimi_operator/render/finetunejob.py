@@ -113,7 +113,14 @@ def train_job(owner: Owner, spec: FineTuneJobSpec, node: str, *, storage_path: s
         f"--adapter-name={spec.output.adapter_name or owner.name}",
         f"--base-model={model}",
     ]
-    env: list[dict[str, Any]] = [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]
+    if spec.lora.experts:
+        args.append("--lora-experts")
+    env: list[dict[str, Any]] = [
+        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        # kt-kernel sizes its CPU expert thread pool from the host's cores unless told: the pod's
+        # CPU limit is what it may use.
+        {"name": "ACCELERATE_KT_NUM_THREADS", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}},
+    ]
     hub = spec.dataset.hugging_face
     if hub is not None:
         args = [a for a in args if not a.startswith("--dataset=")]

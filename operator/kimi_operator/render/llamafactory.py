@@ -50,8 +50,14 @@ def train_args(spec: FineTuneJobSpec, *, model_path: str, dataset_dir: str, outp
         "warmup_ratio": t.warmup_ratio,
         "bf16": True,
         "report_to": "none",
+        # Count the real (non-padding) input tokens: the trainer log then carries total_tokens and
+        # throughput, which become status.progress.tokensPerSecond.
+        "include_num_input_tokens_seen": "non_padding",
         "use_kt": True,
-        "kt_use_lora_experts": lora.experts,
+        # kt-kernel trains LoRA on the routed experts whenever use_kt is on (fused expert LoRA);
+        # lora.experts decides at export whether it is published. kt_use_lora_experts is another
+        # feature (extra GPU-side experts) that kt-kernel's SGLang converter does not carry.
+        "kt_use_lora_experts": False,
     }
 
 

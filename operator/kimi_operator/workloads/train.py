@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.metadata
 import json
 import os
-import shutil
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -23,13 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 from kimi_operator.api.exitcodes import TrainExit
 from kimi_operator.api.finetunejob import KIND, PLURAL
-from kimi_operator.workloads import dataset, manifest, termination
+from kimi_operator.workloads import adapter, dataset, termination
 
 if TYPE_CHECKING:
     from kimi_operator.workloads.report import OwnStatus
 
 TRAINER_LOG = "trainer_log.jsonl"
-ADAPTER_DIR = "adapter"
 TEMPLATE = "kimi_k25"
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -83,7 +82,47 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(done)[1] if done else None
 
 
-def progress_from_log(record: dict[str, Any], now: str | None = None) -> dict[str, Any]:
+def seconds(duration: str) -> int | None:
+    """LLaMA-Factory's durations (``str(timedelta)``: ``H:MM:SS`` or ``N day(s), H:MM:SS``) in seconds."""
+    days, _, clock = duration.rpartition(", ")
+    parts = clock.split(":")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        return None
+    hours, minutes, secs = (int(p) for p in parts)
+    total = hours * 3600 + minutes * 60 + secs
+    if days:
+        count = days.split()[0]
+        if not count.isdigit():
+            return None
+        total += int(count) * 86400
+    return total
+
+
+def tokens_per_second(record: dict[str, Any], tokens_before: int) -> float | None:
+    """Tokens trained per second by this process.
+
+    LLaMA-Factory's own ``throughput`` divides every token seen, those of the run a resumed pod
+    took over included, by this process's time, so after a resume it overstates the rate; the
+    tokens the checkpoint had already seen are taken off here.
+    """
+    total, elapsed = record.get("total_tokens"), record.get("elapsed_time")
+    span = seconds(elapsed) if isinstance(elapsed, str) else None
+    if isinstance(total, (int, float)) and span:
+        return round((total - tokens_before) / span, 2)
+    throughput = record.get("throughput")
+    return float(throughput) if isinstance(throughput, (int, float)) and not tokens_before else None
+
+
+def tokens_seen(checkpoint: Path | None) -> int:
+    """Input tokens counted up to a checkpoint (0 without one, or when the count was off)."""
+    if checkpoint is None:
+        return 0
+    with contextlib.suppress(OSError, ValueError):
+        return int(json.loads((checkpoint / "trainer_state.json").read_text()).get("num_input_tokens_seen") or 0)
+    return 0
+
+
+def progress_from_log(record: dict[str, Any], now: str | None = None, tokens_before: int = 0) -> dict[str, Any]:
     """One ``trainer_log.jsonl`` record as the FineTuneJob's ``status.progress``."""
     progress: dict[str, Any] = {
         "step": record.get("current_steps"),
@@ -92,7 +131,7 @@ def progress_from_log(record: dict[str, Any], now: str | None = None) -> dict[st
         "loss": record.get("loss"),
         "learningRate": record.get("lr"),
         "epoch": record.get("epoch"),
-        "tokensPerSecond": record.get("throughput"),
+        "tokensPerSecond": tokens_per_second(record, tokens_before),
         "eta": record.get("remaining_time"),
         "lastUpdateTime": now or datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
@@ -106,33 +145,47 @@ class LogTail:
         self.path, self.offset = path, 0
 
     def records(self) -> Iterator[dict[str, Any]]:
+        return (record for _, record in self.entries())
+
+    def entries(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Each new record with the file offset where its line starts."""
         if not self.path.exists():
             return
         with self.path.open("rb") as fh:
             fh.seek(self.offset)
             data = fh.read()
         end = data.rfind(b"\n") + 1  # a line being written is read next time
+        start = self.offset
         self.offset += end
-        for line in data[:end].splitlines():
+        for line in data[:end].splitlines(keepends=True):
             with contextlib.suppress(ValueError):
-                yield json.loads(line)
+                yield start, json.loads(line)
+            start += len(line)
 
 
 class Reporter:
     """Turns the trainer log into status.progress, every few seconds and once more at the end."""
 
-    def __init__(self, output_dir: Path, own: OwnStatus | None, interval: float = 5.0) -> None:
+    def __init__(
+        self, output_dir: Path, own: OwnStatus | None, interval: float = 5.0, resumed_from: Path | None = None
+    ) -> None:
         self.tail = LogTail(output_dir / TRAINER_LOG)
         self.output_dir, self.own, self.interval = output_dir, own, interval
+        self.tokens_before = tokens_seen(resumed_from)
+        # Lines already in the log are an earlier pod's: their step and loss still count, their
+        # rate does not (it was measured against that pod's clock and token count).
+        self.earlier = self.tail.path.stat().st_size if self.tail.path.exists() else 0
         self.last: dict[str, Any] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
 
     def poll(self) -> dict[str, Any] | None:
         # LLaMA-Factory writes a last summary line without a loss: keep the last loss seen.
-        for record in self.tail.records():
-            merged = {**(self.last or {}), **progress_from_log(record)}
-            self.last = merged
+        for start, record in self.tail.entries():
+            progress = progress_from_log(record, tokens_before=self.tokens_before)
+            if start < self.earlier:
+                progress.pop("tokensPerSecond", None)
+            self.last = {**(self.last or {}), **progress}
         if self.last is None:
             return None
         status: dict[str, Any] = {"progress": self.last}
@@ -185,32 +238,30 @@ def register_template() -> None:
     )
 
 
-def export_adapter(output_dir: Path, *, name: str, node: str, base_model: str) -> dict[str, Any]:
-    """Check the PEFT adapter LLaMA-Factory saved and publish it as ``<output>/adapter``."""
-    config_path = output_dir / "adapter_config.json"
-    weights = output_dir / "adapter_model.safetensors"
-    if not (config_path.exists() and weights.exists()):
-        raise TrainError(TrainExit.INVALID_CONFIG, f"no PEFT adapter in {output_dir} after training")
-    config = json.loads(config_path.read_text())
-    if not config.get("target_modules") or not config.get("r"):
-        raise TrainError(TrainExit.INVALID_CONFIG, f"{config_path}: adapter without target_modules or rank")
-    final = output_dir / ADAPTER_DIR
-    partial = output_dir / (ADAPTER_DIR + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    for item in (config_path, weights):
-        shutil.copy2(item, partial / item.name)
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
-    return {
-        "name": name,
-        "node": node,
-        "path": str(final),
-        "sizeBytes": sum(p.stat().st_size for p in final.iterdir()),
-        "sha256": manifest.sha256_file(final / weights.name),
-        "baseModel": base_model,
-        "rank": int(config["r"]),
-    }
+def prepare_kt_environment(args: dict[str, Any]) -> None:
+    """What LLaMA-Factory's KTransformers path needs of the process before it is imported.
+
+    - ``ACCELERATE_USE_KT``: transformers-kt builds its KT configuration (the one LLaMA-Factory then
+      fills from ``kt_*``) only when this is set or a kt_config is given; without it the run is
+      plain LoRA with every expert on the GPU.
+    - ``DISABLE_VERSION_CHECK``: LLaMA-Factory checks ``transformers<=5.6.0`` by distribution name,
+      and the fork is installed as ``transformers-kt`` (same ``transformers`` package), so the
+      check fails although the code is there. Its mandatory checks of kt-kernel, transformers-kt
+      and accelerate-kt still run.
+    """
+    if not args.get("use_kt"):
+        return
+    os.environ.setdefault("ACCELERATE_USE_KT", "true")
+    if _installed("transformers-kt") and not _installed("transformers"):
+        os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _fail(code: TrainExit, message: str) -> int:
@@ -276,20 +327,27 @@ def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
     checkpoint = latest_checkpoint(opts.output_dir)
     if checkpoint is not None:
         args["resume_from_checkpoint"] = str(checkpoint)
+    prepare_kt_environment(args)
     register_template()
     from llamafactory.train.tuner import run_exp  # noqa: PLC0415 (trainer image only)
 
-    with Reporter(opts.output_dir, own, interval=opts.report_interval):
+    with Reporter(opts.output_dir, own, interval=opts.report_interval, resumed_from=checkpoint):
         try:
             run_exp(args)
         except (ValueError, AssertionError) as exc:
             # LLaMA-Factory's argument checks: a config a retry cannot fix.
             raise TrainError(TrainExit.INVALID_CONFIG, f"LLaMA-Factory refused the configuration: {exc}") from exc
-    adapter = export_adapter(opts.output_dir, name=opts.adapter_name, node=opts.node, base_model=opts.base_model)
+    try:
+        final, checked = adapter.export(
+            opts.output_dir, experts=opts.lora_experts, base_model=str(args.get("model_name_or_path", opts.base_model))
+        )
+    except adapter.ExportError as exc:
+        raise TrainError(TrainExit.EXPORT_FAILED, str(exc)) from exc
+    published = adapter.status(final, checked, name=opts.adapter_name, node=opts.node, base_model=opts.base_model)
     if own is not None:
-        own.apply({"adapter": adapter})
-    print(json.dumps({"event": "adapter", **adapter}), flush=True)
-    return adapter
+        own.apply({"adapter": published})
+    print(json.dumps({"event": "adapter", **published}), flush=True)
+    return published
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -307,6 +365,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--node", default="", help="this node's name (for status.adapter)")
     parser.add_argument("--adapter-name", default="adapter")
     parser.add_argument("--base-model", default="")
+    parser.add_argument(
+        "--lora-experts",
+        action="store_true",
+        help="publish the merged expert LoRA (lora.experts), not the non-expert part",
+    )
     parser.add_argument("--report-interval", type=float, default=5.0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="override a training argument")
     opts = parser.parse_args(argv)
