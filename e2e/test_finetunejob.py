@@ -4,6 +4,13 @@ RBAC, OOM handling and success, with KWOK running the training pods."""
 from __future__ import annotations
 
 import copy
+import json
+import queue
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import kubernetes
@@ -13,9 +20,11 @@ from e2e.conftest import OperatorProcess
 from e2e.helpers import wait_for
 from e2e.manifests import FINE_TUNE_JOB, GROUP, KIMI_MODEL, VERSION
 from e2e.test_kimimodel import _token_kubeconfig, condition
+from kimi_operator.devcluster import build
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.render.kimimodel import model_label
 from kimi_operator.workloads.report import OwnStatus
+from kimi_operator.workloads.train import Reporter
 
 pytestmark = pytest.mark.e2e
 HOLD = {"annotations": {"sim.kimi-operator.io/hold": "true"}}
@@ -190,6 +199,7 @@ def test_training_pod_writes_its_own_status_only_and_success_needs_the_adapter(
         "sha256": "0" * 64,
         "baseModel": "kimi",
         "rank": 16,
+        "expertLora": True,
     }
     own.apply({"progress": progress, "adapter": adapter})
     (pod,) = kubernetes.client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector="job-name=mine-train").items
@@ -202,6 +212,84 @@ def test_training_pod_writes_its_own_status_only_and_success_needs_the_adapter(
     assert obj["status"]["adapter"] == adapter
     assert obj["status"]["progress"]["step"] == 12
     assert obj["status"]["attempts"] == 1
+
+
+@contextmanager
+def kubectl_watch(cluster: Cluster, *args: str) -> Iterator[queue.Queue[str]]:
+    """``kubectl ... -w`` running; its output lines arrive on the queue as kubectl prints them."""
+    cache = str(cluster.layout.root / "kubectl-cache")
+    kubeconfig = str(cluster.layout.kubeconfig)
+    command = [str(build.binary("kubectl")), "--kubeconfig", kubeconfig, "--cache-dir", cache, *args, "-w"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        yield lines
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        reader.join(timeout=10)
+
+
+def next_line_with(lines: queue.Queue[str], *words: str) -> str:
+    """The next line printed that holds every word (kubectl may print a row more than once)."""
+    seen = []
+    while True:
+        try:
+            line = lines.get(timeout=30)
+        except queue.Empty:
+            raise AssertionError(f"kubectl printed no line with {words}; it printed {seen}") from None
+        seen.append(line)
+        if all(word in line.split() for word in words):
+            return line
+
+
+def test_kubectl_watch_shows_progress_moving(
+    api: kubernetes.client.ApiClient, namespace: str, operator: OperatorProcess, cluster: Cluster, tmp_path: Path
+) -> None:
+    """The training pod's reporter, with the Job's own token, turns a growing trainer log into rows of
+    ``kubectl get ftj -w``: step by step, percent and loss change as the user watches."""
+    ready_model(api, namespace)
+    custom(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "finetunejobs", ftj("watched", podMetadata=HOLD, resources=SMALL)
+    )
+    wait_phase(api, namespace, "watched", "Running")
+    own = OwnStatus(
+        _token_kubeconfig(cluster, api, namespace, "watched-train"),
+        kind="FineTuneJob",
+        plural="finetunejobs",
+        namespace=namespace,
+        name="watched",
+        manager="kimi-train",
+    )
+    reporter = Reporter(tmp_path, own)
+    log = tmp_path / "trainer_log.jsonl"
+    with kubectl_watch(cluster, "get", "ftj", "watched", "-n", namespace, "-o", "wide", "--no-headers") as lines:
+        next_line_with(lines, "watched", "Running")
+        for step, loss in ((1, 2.5), (2, 1.75), (3, 1.25), (4, 0.5)):
+            record = {
+                "current_steps": step,
+                "total_steps": 4,
+                "loss": loss,
+                "lr": 2e-5,
+                "epoch": step / 4,
+                "percentage": step * 25.0,
+                "elapsed_time": f"0:00:{10 * step:02d}",
+                "remaining_time": f"0:00:{10 * (4 - step):02d}",
+                "total_tokens": 2000 * step,
+            }
+            with log.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            assert reporter.poll() is not None
+            # Phase, percent, loss, step and tokens/s as the user sees them, row after row.
+            next_line_with(lines, "Running", f"{step * 25.0:g}", f"{loss:g}", str(step), "200")
 
 
 def test_oom_kill_says_what_to_lower_and_was_retried(
