@@ -19,7 +19,7 @@ CRD_DIRS := --out crds --out charts/kimi-operator/crds
 CLUSTER_DIR ?= $(CURDIR)/.cluster
 KUBECONFIG_DEV := $(CLUSTER_DIR)/kubeconfig
 
-.PHONY: help venv oracle-env train-env kt-env gpu-wheels bench-train lock bench bench-convert controlplane crds verify lint unit e2e test run cluster-up cluster-down cluster-status cluster-env
+.PHONY: help venv oracle-env train-env kt-env gpu-wheels gpu-kt-wheels bench-train lock bench bench-convert controlplane crds verify lint unit e2e test run cluster-up cluster-down cluster-status cluster-env
 
 help:
 	@echo "make run            local control plane + CRDs + examples + operator in the foreground (Ctrl-C stops all)"
@@ -61,10 +61,15 @@ train-env: $(TRAIN_VENV)/.complete
 
 # The KTransformers training environment (kt-kernel, transformers-kt, accelerate-kt on torch 2.9.1),
 # for the tests of the use_kt configuration and of the expert-LoRA export.
-KT_KEY := $(shell cat requirements/kt.lock | sha256sum | cut -c1-12)
+# Two layers, in the order KTransformers' SFT guide installs them (see requirements/kt.lock).
+KT_KEY := $(shell cat requirements/kt.lock requirements/kt-overlay.lock | sha256sum | cut -c1-12)
 KT_VENV := $(CACHE)/venv/kt-$(KT_KEY)
-$(KT_VENV)/.complete: requirements/kt.lock
+$(KT_VENV)/.complete: requirements/kt.lock requirements/kt-overlay.lock
+	rm -f $(KT_VENV)/.complete
 	$(call venv_from_lock,$(KT_VENV),requirements/kt.lock)
+	rm $(KT_VENV)/.complete
+	$(KT_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements/kt-overlay.lock
+	touch $(KT_VENV)/.complete
 
 kt-env: $(KT_VENV)/.complete
 
@@ -75,6 +80,17 @@ gpu-wheels: venv
 	$(VENV)/bin/pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
 		--python-version $(GPU_PYTHON_VERSION) --implementation cp --platform manylinux_2_28_x86_64 \
 		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d build/gpu-wheels -r requirements/gpu-host.txt
+
+# The KTransformers wheels for that host (~290 MB), as tar parts of at most 58 MB in build/ktgpu/p*/
+# (e2e/gpu/run_kt.sh joins and checks them).
+gpu-kt-wheels: venv
+	rm -rf build/ktgpu build/ktgpu-wheels
+	$(VENV)/bin/pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version $(GPU_PYTHON_VERSION) --implementation cp --platform manylinux_2_35_x86_64 \
+		-d build/ktgpu-wheels -r requirements/gpu-host-kt.txt
+	mkdir -p build/ktgpu
+	cd build/ktgpu-wheels && sha256sum *.whl > SHA256SUMS && tar -cf - *.whl SHA256SUMS | split -b 58M -d - ../ktgpu/kt.tar.
+	cd build/ktgpu && for part in kt.tar.*; do mkdir p$${part##*.} && mv $$part p$${part##*.}/; done
 
 # Regenerate the lock after changing dependencies in pyproject.toml.
 lock:

@@ -23,6 +23,7 @@ def test_train_args_follow_the_spec_and_the_guide_defaults() -> None:
     assert args["overwrite_output_dir"] is False
     assert args["use_kt"] is True
     assert args["kt_use_lora_experts"] is False
+    assert args["use_reentrant_gc"] is False
     # The stale keys of the public guide are never rendered.
     assert not {"kt_optimize_rule", "cpu_infer", "chunk_size"} & args.keys()
 

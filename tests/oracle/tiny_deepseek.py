@@ -2,7 +2,7 @@
 tokens, built locally in the training environment (nothing is downloaded), and a small dataset in
 the seed guide's format.
 
-    python tiny_deepseek.py OUT_DIR [SIZE]          the model (tiny, or small) and tokenizer
+    python tiny_deepseek.py OUT_DIR [SIZE]          the model (tiny, kt or small) and tokenizer
     python tiny_deepseek.py dataset FILE [COUNT]    COUNT records (24) of OpenAI-style messages
     python tiny_deepseek.py effect BASE ADAPTER     largest change the adapter makes to the logits
 """
@@ -59,6 +59,21 @@ SIZES: dict[str, dict[str, int]] = {
         "qk_nope_head_dim": 16,
         "qk_rope_head_dim": 8,
         "v_head_dim": 16,
+    },
+    # kt-kernel's CPU expert kernels want hidden and expert sizes in multiples of 64 (INT8) or 128.
+    "kt": {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "moe_intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "n_routed_experts": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "q_lora_rank": 64,
+        "kv_lora_rank": 32,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 16,
+        "v_head_dim": 32,
     },
     "small": {
         "hidden_size": 1024,

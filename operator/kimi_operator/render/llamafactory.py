@@ -49,6 +49,10 @@ def train_args(spec: FineTuneJobSpec, *, model_path: str, dataset_dir: str, outp
         "lr_scheduler_type": "cosine",
         "warmup_ratio": t.warmup_ratio,
         "bf16": True,
+        # kt-kernel recomputes its expert activations inside torch's non-reentrant checkpointing
+        # (its own context_fn); LLaMA-Factory's default, reentrant, stops KT training at the first
+        # backward pass ("activation_policy.gpu=recompute requires non-reentrant gradient checkpointing").
+        "use_reentrant_gc": False,
         "report_to": "none",
         # Count the real (non-padding) input tokens: the trainer log then carries total_tokens and
         # throughput, which become status.progress.tokensPerSecond.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import importlib.metadata
 import json
 import os
 import sys
@@ -239,29 +238,15 @@ def register_template() -> None:
 
 
 def prepare_kt_environment(args: dict[str, Any]) -> None:
-    """What LLaMA-Factory's KTransformers path needs of the process before it is imported.
+    """Turn the KTransformers backend on for this process when the configuration asks for it.
 
-    - ``ACCELERATE_USE_KT``: transformers-kt builds its KT configuration (the one LLaMA-Factory then
-      fills from ``kt_*``) only when this is set or a kt_config is given; without it the run is
-      plain LoRA with every expert on the GPU.
-    - ``DISABLE_VERSION_CHECK``: LLaMA-Factory checks ``transformers<=5.6.0`` by distribution name,
-      and the fork is installed as ``transformers-kt`` (same ``transformers`` package), so the
-      check fails although the code is there. Its mandatory checks of kt-kernel, transformers-kt
-      and accelerate-kt still run.
+    transformers-kt builds its KT configuration (the one LLaMA-Factory then fills from the ``kt_*``
+    keys) only when ``ACCELERATE_USE_KT`` is set or a kt_config is given, which ``accelerate
+    launch`` with a KT config file would do. The pod runs LLaMA-Factory in-process, so without it
+    the run would silently be plain LoRA with every expert on the GPU.
     """
-    if not args.get("use_kt"):
-        return
-    os.environ.setdefault("ACCELERATE_USE_KT", "true")
-    if _installed("transformers-kt") and not _installed("transformers"):
-        os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
-
-
-def _installed(distribution: str) -> bool:
-    try:
-        importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
+    if args.get("use_kt"):
+        os.environ.setdefault("ACCELERATE_USE_KT", "true")
 
 
 def _fail(code: TrainExit, message: str) -> int:
