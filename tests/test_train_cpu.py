@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from e2e.gpu.tiny_train import spec as tiny_spec
 
 from kimi_operator.api.finetunejob import FineTuneJobSpec
 from kimi_operator.render import llamafactory
@@ -42,22 +43,7 @@ def tiny_model(train_python: str, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def spec() -> FineTuneJobSpec:
-    return FineTuneJobSpec.model_validate(
-        {
-            "model": {"name": "tiny"},
-            "dataset": {"hostPath": {"path": "/data/train.jsonl"}},
-            "lora": {"rank": 8, "alpha": 16, "dropout": 0.05},
-            "training": {
-                "epochs": 1,
-                "learningRate": 1e-3,
-                "perDeviceBatchSize": 2,
-                "gradientAccumulationSteps": 1,
-                "cutoffLen": 256,
-                "loggingSteps": 1,
-                "saveSteps": 3,
-            },
-        }
-    )
+    return tiny_spec(batch=2, save_steps=3)
 
 
 def test_rendered_configs_pass_llamafactory_parser(train_python: str, tiny_model: Path, tmp_path: Path) -> None:

@@ -36,7 +36,8 @@ OVERRIDES = {
 }
 
 
-def spec(steps: int) -> FineTuneJobSpec:
+def spec(*, batch: int = 4, save_steps: int = 3) -> FineTuneJobSpec:
+    """The tiny run's FineTuneJob (also the CPU test's)."""
     return FineTuneJobSpec.model_validate(
         {
             "model": {"name": "tiny"},
@@ -45,11 +46,11 @@ def spec(steps: int) -> FineTuneJobSpec:
             "training": {
                 "epochs": 1,
                 "learningRate": 1e-3,
-                "perDeviceBatchSize": 4,
+                "perDeviceBatchSize": batch,
                 "gradientAccumulationSteps": 1,
                 "cutoffLen": 256,
                 "loggingSteps": 1,
-                "saveSteps": steps,
+                "saveSteps": save_steps,
             },
         }
     )
@@ -97,7 +98,7 @@ def main() -> int:
     run(str(TINY), str(model), opts.size)
     run(str(TINY), "dataset", str(data), "96")
     files = llamafactory.config_files(
-        spec(opts.steps),
+        spec(save_steps=opts.steps),
         model_path=str(model),
         dataset_file=str(output / "dataset.jsonl"),
         output_dir=str(output),
