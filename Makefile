@@ -122,8 +122,8 @@ unit: venv oracle-env train-env kt-env
 
 E2E_DIR := $(CURDIR)/.cluster-e2e
 # The control plane is built (or found in the cache) before pytest, outside any test's timeout.
-e2e: venv controlplane
-	$(PY) -m pytest e2e -q
+e2e: venv controlplane train-env
+	KIMI_TRAIN_PYTHON=$(TRAIN_VENV)/bin/python $(PY) -m pytest e2e -q
 	@# The session stops its cluster: nothing started from its directory may be left running.
 	$(KO) dev-cluster stray --dir $(E2E_DIR)
 

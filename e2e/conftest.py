@@ -20,9 +20,8 @@ from typing import Any
 
 import kubernetes
 import pytest
-import yaml
 
-from e2e.helpers import wait_for
+from e2e.helpers import wait_for, write_token_kubeconfig
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.devcluster.paths import repo_root
 
@@ -104,27 +103,7 @@ def _operator_kubeconfig(cluster: Cluster, api: kubernetes.client.ApiClient) -> 
         "kimi-kimi-operator", OPERATOR_NAMESPACE, {"spec": {"expirationSeconds": 7200}}
     ).status.token
     path = cluster.layout.root / "operator.kubeconfig"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [
-                    {
-                        "name": "c",
-                        "cluster": {
-                            "server": cluster.server(),
-                            "certificate-authority": str(cluster.layout.pki / "ca.crt"),
-                        },
-                    }
-                ],
-                "users": [{"name": "operator", "user": {"token": token}}],
-                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "operator"}}],
-                "current-context": "c",
-            }
-        )
-    )
-    return path
+    return write_token_kubeconfig(path, cluster.server(), cluster.layout.pki / "ca.crt", token)
 
 
 @pytest.fixture(scope="session")
@@ -202,3 +181,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         for f in dumps.iterdir():
             f.unlink()
         dumps.rmdir()
+
+
+@pytest.fixture(scope="session")
+def train_python() -> str:
+    """The training environment (LLaMA-Factory 0.9.5, torch), built by `make train-env`."""
+    python = os.environ.get("KIMI_TRAIN_PYTHON")
+    if not python or not Path(python).exists():
+        pytest.fail("KIMI_TRAIN_PYTHON is not set to the training environment's python: run the tests with `make e2e`")
+    return python

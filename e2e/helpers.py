@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import kubernetes
+import yaml
 
 T = TypeVar("T")
 
@@ -29,3 +31,20 @@ def api_error(exc: kubernetes.client.ApiException) -> tuple[str, list[str]]:
     body: dict[str, Any] = json.loads(exc.body or "{}")
     causes = body.get("details", {}).get("causes", [])
     return body.get("message", ""), [c.get("field", "") for c in causes]
+
+
+def write_token_kubeconfig(path: Path, server: str, ca: Path, token: str) -> Path:
+    """A kubeconfig that authenticates with one ServiceAccount token, as a pod would."""
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+                "users": [{"name": "sa", "user": {"token": token}}],
+                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "sa"}}],
+                "current-context": "c",
+            }
+        )
+    )
+    return path

@@ -4,7 +4,9 @@ RBAC, OOM handling and success, with KWOK running the training pods."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
 import queue
 import subprocess
 import threading
@@ -17,11 +19,12 @@ import kubernetes
 import pytest
 
 from e2e.conftest import OperatorProcess
-from e2e.helpers import wait_for
+from e2e.helpers import wait_for, write_token_kubeconfig
 from e2e.manifests import FINE_TUNE_JOB, GROUP, KIMI_MODEL, VERSION
 from e2e.test_kimimodel import _token_kubeconfig, condition
 from kimi_operator.devcluster import build
 from kimi_operator.devcluster.cluster import Cluster
+from kimi_operator.render.finetunejob import config_map_name
 from kimi_operator.render.kimimodel import model_label
 from kimi_operator.workloads.report import OwnStatus
 from kimi_operator.workloads.train import Reporter
@@ -238,17 +241,20 @@ def kubectl_watch(cluster: Cluster, *args: str) -> Iterator[queue.Queue[str]]:
         reader.join(timeout=10)
 
 
-def next_line_with(lines: queue.Queue[str], *words: str) -> str:
-    """The next line printed that holds every word (kubectl may print a row more than once)."""
-    seen = []
-    while True:
+def rows_until(lines: queue.Queue[str], *words: str) -> list[str]:
+    """Every line kubectl printed up to and including the first that holds every word."""
+    seen: list[str] = []
+    while not seen or not all(word in seen[-1].split() for word in words):
         try:
-            line = lines.get(timeout=30)
+            seen.append(lines.get(timeout=30))
         except queue.Empty:
             raise AssertionError(f"kubectl printed no line with {words}; it printed {seen}") from None
-        seen.append(line)
-        if all(word in line.split() for word in words):
-            return line
+    return seen
+
+
+def next_line_with(lines: queue.Queue[str], *words: str) -> str:
+    """The next line printed that holds every word (kubectl may print a row more than once)."""
+    return rows_until(lines, *words)[-1]
 
 
 def test_kubectl_watch_shows_progress_moving(
@@ -290,6 +296,106 @@ def test_kubectl_watch_shows_progress_moving(
             assert reporter.poll() is not None
             # Phase, percent, loss, step and tokens/s as the user sees them, row after row.
             next_line_with(lines, "Running", f"{step * 25.0:g}", f"{loss:g}", str(step), "200")
+
+
+TINY = Path(__file__).parents[1] / "tests" / "oracle" / "tiny_deepseek.py"
+OPERATOR = Path(__file__).parents[1] / "operator"
+CPU = ["use_cpu=true", "bf16=false", "use_kt=false", "trust_remote_code=false", "preprocessing_num_workers=1"]
+
+
+def pod_command(args: list[str], config: Path, data: Path, out: Path, node: str) -> list[str]:
+    """The training Job's own arguments, with the node's paths replaced by this machine's."""
+    local = {"--config-dir": str(config), "--dataset": str(data), "--output-dir": str(out), "--node": node}
+    command = []
+    for arg in args:
+        key, sep, _ = arg.partition("=")
+        command.append(f"{key}={local[key]}" if sep and key in local else arg)
+    return command
+
+
+def test_a_real_training_run_reports_through_the_api(
+    api: kubernetes.client.ApiClient,
+    namespace: str,
+    operator: OperatorProcess,
+    cluster: Cluster,
+    train_python: str,
+    tmp_path: Path,
+) -> None:
+    """The training Job's command, run for real on this machine's CPU with the Job's ServiceAccount
+    token: LLaMA-Factory trains on the operator's rendered configuration, ``kubectl get ftj -w``
+    shows the steps go by, and the exported adapter lands in status."""
+    ready_model(api, namespace)
+    spec = {"podMetadata": HOLD, "resources": SMALL, "lora": {"rank": 8, "alpha": 16, "dropout": 0.05}}
+    spec["training"] = {
+        "epochs": 1,
+        "learningRate": 1e-3,
+        "perDeviceBatchSize": 4,
+        "gradientAccumulationSteps": 1,
+        "cutoffLen": 256,
+        "loggingSteps": 1,
+        "saveSteps": 5,
+    }
+    custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "finetunejobs", ftj("real", **spec))
+    wait_phase(api, namespace, "real", "Running")
+    # What the operator rendered: the pod's arguments and its ConfigMap.
+    args = job(api, namespace, "real").spec.template.spec.containers[0].args
+    files = kubernetes.client.CoreV1Api(api).read_namespaced_config_map(config_map_name("real"), namespace).data
+    model, data, config, out = tmp_path / "model", tmp_path / "train.jsonl", tmp_path / "config", tmp_path / "out"
+    config.mkdir()
+    (config / "train.yaml").write_text(files["train.yaml"])
+    info = json.loads(files["dataset_info.json"])
+    info["kimi_sft"]["file_name"] = str(out / "dataset.jsonl")
+    (config / "dataset_info.json").write_text(json.dumps(info))
+    env = {**os.environ, "PYTHONPATH": str(OPERATOR), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for script in ([str(TINY), str(model), "small"], [str(TINY), "dataset", str(tmp_path / "records.jsonl"), "48"]):
+        subprocess.run([train_python, *script], check=True, capture_output=True, env=env, timeout=600)
+    # The dataset the spec names (a ConfigMap), as the kubelet would mount it into the pod.
+    records = {"train.jsonl": (tmp_path / "records.jsonl").read_text()}
+    core = kubernetes.client.CoreV1Api(api)
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "data"}, "data": records})
+    data.write_text(core.read_namespaced_config_map("data", namespace).data["train.jsonl"])
+    token = (
+        kubernetes.client.CoreV1Api(api)
+        .create_namespaced_service_account_token("real-train", namespace, {"spec": {"expirationSeconds": 600}})
+        .status.token
+    )
+    env["KUBECONFIG"] = str(
+        write_token_kubeconfig(tmp_path / "pod.kubeconfig", cluster.server(), cluster.layout.pki / "ca.crt", token)
+    )
+    command = [train_python, "-m", "kimi_operator", *pod_command(args, config, data, out, "gpu-h200-a")]
+    command += [f"--set={pair}" for pair in CPU]
+    command += [f"--set=model_name_or_path={json.dumps(str(model))}", f"--set=output_dir={json.dumps(str(out))}"]
+    command += [f"--set=dataset_dir={json.dumps(str(config))}", "--set=max_steps=10", "--report-interval=0.2"]
+    with kubectl_watch(cluster, "get", "ftj", "real", "-n", namespace, "-o", "wide", "--no-headers") as lines:
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        rows = rows_until(lines, "real", "Running", "100", "10")
+    # Columns of -o wide: name, phase, progress, loss, step, tokens/s, ETA, model, age.
+    watched = [int(row.split()[4]) for row in rows if len(row.split()) == 9]
+    # The user saw the run move: several steps, in order, up to the last.
+    assert len(set(watched)) >= 3, rows
+    assert watched == sorted(watched)
+    assert watched[-1] == 10
+    obj = get(api, namespace, "finetunejobs", "real")
+    status = obj["status"]
+    assert status["progress"]["step"] == 10
+    assert status["progress"]["tokensPerSecond"] > 0
+    assert status["latestCheckpoint"] == str(out / "checkpoint-10")
+    adapter = status["adapter"]
+    weights = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert adapter["sha256"] == hashlib.sha256(weights).hexdigest()
+    assert (adapter["name"], adapter["node"], adapter["rank"], adapter["expertLora"]) == (
+        "real",
+        "gpu-h200-a",
+        8,
+        False,
+    )
+    (pod,) = kubernetes.client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector="job-name=real-train").items
+    kubernetes.client.CoreV1Api(api).patch_namespaced_pod(
+        pod.metadata.name, namespace, {"metadata": {"annotations": {"sim.kimi-operator.io/hold": None}}}
+    )
+    done = wait_phase(api, namespace, "real", "Succeeded")
+    assert condition(done, "Ready")["status"] == "True"  # type: ignore[index]
 
 
 def test_oom_kill_says_what_to_lower_and_was_retried(

@@ -175,6 +175,7 @@ class Reporter:
         # rate does not (it was measured against that pod's clock and token count).
         self.earlier = self.tail.path.stat().st_size if self.tail.path.exists() else 0
         self.last: dict[str, Any] | None = None
+        self.status: dict[str, Any] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
 
@@ -191,6 +192,7 @@ class Reporter:
         checkpoint = latest_checkpoint(self.output_dir)
         if checkpoint is not None:
             status["latestCheckpoint"] = str(checkpoint)
+        self.status = status
         print(json.dumps({"event": "progress", **status}), flush=True)
         if self.own is not None:
             try:
@@ -316,7 +318,7 @@ def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
     register_template()
     from llamafactory.train.tuner import run_exp  # noqa: PLC0415 (trainer image only)
 
-    with Reporter(opts.output_dir, own, interval=opts.report_interval, resumed_from=checkpoint):
+    with Reporter(opts.output_dir, own, interval=opts.report_interval, resumed_from=checkpoint) as reporter:
         try:
             run_exp(args)
         except (ValueError, AssertionError) as exc:
@@ -330,7 +332,9 @@ def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
         raise TrainError(TrainExit.EXPORT_FAILED, str(exc)) from exc
     published = adapter.status(final, checked, name=opts.adapter_name, node=opts.node, base_model=opts.base_model)
     if own is not None:
-        own.apply({"adapter": published})
+        # One field manager owns exactly what its last apply listed: the adapter goes with the last
+        # progress, or server-side apply would remove the progress this pod wrote.
+        own.apply({**reporter.status, "adapter": published})
     print(json.dumps({"event": "adapter", **published}), flush=True)
     return published
 
