@@ -159,7 +159,10 @@ def _convert_kt(output_dir: Path, partial: Path, *, experts: bool, base_model: s
     staging.mkdir()
     for name in (CONFIG, WEIGHTS, FUSED):
         if (output_dir / name).is_file():
-            os.link(output_dir / name, staging / name)
+            try:
+                os.link(output_dir / name, staging / name)
+            except OSError:  # a filesystem without hard links: the expert LoRA is copied instead
+                shutil.copy2(output_dir / name, staging / name)
     command = [sys.executable, str(script), str(staging), str(partial if experts else merged)]
     command += ["--base-model-name-or-path", base_model]
     if not experts:
