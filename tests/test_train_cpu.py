@@ -15,7 +15,7 @@ from e2e.gpu.tiny_train import spec as tiny_spec
 
 from kimi_operator.api.finetunejob import FineTuneJobSpec
 from kimi_operator.render import llamafactory
-from kimi_operator.workloads.train import LogTail, progress_from_log
+from kimi_operator.workloads.progress import LogTail, progress_from_log
 
 ORACLE = Path(__file__).parent / "oracle" / "tiny_deepseek.py"
 OPERATOR = Path(__file__).parents[1] / "operator"

@@ -5,15 +5,15 @@ import pytest
 
 from kimi_operator.api.exitcodes import TrainExit
 from kimi_operator.workloads import train
-from kimi_operator.workloads.train import (
+from kimi_operator.workloads.progress import (
     LogTail,
     Reporter,
     latest_checkpoint,
     progress_from_log,
     seconds,
-    to_llamafactory,
     tokens_per_second,
 )
+from kimi_operator.workloads.train import to_llamafactory
 from tests.fakehub import FakeHub
 
 
