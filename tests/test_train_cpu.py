@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from e2e.gpu.tiny_train import spec as tiny_spec
 
 from kimi_operator.api.finetunejob import FineTuneJobSpec
 from kimi_operator.render import llamafactory
-from kimi_operator.workloads.progress import LogTail, progress_from_log
+from kimi_operator.workloads.progress import LogTail, latest_checkpoint, progress_from_log
 
 ORACLE = Path(__file__).parent / "oracle" / "tiny_deepseek.py"
 OPERATOR = Path(__file__).parents[1] / "operator"
@@ -79,7 +81,8 @@ for args in json.load(open(sys.argv[1])):
     assert "cpu_infer" in refused.stderr
 
 
-def test_train_report_resume_export(train_python: str, tiny_model: Path, tmp_path: Path) -> None:
+def training_command(train_python: str, tiny_model: Path, tmp_path: Path) -> tuple[list[str], Path]:
+    """The training pod's command on the tiny model (CPU settings), and its output directory."""
     data, config, output = tmp_path / "train.jsonl", tmp_path / "config", tmp_path / "out"
     seed_dataset(train_python, data)
     config.mkdir()
@@ -100,10 +103,14 @@ def test_train_report_resume_export(train_python: str, tiny_model: Path, tmp_pat
         f"--output-dir={output}",
     ]
     common += ["--adapter-name=tiny", "--base-model=tiny", "--node=local", "--report-interval=0.2"]
-    sets = [f"--set={pair}" for pair in CPU]
+    return common + [f"--set={pair}" for pair in CPU], output
+
+
+def test_train_report_resume_export(train_python: str, tiny_model: Path, tmp_path: Path) -> None:
+    command, output = training_command(train_python, tiny_model, tmp_path)
 
     # First run: stopped after the checkpoint at step 3 (as a killed pod would leave it).
-    first = run(train_python, *common, *sets, "--set=max_steps=3")
+    first = run(train_python, *command, "--set=max_steps=3")
     log = output / "trainer_log.jsonl"
     records = list(LogTail(log).records())
     assert [r["current_steps"] for r in records if "loss" in r] == [1, 2, 3]
@@ -121,7 +128,7 @@ def test_train_report_resume_export(train_python: str, tiny_model: Path, tmp_pat
     assert events[-1]["latestCheckpoint"] == str(output / "checkpoint-3")
 
     # Second run of the same job: resumes from checkpoint-3 and goes on at step 4.
-    run(train_python, *common, *sets, "--set=max_steps=6")
+    run(train_python, *command, "--set=max_steps=6")
     steps = [r["current_steps"] for r in LogTail(log).records() if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (output / "checkpoint-6" / "trainer_state.json").exists()
@@ -133,6 +140,41 @@ def test_train_report_resume_export(train_python: str, tiny_model: Path, tmp_pat
     assert "q_a_proj" in adapter_config["target_modules"]
     change = float(run(train_python, str(ORACLE), "effect", str(tiny_model), str(adapter)).stdout.strip())
     assert change > 0
+
+
+def test_a_killed_run_resumes_from_its_last_complete_checkpoint(
+    train_python: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """SIGKILL once a checkpoint is complete (as the OOM killer or a lost node would), then the retry:
+    it goes on from the newest checkpoint whose trainer state was written, one step after it."""
+    command, output = training_command(train_python, tiny_model, tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(OPERATOR), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with (tmp_path / "first.log").open("w") as sink:
+        first = subprocess.Popen([train_python, *command, "--set=max_steps=100000"], stdout=sink, stderr=sink, env=env)
+        try:
+            deadline = time.monotonic() + 600
+            while not (output / "checkpoint-3" / "trainer_state.json").exists():
+                assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint-3 after 600 s"
+                time.sleep(0.05)
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+    assert first.returncode == -signal.SIGKILL
+    resumed = latest_checkpoint(output)
+    assert resumed is not None
+    step = int(resumed.name.removeprefix("checkpoint-"))
+    log = output / "trainer_log.jsonl"
+    earlier = LogTail(log)
+    list(earlier.records())  # what the killed run logged
+    assert not (output / "adapter").exists()
+
+    second = run(train_python, *command, f"--set=max_steps={step + 2}")
+    assert [r["current_steps"] for r in earlier.records() if "loss" in r] == [step + 1, step + 2]
+    events = [json.loads(line) for line in second.stdout.splitlines() if line.startswith('{"event": "progress"')]
+    assert events[-1]["progress"]["step"] == step + 2
+    assert events[-1]["latestCheckpoint"] == str(output / f"checkpoint-{step + 2}")
+    assert (output / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_bad_dataset_fails_before_training(train_python: str, tmp_path: Path) -> None:
