@@ -19,7 +19,7 @@ CRD_DIRS := --out crds --out charts/kimi-operator/crds
 CLUSTER_DIR ?= $(CURDIR)/.cluster
 KUBECONFIG_DEV := $(CLUSTER_DIR)/kubeconfig
 
-.PHONY: help venv oracle-env train-env kt-env gpu-wheels gpu-kt-wheels bench-train lock bench bench-convert controlplane crds verify lint unit e2e test run cluster-up cluster-down cluster-status cluster-env
+.PHONY: help venv oracle-env train-env kt-env prometheus gpu-wheels gpu-kt-wheels bench-train lock bench bench-convert controlplane crds verify lint unit e2e test run cluster-up cluster-down cluster-status cluster-env
 
 help:
 	@echo "make run            local control plane + CRDs + examples + operator in the foreground (Ctrl-C stops all)"
@@ -122,8 +122,20 @@ unit: venv oracle-env train-env kt-env
 
 E2E_DIR := $(CURDIR)/.cluster-e2e
 # The control plane is built (or found in the cache) before pytest, outside any test's timeout.
-e2e: venv controlplane train-env
-	KIMI_TRAIN_PYTHON=$(TRAIN_VENV)/bin/python $(PY) -m pytest e2e -q
+# Prometheus from Debian's package (no install: the binary is unpacked into the cache).
+PROMETHEUS_DEB := 2.42.0+ds-5+deb12u1
+PROMETHEUS_DIR := $(CACHE)/prometheus-$(PROMETHEUS_DEB)
+PROMETHEUS := $(PROMETHEUS_DIR)/usr/bin/prometheus
+$(PROMETHEUS):
+	rm -rf $(PROMETHEUS_DIR).partial && mkdir -p $(PROMETHEUS_DIR).partial
+	cd $(PROMETHEUS_DIR).partial && apt-get download -q prometheus=$(PROMETHEUS_DEB) 2>&1 | grep -v "unsandboxed" || true
+	dpkg -x $(PROMETHEUS_DIR).partial/prometheus_*.deb $(PROMETHEUS_DIR).partial
+	rm -rf $(PROMETHEUS_DIR) && mv $(PROMETHEUS_DIR).partial $(PROMETHEUS_DIR)
+
+prometheus: $(PROMETHEUS)
+
+e2e: venv controlplane train-env prometheus
+	KIMI_TRAIN_PYTHON=$(TRAIN_VENV)/bin/python KIMI_PROMETHEUS=$(PROMETHEUS) $(PY) -m pytest e2e -q
 	@# The session stops its cluster: nothing started from its directory may be left running.
 	$(KO) dev-cluster stray --dir $(E2E_DIR)
 

@@ -6,6 +6,7 @@ On a failed test the CRs, Jobs and Pods of its namespace are dumped to the repor
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 
 import kubernetes
 import pytest
+import yaml
 
 from e2e.helpers import wait_for, write_token_kubeconfig
 from kimi_operator.devcluster.cluster import Cluster
@@ -68,13 +71,18 @@ class OperatorProcess:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def get(self, url: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (loopback)
-                return int(resp.status), resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except OSError as exc:
-            return 0, str(exc)
+        return http_get(url)
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """Status and body of a GET on loopback; 0 and the error while nothing listens."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (loopback)
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
 
 
 OPERATOR_NAMESPACE = "kimi-system"
@@ -137,6 +145,59 @@ def operator(cluster: Cluster, api: kubernetes.client.ApiClient) -> Iterator[Ope
             "operator /readyz",
         )
         assert proc.poll() is None, handle.log_tail()
+        yield handle
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class PrometheusProcess:
+    """A real Prometheus scraping the operator's /metrics every second."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def value(self, query: str) -> float | None:
+        """The single sample an instant query returns, or None while there is none."""
+        params = urllib.parse.urlencode({"query": query})
+        with urllib.request.urlopen(f"{self.url}/api/v1/query?{params}", timeout=5) as resp:  # noqa: S310 (loopback)
+            result = json.load(resp)["data"]["result"]
+        return float(result[0]["value"][1]) if len(result) == 1 else None
+
+
+@pytest.fixture(scope="session")
+def prometheus(cluster: Cluster, operator: OperatorProcess) -> Iterator[PrometheusProcess]:
+    binary = os.environ.get("KIMI_PROMETHEUS")
+    if not binary or not Path(binary).exists():
+        pytest.fail("KIMI_PROMETHEUS is not set to a prometheus binary: run the tests with `make e2e`")
+    root = cluster.layout.root / "prometheus"
+    root.mkdir(exist_ok=True)
+    target = urllib.parse.urlsplit(operator.metrics_url).netloc
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "kimi-operator", "static_configs": [{"targets": [target]}]}],
+    }
+    (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    with (cluster.layout.logs / "prometheus.log").open("w") as log:
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={root / 'prometheus.yml'}",
+                f"--storage.tsdb.path={root / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    handle = PrometheusProcess(f"http://127.0.0.1:{port}")
+    try:
+        wait_for(lambda: proc.poll() is not None or http_get(f"{handle.url}/-/ready")[0] == 200, 60, "prometheus")
+        assert proc.poll() is None, (cluster.layout.logs / "prometheus.log").read_text()[-3000:]
         yield handle
     finally:
         proc.terminate()

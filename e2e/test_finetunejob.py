@@ -18,7 +18,7 @@ from typing import Any
 import kubernetes
 import pytest
 
-from e2e.conftest import OperatorProcess
+from e2e.conftest import OperatorProcess, PrometheusProcess
 from e2e.helpers import wait_for, write_token_kubeconfig
 from e2e.manifests import FINE_TUNE_JOB, GROUP, KIMI_MODEL, VERSION
 from e2e.test_kimimodel import _token_kubeconfig, condition
@@ -296,6 +296,35 @@ def test_kubectl_watch_shows_progress_moving(
             assert reporter.poll() is not None
             # Phase, percent, loss, step and tokens/s as the user sees them, row after row.
             next_line_with(lines, "Running", f"{step * 25.0:g}", f"{loss:g}", str(step), "200")
+
+
+def test_training_progress_reaches_prometheus(
+    api: kubernetes.client.ApiClient, namespace: str, prometheus: PrometheusProcess, cluster: Cluster
+) -> None:
+    """What the training pod reports is in Prometheus within a scrape, for dashboards and alerts."""
+    ready_model(api, namespace)
+    custom(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "finetunejobs", ftj("graphed", podMetadata=HOLD, resources=SMALL)
+    )
+    wait_phase(api, namespace, "graphed", "Running")
+    own = OwnStatus(
+        _token_kubeconfig(cluster, api, namespace, "graphed-train"),
+        kind="FineTuneJob",
+        plural="finetunejobs",
+        namespace=namespace,
+        name="graphed",
+        manager="kimi-train",
+    )
+    selector = f'{{namespace="{namespace}",name="graphed"}}'
+    for step, loss in ((10, 2.5), (20, 1.5)):
+        progress = {"step": step, "totalSteps": 40, "percent": step * 2.5, "loss": loss, "tokensPerSecond": 300.0}
+        own.apply({"progress": {**progress, "eta": "0:05:00"}})
+        query = f"kimi_operator_finetune_step{selector}"
+        wait_for(lambda q=query, s=step: prometheus.value(q) == s, 30, f"step {step} in Prometheus")
+        assert prometheus.value(f"kimi_operator_finetune_loss{selector}") == loss
+    assert prometheus.value(f"kimi_operator_finetune_tokens_per_second{selector}") == 300.0
+    assert prometheus.value(f"kimi_operator_finetune_eta_seconds{selector}") == 300.0
+    assert prometheus.value(f"kimi_operator_finetune_progress_percent{selector}") == 50.0
 
 
 TINY = Path(__file__).parents[1] / "tests" / "oracle" / "tiny_deepseek.py"

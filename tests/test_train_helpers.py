@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from kimi_operator.api.durations import seconds
 from kimi_operator.api.exitcodes import TrainExit
 from kimi_operator.workloads import train
 from kimi_operator.workloads.progress import (
@@ -10,7 +11,6 @@ from kimi_operator.workloads.progress import (
     Reporter,
     latest_checkpoint,
     progress_from_log,
-    seconds,
     tokens_per_second,
 )
 from kimi_operator.workloads.train import to_llamafactory

@@ -148,6 +148,13 @@ def register(
             if owner is not None:
                 reconciler.run(kind, owner, logger)
 
+    @kopf.on.event(GROUP, VERSION, FINE_TUNE_JOB.plural, registry=registry)
+    def training_progress(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+        # Every status write of a training pod reaches Prometheus at once, not at the next pass.
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        progress = None if event.get("type") == "DELETED" else (body.get("status") or {}).get("progress")
+        metrics.record_training(namespace, name, progress)
+
     # Deletion waits for what the object put on nodes to be undone (labels, files if asked).
     finalizers: tuple[tuple[Kind, Callable[[Mapping[str, Any], Any], list[str]]], ...] = (
         (KIMI_MODEL, lambda body, spec: kimimodel.finalize(kube, km_settings, body, spec)),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kimi_operator import __version__
+from kimi_operator.api.durations import seconds
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -33,6 +37,42 @@ RESOURCE_CONDITION = Gauge(
 CONDITION_TYPES = ("Ready", "Reconciling", "Stalled")
 
 
+# A FineTuneJob's status.progress, as its training pod last reported it: one gauge per field, so a
+# dashboard can plot loss and throughput over time and alert on a stalled run.
+TRAINING = {
+    field: Gauge(f"kimi_operator_finetune_{metric}", help_, ["namespace", "name"], registry=REGISTRY)
+    for field, metric, help_ in (
+        ("step", "step", "Current optimiser step."),
+        ("totalSteps", "total_steps", "Optimiser steps of the whole run."),
+        ("percent", "progress_percent", "Percent of the run done."),
+        ("loss", "loss", "Latest training loss."),
+        ("learningRate", "learning_rate", "Latest learning rate."),
+        ("epoch", "epoch", "Current epoch (fractional)."),
+        ("tokensPerSecond", "tokens_per_second", "Input tokens trained per second by the current pod."),
+        ("eta", "eta_seconds", "Estimated seconds left."),
+    )
+}
+
+
+def record_training(namespace: str, name: str, progress: Mapping[str, Any] | None) -> None:
+    """Set the training gauges from status.progress; fields not (or no longer) reported are dropped."""
+    for field, gauge in TRAINING.items():
+        value = (progress or {}).get(field)
+        if field == "eta" and isinstance(value, str):
+            value = seconds(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            gauge.labels(namespace, name).set(value)
+        else:
+            _remove(gauge, namespace, name)
+
+
+def _remove(gauge: Gauge, *labels: str) -> None:
+    try:
+        gauge.remove(*labels)
+    except KeyError:
+        return
+
+
 def record_conditions(kind: str, namespace: str, name: str, true_types: set[str]) -> None:
     for type_ in CONDITION_TYPES:
         RESOURCE_CONDITION.labels(kind, namespace, name, type_).set(1 if type_ in true_types else 0)
@@ -40,7 +80,6 @@ def record_conditions(kind: str, namespace: str, name: str, true_types: set[str]
 
 def forget(kind: str, namespace: str, name: str) -> None:
     for type_ in CONDITION_TYPES:
-        try:
-            RESOURCE_CONDITION.remove(kind, namespace, name, type_)
-        except KeyError:
-            continue
+        _remove(RESOURCE_CONDITION, kind, namespace, name, type_)
+    if kind == "FineTuneJob":
+        record_training(namespace, name, None)

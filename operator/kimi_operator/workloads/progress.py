@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kimi_operator.api.durations import seconds
+
 if TYPE_CHECKING:
     from kimi_operator.workloads.report import OwnStatus
 
@@ -26,22 +28,6 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
         if step.isdigit() and (path / "trainer_state.json").exists():
             done.append((int(step), path))
     return max(done)[1] if done else None
-
-
-def seconds(duration: str) -> int | None:
-    """LLaMA-Factory's durations (``str(timedelta)``: ``H:MM:SS`` or ``N day(s), H:MM:SS``) in seconds."""
-    days, _, clock = duration.rpartition(", ")
-    parts = clock.split(":")
-    if len(parts) != 3 or not all(p.isdigit() for p in parts):
-        return None
-    hours, minutes, secs = (int(p) for p in parts)
-    total = hours * 3600 + minutes * 60 + secs
-    if days:
-        count = days.split()[0]
-        if not count.isdigit():
-            return None
-        total += int(count) * 86400
-    return total
 
 
 def tokens_per_second(record: dict[str, Any], tokens_before: int) -> float | None:
