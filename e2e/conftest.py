@@ -161,6 +161,13 @@ class PrometheusProcess:
     def __init__(self, url: str) -> None:
         self.url = url
 
+    def status(self, query: str) -> str:
+        """``success``, or Prometheus' error for a query it cannot run."""
+        params = urllib.parse.urlencode({"query": query})
+        code, body = http_get(f"{self.url}/api/v1/query?{params}")
+        reply = json.loads(body) if body.startswith("{") else {"error": f"HTTP {code}: {body}"}
+        return str(reply.get("status") if reply.get("status") == "success" else reply.get("error"))
+
     def value(self, query: str) -> float | None:
         """The single sample an instant query returns, or None while there is none."""
         params = urllib.parse.urlencode({"query": query})

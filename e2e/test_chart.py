@@ -6,10 +6,13 @@ test also proves that the chart grants what the operator needs.
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import yaml
 
-from e2e.conftest import OPERATOR_NAMESPACE, OperatorProcess
+from e2e.conftest import OPERATOR_NAMESPACE, OperatorProcess, PrometheusProcess
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.devcluster.paths import repo_root
 
@@ -81,3 +84,37 @@ def test_operator_runs_with_the_chart_service_account(cluster: Cluster, operator
         line for line in operator.log_tail(5000).splitlines() if "system:serviceaccount" in line and " cannot " in line
     ]
     assert denied == [], "\n".join(denied)
+
+
+def test_grafana_dashboard_asks_prometheus_only_what_the_operator_exports(
+    cluster: Cluster, namespace: str, operator: OperatorProcess, prometheus: PrometheusProcess
+) -> None:
+    rendered = cluster.tool(
+        "helm",
+        "template",
+        "kimi",
+        CHART,
+        "--namespace",
+        namespace,
+        "--kube-version",
+        "1.37.2",
+        "--set",
+        "grafanaDashboard.enabled=true",
+        "--show-only",
+        "templates/grafana-dashboard.yaml",
+    )
+    cluster.kubectl("apply", "--server-side", "-n", namespace, "-f", "-", input_text=rendered)
+    stored = json.loads(
+        cluster.kubectl("get", "configmap", "kimi-kimi-operator-dashboard", "-n", namespace, "-o", "json")
+    )
+    assert stored["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(stored["data"]["kimi-operator.json"])
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert len(exprs) == 10
+    _, exposition = operator.get(operator.metrics_url)
+    families = set(re.findall(r"^# TYPE (kimi_operator_[a-z_]+) ", exposition, re.MULTILINE))
+    for expr in exprs:
+        for name in re.findall(r"kimi_operator_[a-z_]+", expr):
+            assert name.removesuffix("_bucket") in families, f"{name} is not exported by the operator"
+        # Grafana puts the namespace selection in $namespace; "all" is ".*".
+        assert prometheus.status(expr.replace("$namespace", ".*")) == "success", expr

@@ -8,7 +8,7 @@ from typing import Any
 import kubernetes
 import pytest
 
-from e2e.conftest import OperatorProcess
+from e2e.conftest import OperatorProcess, PrometheusProcess
 from e2e.helpers import wait_for
 from e2e.manifests import GROUP, KIMI_MODEL, VERSION
 from kimi_operator.devcluster.cluster import Cluster
@@ -176,7 +176,7 @@ def _token_kubeconfig(
 
 
 def test_prepare_pod_writes_only_its_own_progress(
-    api: kubernetes.client.ApiClient, namespace: str, operator: OperatorProcess, cluster: Cluster
+    api: kubernetes.client.ApiClient, namespace: str, prometheus: PrometheusProcess, cluster: Cluster
 ) -> None:
     hold = {"annotations": {"sim.kimi-operator.io/hold": "true"}}
     placement = {"nodeNames": ["gpu-4090-b"], "count": 1}
@@ -194,6 +194,14 @@ def test_prepare_pod_writes_only_its_own_progress(
     table = cluster.kubectl("get", "km", "mine", "-n", namespace)
     assert "Downloading" in table
     assert "25" in table
+    # The same progress in Prometheus, per node, within a scrape.
+    selector = f'{{namespace="{namespace}",name="mine",node="gpu-4090-b"}}'
+    wait_for(
+        lambda: prometheus.value(f"kimi_operator_model_prepare_percent{selector}") == 25, 30, "percent in Prometheus"
+    )
+    assert prometheus.value(f"kimi_operator_model_prepare_bytes_done{selector}") == 3 * 2**30
+    assert prometheus.value(f"kimi_operator_model_prepare_eta_seconds{selector}") == 46
+    assert prometheus.value(f"kimi_operator_model_node_ready{selector}") == 0
     with pytest.raises(kubernetes.client.ApiException) as info:
         StatusWriter(pod_api, namespace, "theirs", "gpu-4090-b").write(record)
     assert info.value.status == 403

@@ -148,12 +148,18 @@ def register(
             if owner is not None:
                 reconciler.run(kind, owner, logger)
 
+    # Every status write of a pod (training or prepare) reaches Prometheus at once, not at the next pass.
     @kopf.on.event(GROUP, VERSION, FINE_TUNE_JOB.plural, registry=registry)
     def training_progress(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-        # Every status write of a training pod reaches Prometheus at once, not at the next pass.
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         progress = None if event.get("type") == "DELETED" else (body.get("status") or {}).get("progress")
         metrics.record_training(namespace, name, progress)
+
+    @kopf.on.event(GROUP, VERSION, KIMI_MODEL.plural, registry=registry)
+    def prepare_progress(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        nodes = None if event.get("type") == "DELETED" else (body.get("status") or {}).get("nodes")
+        metrics.record_model(namespace, name, nodes)
 
     # Deletion waits for what the object put on nodes to be undone (labels, files if asked).
     finalizers: tuple[tuple[Kind, Callable[[Mapping[str, Any], Any], list[str]]], ...] = (

@@ -66,6 +66,49 @@ def record_training(namespace: str, name: str, progress: Mapping[str, Any] | Non
             _remove(gauge, namespace, name)
 
 
+# A KimiModel's per-node preparation, as each prepare pod last reported it (download, verify,
+# convert): the 600 GB download is the step users most want to watch.
+PREPARE = {
+    field: Gauge(f"kimi_operator_model_prepare_{metric}", help_, ["namespace", "name", "node"], registry=REGISTRY)
+    for field, metric, help_ in (
+        ("bytesDone", "bytes_done", "Bytes done in the node's current prepare step."),
+        ("bytesTotal", "bytes_total", "Bytes in the node's current prepare step."),
+        ("percent", "percent", "Percent of the node's current prepare step done."),
+        ("bytesPerSecond", "bytes_per_second", "Recent rate of the node's current prepare step."),
+        ("eta", "eta_seconds", "Estimated seconds left in the node's current prepare step."),
+    )
+}
+NODE_READY = Gauge(
+    "kimi_operator_model_node_ready",
+    "1 when the node holds every requested variant of the model, else 0.",
+    ["namespace", "name", "node"],
+    registry=REGISTRY,
+)
+_MODEL_NODES: dict[tuple[str, str], set[str]] = {}
+
+
+def record_model(namespace: str, name: str, nodes: list[Mapping[str, Any]] | None) -> None:
+    """Set the per-node gauges from status.nodes; nodes that left the status are dropped."""
+    seen = set()
+    for node in nodes or []:
+        node_name = str(node.get("name"))
+        seen.add(node_name)
+        NODE_READY.labels(namespace, name, node_name).set(1 if node.get("phase") == "Ready" else 0)
+        progress = node.get("progress") or {}
+        for field, gauge in PREPARE.items():
+            value = progress.get(field)
+            if field == "eta" and isinstance(value, str):
+                value = seconds(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                gauge.labels(namespace, name, node_name).set(value)
+            else:
+                _remove(gauge, namespace, name, node_name)
+    for gone in _MODEL_NODES.get((namespace, name), set()) - seen:
+        for gauge in (*PREPARE.values(), NODE_READY):
+            _remove(gauge, namespace, name, gone)
+    _MODEL_NODES[(namespace, name)] = seen
+
+
 def _remove(gauge: Gauge, *labels: str) -> None:
     try:
         gauge.remove(*labels)
@@ -83,3 +126,6 @@ def forget(kind: str, namespace: str, name: str) -> None:
         _remove(RESOURCE_CONDITION, kind, namespace, name, type_)
     if kind == "FineTuneJob":
         record_training(namespace, name, None)
+    if kind == "KimiModel":
+        record_model(namespace, name, None)
+        _MODEL_NODES.pop((namespace, name), None)
