@@ -128,7 +128,9 @@ PROMETHEUS_DIR := $(CACHE)/prometheus-$(PROMETHEUS_DEB)
 PROMETHEUS := $(PROMETHEUS_DIR)/usr/bin/prometheus
 $(PROMETHEUS):
 	rm -rf $(PROMETHEUS_DIR).partial && mkdir -p $(PROMETHEUS_DIR).partial
-	cd $(PROMETHEUS_DIR).partial && apt-get download -q prometheus=$(PROMETHEUS_DEB) 2>&1 | grep -v "unsandboxed" || true
+	@# A machine without package lists yet needs them once (Debian's registry).
+	cd $(PROMETHEUS_DIR).partial && { apt-get download -q prometheus=$(PROMETHEUS_DEB) 2>/dev/null \
+		|| { apt-get update -qq && apt-get download -q prometheus=$(PROMETHEUS_DEB) 2>/dev/null; }; }
 	dpkg -x $(PROMETHEUS_DIR).partial/prometheus_*.deb $(PROMETHEUS_DIR).partial
 	rm -rf $(PROMETHEUS_DIR) && mv $(PROMETHEUS_DIR).partial $(PROMETHEUS_DIR)
 
