@@ -68,6 +68,13 @@ def test_cache_key_follows_the_module_content(tmp_path: Path, monkeypatch: pytes
     assert build.cache_key(component, "go1.27.3") != first
     (source / "go.mod").write_text("module demo\n\nrequire example.com/tool v1.2.4\n")
     assert build.cache_key(component, "go1.26.8").startswith("demo-v1.2.4-")
+    # A command of our own in a subdirectory is part of the content too.
+    (source / "cmd").mkdir()
+    (source / "cmd" / "main.go").write_text("package main\n")
+    with_command = build.cache_key(component, "go1.26.8")
+    (source / "cmd" / "main.go").write_text("package main\n\nfunc main() {}\n")
+    assert build.cache_key(component, "go1.26.8") != with_command
+    assert {c.name: c.binaries() for c in build.COMPONENTS}["lua"] == ("luahealth",)
 
 
 def test_node_profiles_render_gpu_nodes() -> None:

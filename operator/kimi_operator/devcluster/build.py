@@ -61,6 +61,8 @@ COMPONENTS: tuple[Component, ...] = (
     Component("etcd", ("go.etcd.io/etcd/server/v3",)),
     Component("kwok", ("sigs.k8s.io/kwok/cmd/kwok",)),
     Component("helm", ("helm.sh/helm/v3/cmd/helm",)),
+    # Our own command in that module: Argo CD's Lua VM, to test the chart's health check.
+    Component("lua", ("./luahealth",)),
     Component(
         "kubernetes",
         (
@@ -87,9 +89,10 @@ def go_version() -> str:
 
 def cache_key(component: Component, go: str) -> str:
     digest = hashlib.sha256(go.encode())
-    for name in sorted(os.listdir(component.source)):
-        digest.update(name.encode())
-        digest.update((component.source / name).read_bytes())
+    # Every file of the module, our own commands in subdirectories included.
+    for path in sorted(p for p in component.source.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(component.source).as_posix().encode())
+        digest.update(path.read_bytes())
     _, version = component.requirement()
     return f"{component.name}-{version}-{digest.hexdigest()[:12]}"
 
