@@ -56,14 +56,19 @@ TRAINING = {
 
 def record_training(namespace: str, name: str, progress: Mapping[str, Any] | None) -> None:
     """Set the training gauges from status.progress; fields not (or no longer) reported are dropped."""
-    for field, gauge in TRAINING.items():
-        value = (progress or {}).get(field)
+    _set_fields(TRAINING, progress or {}, namespace, name)
+
+
+def _set_fields(gauges: Mapping[str, Gauge], values: Mapping[str, Any], *labels: str) -> None:
+    """One gauge per status field: numbers are set (an ETA string in seconds), anything else removed."""
+    for field, gauge in gauges.items():
+        value = values.get(field)
         if field == "eta" and isinstance(value, str):
             value = seconds(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            gauge.labels(namespace, name).set(value)
+            gauge.labels(*labels).set(value)
         else:
-            _remove(gauge, namespace, name)
+            _remove(gauge, *labels)
 
 
 # A KimiModel's per-node preparation, as each prepare pod last reported it (download, verify,
@@ -94,15 +99,7 @@ def record_model(namespace: str, name: str, nodes: list[Mapping[str, Any]] | Non
         node_name = str(node.get("name"))
         seen.add(node_name)
         NODE_READY.labels(namespace, name, node_name).set(1 if node.get("phase") == "Ready" else 0)
-        progress = node.get("progress") or {}
-        for field, gauge in PREPARE.items():
-            value = progress.get(field)
-            if field == "eta" and isinstance(value, str):
-                value = seconds(value)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                gauge.labels(namespace, name, node_name).set(value)
-            else:
-                _remove(gauge, namespace, name, node_name)
+        _set_fields(PREPARE, node.get("progress") or {}, namespace, name, node_name)
     for gone in _MODEL_NODES.get((namespace, name), set()) - seen:
         for gauge in (*PREPARE.values(), NODE_READY):
             _remove(gauge, namespace, name, gone)
