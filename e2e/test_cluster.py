@@ -85,6 +85,18 @@ def test_pod_with_two_gpus_runs_on_a_gpu_node(api: kubernetes.client.ApiClient, 
 
 def test_pod_with_eight_gpus_only_fits_the_h200_node(api: kubernetes.client.ApiClient, namespace: str) -> None:
     core = kubernetes.client.CoreV1Api(api)
+
+    def gpu_pods_left() -> list[str]:
+        # Pods of earlier tests whose namespaces are still being deleted may hold GPUs for a while.
+        pods = core.list_pod_for_all_namespaces(field_selector="spec.nodeName=gpu-h200-a").items
+        return [
+            f"{p.metadata.namespace}/{p.metadata.name}"
+            for p in pods
+            if p.status.phase in ("Pending", "Running")
+            and "nvidia.com/gpu" in (p.spec.containers[0].resources.requests or {})
+        ]
+
+    wait_for(lambda: not gpu_pods_left() or None, 120, f"a whole H200 node (GPU pods there: {gpu_pods_left()})")
     core.create_namespaced_pod(namespace, _pod("eight-gpus", 8))
     pod = wait_for(
         lambda: (p := core.read_namespaced_pod("eight-gpus", namespace)).status.phase == "Running" and p,
