@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import queue
+import secrets
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -497,3 +498,29 @@ def test_deletion_keeps_outputs_unless_asked_then_cleans_them_on_the_node(
     ]
     terms = cleanup.spec.template.spec.affinity.node_affinity.required_during_scheduling_ignored_during_execution
     assert terms.node_selector_terms[0].match_expressions[0].values == ["gpu-h200-a"]
+
+
+def test_deleting_the_namespace_of_a_running_training_releases_everything(
+    api: kubernetes.client.ApiClient, operator: OperatorProcess
+) -> None:
+    """The running training pod ends as a kubelet would end it (SIGTERM, Failed), the job controller
+    releases it, the operator's finalizer lets the FineTuneJob go, and the namespace is deleted."""
+    core = kubernetes.client.CoreV1Api(api)
+    namespace = f"t-deleted-{secrets.token_hex(3)}"
+    core.create_namespace({"metadata": {"name": namespace, "labels": {"kimi-operator.io/e2e": "true"}}})
+    wait_for(lambda: bool(core.list_namespaced_service_account(namespace).items), 30, "default ServiceAccount")
+    ready_model(api, namespace, node="gpu-4090-b")
+    custom(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "finetunejobs", ftj("doomed", podMetadata=HOLD, resources=SMALL)
+    )
+    wait_phase(api, namespace, "doomed", "Running")
+    core.delete_namespace(namespace)
+
+    def namespace_gone() -> bool:
+        try:
+            core.read_namespace(namespace)
+        except kubernetes.client.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_for(namespace_gone, 120, f"namespace {namespace} deleted")
