@@ -7,7 +7,10 @@ test also proves that the chart grants what the operator needs.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -118,3 +121,41 @@ def test_grafana_dashboard_asks_prometheus_only_what_the_operator_exports(
             assert name.removesuffix("_bucket") in families, f"{name} is not exported by the operator"
         # Grafana puts the namespace selection in $namespace; "all" is ".*".
         assert prometheus.status(expr.replace("$namespace", ".*")) == "success", expr
+
+
+def test_alert_rules_pass_promtool_and_ship_as_a_prometheus_rule(cluster: Cluster) -> None:
+    promtool = Path(os.environ["KIMI_PROMETHEUS"]).with_name("promtool")
+    rules = Path(CHART) / "rules"
+    checked = subprocess.run(
+        [str(promtool), "check", "rules", "kimi-operator.rules.yaml"],
+        cwd=rules,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 4 rules found" in checked.stdout
+    # Each alert fires on the series that should raise it and stays quiet on healthy ones.
+    tested = subprocess.run(
+        [str(promtool), "test", "rules", "kimi-operator.rules.test.yaml"],
+        cwd=rules,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    rendered = cluster.tool(
+        "helm",
+        "template",
+        "kimi",
+        CHART,
+        "--kube-version",
+        "1.37.2",
+        "--set",
+        "prometheusRule.enabled=true",
+        "--show-only",
+        "templates/prometheusrule.yaml",
+    )
+    (rule,) = [d for d in yaml.safe_load_all(rendered) if d]
+    assert rule["kind"] == "PrometheusRule"
+    assert rule["spec"] == yaml.safe_load((rules / "kimi-operator.rules.yaml").read_text())
