@@ -61,6 +61,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """End a process this session started: SIGTERM, then SIGKILL if it has not gone in 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class OperatorProcess:
     def __init__(self, health: int, metrics: int, log: Path) -> None:
         self.health_url = f"http://127.0.0.1:{health}"
@@ -147,12 +157,7 @@ def operator(cluster: Cluster, api: kubernetes.client.ApiClient) -> Iterator[Ope
         assert proc.poll() is None, handle.log_tail()
         yield handle
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 class PrometheusProcess:
@@ -207,12 +212,7 @@ def prometheus(cluster: Cluster, operator: OperatorProcess) -> Iterator[Promethe
         assert proc.poll() is None, (cluster.layout.logs / "prometheus.log").read_text()[-3000:]
         yield handle
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def _dump(cluster: Cluster, namespace: str, test: str) -> str:

@@ -24,24 +24,18 @@ pytestmark = pytest.mark.e2e
 CHART = str(repo_root() / "charts" / "kimi-operator")
 
 
+def render(cluster: Cluster, *args: str, namespace: str = "default") -> str:
+    """``helm template`` of the chart for the local cluster's version, with extra arguments."""
+    return cluster.tool("helm", "template", "kimi", CHART, "--namespace", namespace, "--kube-version", "1.37.2", *args)
+
+
 def test_chart_lints(cluster: Cluster) -> None:
     out = cluster.tool("helm", "lint", "--strict", CHART, "--kube-version", "1.37.2")
     assert "0 chart(s) failed" in out
 
 
 def test_chart_renders_objects_the_apiserver_accepts(cluster: Cluster, namespace: str) -> None:
-    rendered = cluster.tool(
-        "helm",
-        "template",
-        "kimi",
-        CHART,
-        "--namespace",
-        namespace,
-        "--kube-version",
-        "1.37.2",
-        "--set",
-        "watchNamespaces={a,b}",
-    )
+    rendered = render(cluster, "--set", "watchNamespaces={a,b}", namespace=namespace)
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(rendered) if d)
     assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
     deployment = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment")
@@ -92,19 +86,13 @@ def test_operator_runs_with_the_chart_service_account(cluster: Cluster, operator
 def test_grafana_dashboard_asks_prometheus_only_what_the_operator_exports(
     cluster: Cluster, namespace: str, operator: OperatorProcess, prometheus: PrometheusProcess
 ) -> None:
-    rendered = cluster.tool(
-        "helm",
-        "template",
-        "kimi",
-        CHART,
-        "--namespace",
-        namespace,
-        "--kube-version",
-        "1.37.2",
+    rendered = render(
+        cluster,
         "--set",
         "grafanaDashboard.enabled=true",
         "--show-only",
         "templates/grafana-dashboard.yaml",
+        namespace=namespace,
     )
     cluster.kubectl("apply", "--server-side", "-n", namespace, "-f", "-", input_text=rendered)
     stored = json.loads(
@@ -144,18 +132,7 @@ def test_alert_rules_pass_promtool_and_ship_as_a_prometheus_rule(cluster: Cluste
         check=False,
     )
     assert tested.returncode == 0, tested.stdout + tested.stderr
-    rendered = cluster.tool(
-        "helm",
-        "template",
-        "kimi",
-        CHART,
-        "--kube-version",
-        "1.37.2",
-        "--set",
-        "prometheusRule.enabled=true",
-        "--show-only",
-        "templates/prometheusrule.yaml",
-    )
+    rendered = render(cluster, "--set", "prometheusRule.enabled=true", "--show-only", "templates/prometheusrule.yaml")
     (rule,) = [d for d in yaml.safe_load_all(rendered) if d]
     assert rule["kind"] == "PrometheusRule"
     assert rule["spec"] == yaml.safe_load((rules / "kimi-operator.rules.yaml").read_text())

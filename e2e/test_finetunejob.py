@@ -23,6 +23,7 @@ from e2e.conftest import OperatorProcess, PrometheusProcess
 from e2e.helpers import wait_for, write_token_kubeconfig
 from e2e.manifests import FINE_TUNE_JOB, GROUP, KIMI_MODEL, VERSION
 from e2e.test_kimimodel import _token_kubeconfig, condition
+from kimi_operator.api.finetunejob import KIND, PLURAL
 from kimi_operator.devcluster import build
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.render.finetunejob import config_map_name
@@ -92,6 +93,12 @@ def wait_phase(api: kubernetes.client.ApiClient, namespace: str, name: str, phas
         raise AssertionError(
             f"{exc}; status: {last.get('status')}; job: {job_status}; pods: {pods}; node: {on_node}"
         ) from None
+
+
+def training_pod_status(cluster: Cluster, api: kubernetes.client.ApiClient, namespace: str, name: str) -> OwnStatus:
+    """What a FineTuneJob's training pod writes its status with: the Job's ServiceAccount token."""
+    pod_api = _token_kubeconfig(cluster, api, namespace, f"{name}-train")
+    return OwnStatus(pod_api, kind=KIND, plural=PLURAL, namespace=namespace, name=name, manager="kimi-train")
 
 
 def job(api: kubernetes.client.ApiClient, namespace: str, name: str) -> Any:
@@ -268,14 +275,7 @@ def test_kubectl_watch_shows_progress_moving(
         GROUP, VERSION, namespace, "finetunejobs", ftj("watched", podMetadata=HOLD, resources=SMALL)
     )
     wait_phase(api, namespace, "watched", "Running")
-    own = OwnStatus(
-        _token_kubeconfig(cluster, api, namespace, "watched-train"),
-        kind="FineTuneJob",
-        plural="finetunejobs",
-        namespace=namespace,
-        name="watched",
-        manager="kimi-train",
-    )
+    own = training_pod_status(cluster, api, namespace, "watched")
     reporter = Reporter(tmp_path, own)
     log = tmp_path / "trainer_log.jsonl"
     with kubectl_watch(cluster, "get", "ftj", "watched", "-n", namespace, "-o", "wide", "--no-headers") as lines:
@@ -308,14 +308,7 @@ def test_training_progress_reaches_prometheus(
         GROUP, VERSION, namespace, "finetunejobs", ftj("graphed", podMetadata=HOLD, resources=SMALL)
     )
     wait_phase(api, namespace, "graphed", "Running")
-    own = OwnStatus(
-        _token_kubeconfig(cluster, api, namespace, "graphed-train"),
-        kind="FineTuneJob",
-        plural="finetunejobs",
-        namespace=namespace,
-        name="graphed",
-        manager="kimi-train",
-    )
+    own = training_pod_status(cluster, api, namespace, "graphed")
     selector = f'{{namespace="{namespace}",name="graphed"}}'
     for step, loss in ((10, 2.5), (20, 1.5)):
         progress = {"step": step, "totalSteps": 40, "percent": step * 2.5, "loss": loss, "tokensPerSecond": 300.0}
