@@ -6,6 +6,7 @@ fails in seconds with a message naming the file and tensor, not hours into a con
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -136,35 +137,43 @@ def _packed_weights(
     if bases and scheme is None:
         raise CheckpointError(f"{root / CONFIG}: has packed weights (e.g. {bases[0]}) but no quantization_config")
     found: dict[str, PackedWeight] = {}
-    for base in bases:
-        parts = {}
-        for suffix, dtypes in ((PACKED, ("I32",)), (SCALE, ("BF16",)), (SHAPE, ("I32", "I64"))):
-            name = base + suffix
-            if name not in weight_map:
-                raise CheckpointError(f"{root / INDEX}: {base}{PACKED} has no {name}")
-            dtype, shape = headers[weight_map[name]][name]
-            if dtype not in dtypes:
+    # One reader per shard: its header is parsed once, not once for every weight the shard holds.
+    readers: dict[str, Reader] = {}
+    with contextlib.ExitStack() as stack:
+        for base in bases:
+            parts = {}
+            for suffix, dtypes in ((PACKED, ("I32",)), (SCALE, ("BF16",)), (SHAPE, ("I32", "I64"))):
+                name = base + suffix
+                if name not in weight_map:
+                    raise CheckpointError(f"{root / INDEX}: {base}{PACKED} has no {name}")
+                dtype, shape = headers[weight_map[name]][name]
+                if dtype not in dtypes:
+                    raise CheckpointError(
+                        f"{root / weight_map[name]}: tensor {name} is {dtype}, expected {' or '.join(dtypes)}"
+                    )
+                parts[suffix] = shape
+            shard = weight_map[base + SHAPE]
+            if parts[SHAPE] != (2,):
                 raise CheckpointError(
-                    f"{root / weight_map[name]}: tensor {name} is {dtype}, expected {' or '.join(dtypes)}"
+                    f"{root / shard}: tensor {base}{SHAPE} has shape {list(parts[SHAPE])}, expected [2]"
                 )
-            parts[suffix] = shape
-        if parts[SHAPE] != (2,):
-            raise CheckpointError(
-                f"{root / weight_map[base + SHAPE]}: tensor {base}{SHAPE} has shape {list(parts[SHAPE])}, expected [2]"
-            )
-        with Reader(root / weight_map[base + SHAPE]) as reader:
-            rows, cols = (int(v) for v in reader.view(base + SHAPE))
-        assert scheme is not None
-        where = f"{root / weight_map[base + PACKED]}: tensor {base}"
-        if cols % 8 or cols % scheme.group_size:
-            raise CheckpointError(f"{where}: group size {scheme.group_size} does not divide the row of {cols} columns")
-        if parts[PACKED] != (rows, cols // 8):
-            raise CheckpointError(
-                f"{where}{PACKED}: shape {list(parts[PACKED])}, expected {[rows, cols // 8]} for {rows}x{cols}"
-            )
-        if parts[SCALE] != (rows, cols // scheme.group_size):
-            raise CheckpointError(
-                f"{where}{SCALE}: shape {list(parts[SCALE])}, expected {[rows, cols // scheme.group_size]}"
-            )
-        found[base] = PackedWeight(base, rows, cols)
+            if shard not in readers:
+                readers[shard] = Reader(root / shard)
+                stack.callback(readers[shard].close)
+            rows, cols = (int(v) for v in readers[shard].view(base + SHAPE))
+            assert scheme is not None
+            where = f"{root / weight_map[base + PACKED]}: tensor {base}"
+            if cols % 8 or cols % scheme.group_size:
+                raise CheckpointError(
+                    f"{where}: group size {scheme.group_size} does not divide the row of {cols} columns"
+                )
+            if parts[PACKED] != (rows, cols // 8):
+                raise CheckpointError(
+                    f"{where}{PACKED}: shape {list(parts[PACKED])}, expected {[rows, cols // 8]} for {rows}x{cols}"
+                )
+            if parts[SCALE] != (rows, cols // scheme.group_size):
+                raise CheckpointError(
+                    f"{where}{SCALE}: shape {list(parts[SCALE])}, expected {[rows, cols // scheme.group_size]}"
+                )
+            found[base] = PackedWeight(base, rows, cols)
     return found

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +58,20 @@ def _build() -> Path:
 
 
 _LIB: Any = None
+# The converter's threads all ask for the kernel at once: one of them builds it.
+_LIB_LOCK = threading.Lock()
 
 
 def kernel() -> Any:
     """The loaded kernel function, building it if needed."""
     global _LIB  # noqa: PLW0603 (one shared library per process)
-    if _LIB is None:
-        lib = ctypes.CDLL(str(_build()))
-        fn = lib.kimi_dequant_int4_rows
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4
-        _LIB = fn
+    with _LIB_LOCK:
+        if _LIB is None:
+            lib = ctypes.CDLL(str(_build()))
+            fn = lib.kimi_dequant_int4_rows
+            fn.restype = None
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4
+            _LIB = fn
     return _LIB
 
 
