@@ -49,10 +49,10 @@ def _bf16_node(model: Mapping[str, Any], preferred: str | None) -> str | None:
     return ready[0] if ready else None
 
 
-def _last_failure(kube: Kube, namespace: str, job: str) -> tuple[int, str, str] | None:
+def _last_failure(pods: list[dict[str, Any]]) -> tuple[int, str, str] | None:
     """(exit code, reason, message) of the most recent failed training pod."""
     failures = []
-    for pod in kube.list_pods(namespace, f"job-name={job}"):
+    for pod in pods:
         for status in (pod.get("status") or {}).get("containerStatuses") or []:
             terminated = (status.get("state") or {}).get("terminated") or {}
             if terminated.get("exitCode") not in (None, 0):
@@ -70,9 +70,9 @@ def _last_failure(kube: Kube, namespace: str, job: str) -> tuple[int, str, str] 
     return code, reason, message
 
 
-def _unscheduled(kube: Kube, namespace: str, job: str) -> str | None:
+def _unscheduled(pods: list[dict[str, Any]]) -> str | None:
     """The scheduler's word on a training pod that does not run yet (e.g. Insufficient memory)."""
-    for pod in kube.list_pods(namespace, f"job-name={job}"):
+    for pod in pods:
         for c in (pod.get("status") or {}).get("conditions") or []:
             if c.get("type") == "PodScheduled" and c.get("status") == "False":
                 return str(c.get("message") or c.get("reason") or "")
@@ -144,7 +144,10 @@ def _observe(
     job_status = job.get("status") or {}
     counts = [int(job_status.get(k) or 0) for k in ("failed", "active", "succeeded")]
     attempts = sum(counts)
-    failure = _last_failure(kube, namespace, job["metadata"]["name"]) if counts[0] else None
+    starting = bool(counts[1] and not job_status.get("ready"))
+    # The Job's pods, listed once when a failed or a starting attempt needs a look at them.
+    pods = kube.list_pods(namespace, f"job-name={job['metadata']['name']}") if counts[0] or starting else []
+    failure = _last_failure(pods) if counts[0] else None
     state = job_state(job)
     suspended = any(
         c.get("type") == "Suspended" and c.get("status") == "True" for c in job_status.get("conditions") or []
@@ -161,8 +164,8 @@ def _observe(
     elif suspended or (spec.suspend and not counts[1]):
         message = "the training Job is suspended (spec.suspend, or waiting for admission by its queue)"
         verdict, phase = Verdict(state="waiting", reason=FtjReason.SUSPENDED, message=message), "Suspended"
-    elif counts[1] and not job_status.get("ready"):
-        why = _unscheduled(kube, namespace, job["metadata"]["name"])
+    elif starting:
+        why = _unscheduled(pods)
         message = f"attempt {attempts} is waiting for the pod to start on {node}" + (f": {why}" if why else "")
         verdict, phase = Verdict(state="progressing", reason=FtjReason.STARTING, message=message), "Pending"
     elif counts[1]:

@@ -87,9 +87,7 @@ class Reconciler:
                 metrics.RECONCILE_SECONDS.labels(kind.kind).observe(time.monotonic() - started)
         verdict = result.verdict
         metrics.RECONCILE_TOTAL.labels(kind.kind, verdict.state).inc()
-        true_types = {"ready": {"Ready"}, "stalled": {"Stalled"}, "progressing": {"Reconciling"}}.get(
-            verdict.state, set()
-        )
+        true_types = {c["type"] for c in result.status.get("conditions") or [] if c.get("status") == "True"}
         metrics.record_conditions(kind.kind, namespace, name, true_types)
         if result.changed and verdict.state == "stalled" and isinstance(body, kopf.Body):
             kopf.warn(body, reason=verdict.reason, message=verdict.message)
