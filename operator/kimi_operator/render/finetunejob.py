@@ -6,7 +6,7 @@ from typing import Any
 
 from kimi_operator.api.exitcodes import TrainExit
 from kimi_operator.api.finetunejob import KIND, PLURAL, FineTuneJobSpec
-from kimi_operator.render.jobs import failure_policy, pinned, template_metadata
+from kimi_operator.render.jobs import pinned, workload_job
 from kimi_operator.render.kimimodel import MOUNT, READY, model_dir, model_label
 from kimi_operator.render.labels import common
 from kimi_operator.render.owner import Owner, status_rbac
@@ -128,39 +128,24 @@ def train_job(owner: Owner, spec: FineTuneJobSpec, node: str, *, storage_path: s
         if hub.token_secret_ref is not None:
             secret = {"name": hub.token_secret_ref.name, "key": hub.token_secret_ref.key}
             env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": secret}})
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": meta,
-        "spec": {
-            "suspend": spec.suspend,
-            "backoffLimit": spec.backoff_limit,
-            # Bad data or config fail at once; crashes and OOM kills count against backoffLimit and
-            # resume from the newest checkpoint; node loss and evictions do not count.
-            "podFailurePolicy": failure_policy(TrainExit),
-            "template": {
-                "metadata": template_metadata(spec.pod_metadata, labels),
-                "spec": {
-                    "restartPolicy": "Never",
-                    "serviceAccountName": service_account_name(owner.name),
-                    # A node holding the model's weights, and the one the checkpoints of earlier
-                    # attempts are on.
-                    "affinity": pinned(
-                        node, {"key": model_label(owner.namespace, model), "operator": "In", "values": [READY]}
-                    ),
-                    "containers": [
-                        {
-                            "name": "train",
-                            "image": image,
-                            "args": args,
-                            "env": env,
-                            "resources": {"requests": resources, "limits": resources},
-                            "volumeMounts": mounts,
-                            "terminationMessagePolicy": "FallbackToLogsOnError",
-                        }
-                    ],
-                    "volumes": volumes,
-                },
-            },
-        },
-    }
+    job = workload_job(
+        meta,
+        pod_labels=labels,
+        pod_metadata=spec.pod_metadata,
+        backoff_limit=spec.backoff_limit,
+        # Bad data or config fail at once; crashes and OOM kills count against backoffLimit and
+        # resume from the newest checkpoint; node loss and evictions do not count.
+        permanent_exit_codes=TrainExit,
+        service_account=service_account_name(owner.name),
+        # A node holding the model's weights, and the one the checkpoints of earlier attempts are on.
+        affinity=pinned(node, {"key": model_label(owner.namespace, model), "operator": "In", "values": [READY]}),
+        container="train",
+        image=image,
+        args=args,
+        env=env,
+        resources=resources,
+        mounts=mounts,
+        volumes=volumes,
+    )
+    job["spec"]["suspend"] = spec.suspend
+    return job

@@ -15,7 +15,7 @@ from kimi_operator.api.base import GROUP
 from kimi_operator.api.exitcodes import PrepareExit
 from kimi_operator.api.kimimodel import KIND, PLURAL, KimiModelSpec, Variant
 from kimi_operator.render import cleanup
-from kimi_operator.render.jobs import failure_policy, pinned, template_metadata
+from kimi_operator.render.jobs import pinned, workload_job
 from kimi_operator.render.kimimodel_paths import MOUNT, NODE_LABEL, model_dir
 from kimi_operator.render.labels import bounded, common
 from kimi_operator.render.owner import Owner, status_rbac
@@ -127,41 +127,25 @@ def prepare_job(owner: Owner, spec: KimiModelSpec, node: str, *, image: str) -> 
         volumes.append({"name": "source", "hostPath": {"path": spec.source.path.path, "type": "Directory"}})
         mounts.append({"name": "source", "mountPath": SOURCE_MOUNT, "readOnly": True})
     resources = {"cpu": str(spec.resources.cpu), "memory": str(spec.resources.memory)}
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": owner.namespace,
-            "labels": labels,
-            "ownerReferences": [owner.reference()],
-        },
-        "spec": {
-            "backoffLimit": 3,
-            # Failures a retry cannot fix end the Job at once; crashes and evictions are retried.
-            "podFailurePolicy": failure_policy(PrepareExit),
-            "template": {
-                "metadata": template_metadata(spec.pod_metadata, labels),
-                "spec": {
-                    "restartPolicy": "Never",
-                    "serviceAccountName": service_account_name(owner.name),
-                    "affinity": pinned(node),
-                    "containers": [
-                        {
-                            "name": "prepare",
-                            "image": image,
-                            "args": args,
-                            "env": env,
-                            "resources": {"requests": resources, "limits": resources},
-                            "volumeMounts": mounts,
-                            "terminationMessagePolicy": "FallbackToLogsOnError",
-                        }
-                    ],
-                    "volumes": volumes,
-                },
-            },
-        },
-    }
+    meta = owner.metadata(name, "prepare")
+    meta["labels"] = labels
+    return workload_job(
+        meta,
+        pod_labels=labels,
+        pod_metadata=spec.pod_metadata,
+        backoff_limit=3,
+        # Failures a retry cannot fix end the Job at once; crashes and evictions are retried.
+        permanent_exit_codes=PrepareExit,
+        service_account=service_account_name(owner.name),
+        affinity=pinned(node),
+        container="prepare",
+        image=image,
+        args=args,
+        env=env,
+        resources=resources,
+        mounts=mounts,
+        volumes=volumes,
+    )
 
 
 def cleanup_job(owner: Owner, spec: KimiModelSpec, node: str, *, image: str) -> dict[str, Any]:
