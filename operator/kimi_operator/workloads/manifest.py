@@ -7,7 +7,6 @@ sha256, and the versions of the tools that produced it.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import platform
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kimi_operator import __version__
+from kimi_operator.api.conditions import now_rfc3339
 from kimi_operator.workloads.safetensors_io import digest_path
 
 MANIFEST = "manifest.json"
@@ -56,7 +56,7 @@ def write(root: Path, *, variant: str, revision: str | None, tools: Mapping[str,
         "revision": revision,
         "files": files,
         "tools": {"kimi-operator": __version__, "python": platform.python_version(), **(tools or {})},
-        "created": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created": now_rfc3339(),
     }
     partial = root / (MANIFEST + ".partial")
     partial.write_text(json.dumps(manifest, indent=2) + "\n")

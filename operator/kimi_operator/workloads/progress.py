@@ -4,7 +4,6 @@ FineTuneJob's ``status.progress`` and ``latestCheckpoint`` by the training pod."
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import sys
 import threading
@@ -12,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kimi_operator.api.conditions import now_rfc3339
 from kimi_operator.api.durations import seconds
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def progress_from_log(record: dict[str, Any], now: str | None = None, tokens_bef
         "epoch": record.get("epoch"),
         "tokensPerSecond": tokens_per_second(record, tokens_before),
         "eta": record.get("remaining_time"),
-        "lastUpdateTime": now or datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "lastUpdateTime": now or now_rfc3339(),
     }
     return {k: v for k, v in progress.items() if v is not None}
 
@@ -109,6 +109,7 @@ class Reporter:
         self.earlier = self.tail.path.stat().st_size if self.tail.path.exists() else 0
         self.last: dict[str, Any] | None = None
         self.status: dict[str, Any] = {}
+        self.applied = False  # whether self.status reached the API (a failed write is tried again)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
 
@@ -125,11 +126,14 @@ class Reporter:
         checkpoint = latest_checkpoint(self.output_dir)
         if checkpoint is not None:
             status["latestCheckpoint"] = str(checkpoint)
-        self.status = status
+        if status == self.status and self.applied:
+            return status  # nothing new in the log since the last write: no request
+        self.status, self.applied = status, False
         print(json.dumps({"event": "progress", **status}), flush=True)
         if self.own is not None:
             try:
                 self.own.apply(status)
+                self.applied = True
             except Exception as exc:
                 print(json.dumps({"event": "warning", "message": f"progress not written: {exc}"}), file=sys.stderr)
         return status

@@ -8,7 +8,6 @@ On a terminal it draws a progress line; otherwise it prints one JSON object per 
 from __future__ import annotations
 
 import collections
-import datetime
 import json
 import sys
 import time
@@ -19,6 +18,7 @@ import kubernetes
 from kubernetes.dynamic import DynamicClient
 
 from kimi_operator.api.base import API_VERSION
+from kimi_operator.api.conditions import now_rfc3339
 from kimi_operator.api.kimimodel import KIND, PLURAL, NodeProgress, PrepareStep
 
 
@@ -55,7 +55,7 @@ def progress(step: PrepareStep, done: int, total: int, rate: float | None, revis
         bytes_per_second=int(rate) if rate is not None else None,
         eta=eta,
         revision=revision,
-        update_time=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        update_time=now_rfc3339(),
     )
 
 

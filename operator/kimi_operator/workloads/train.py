@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from kimi_operator.api.exitcodes import TrainExit
 from kimi_operator.api.finetunejob import KIND, PLURAL
+from kimi_operator.render.llamafactory import TEMPLATE
 from kimi_operator.workloads import adapter, dataset, termination
 from kimi_operator.workloads.progress import Reporter, latest_checkpoint
 
 if TYPE_CHECKING:
     from kimi_operator.workloads.report import OwnStatus
 
-TEMPLATE = "kimi_k25"
 IMAGE_PLACEHOLDER = "<image>"
 
 
