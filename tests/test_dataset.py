@@ -183,3 +183,15 @@ def test_records_longer_than_the_cutoff_are_named(root: Path) -> None:
         "2 records are longer than cutoffLen 40 and will be truncated: line 2 (100 tokens), line 4 (100 tokens)"
         in report.warnings
     )
+
+
+def test_a_record_with_unicode_line_separators_is_one_record(root: Path) -> None:
+    # json.dumps(ensure_ascii=False) writes U+2028, U+0085 and \v unescaped; they end no line.
+    text = "first\u2028second\x85third\x0bfourth"
+    line = json.dumps(
+        {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}]}, ensure_ascii=False
+    )
+    (root / "data.jsonl").write_text(line + "\r\n" + line.replace("ok", "fine") + "\n", encoding="utf-8")
+    report = dataset.validate_file(root / "data.jsonl")
+    assert report.errors == []
+    assert report.records == 2

@@ -231,8 +231,12 @@ def validate_file(
     cutoff_len: int | None = None,
 ) -> Report:
     with path.open(encoding="utf-8") as fh:
-        # A trailing newline is not a blank record.
-        lines = fh.read().splitlines()
+        # Lines as the trainer's `for line in file` sees them (universal newlines): str.splitlines
+        # would also break a record at U+2028, U+0085 or \v, which json.dumps(ensure_ascii=False)
+        # leaves unescaped inside strings.
+        lines = fh.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # a trailing newline is not a blank record
     return validate_lines(lines, key=key, root=root or path.parent, count_tokens=count_tokens, cutoff_len=cutoff_len)
 
 
