@@ -32,11 +32,11 @@ help:
 # A virtual environment from an exact lock. Its directory is named by the lock's hash, so a changed
 # lock gets a new one; the lock file is not a prerequisite (a fresh clone's newer mtime would
 # rebuild environments that are already there):
-# $(call venv_from_lock,<dir>,<lock file>)
+# $(call venv_from_lock,<dir>,<lock files, installed in this order>)
 define venv_from_lock
 	rm -rf $(1)
 	$(PYTHON) -m venv $(1)
-	$(1)/bin/pip install --quiet --disable-pip-version-check --no-deps -r $(2)
+	for lock in $(2); do $(1)/bin/pip install --quiet --disable-pip-version-check --no-deps -r $$lock; done
 	touch $(1)/.complete
 endef
 
@@ -67,11 +67,7 @@ train-env: $(TRAIN_VENV)/.complete
 KT_KEY := $(shell cat requirements/kt.lock requirements/kt-overlay.lock | sha256sum | cut -c1-12)
 KT_VENV := $(CACHE)/venv/kt-$(KT_KEY)
 $(KT_VENV)/.complete:
-	rm -f $(KT_VENV)/.complete
-	$(call venv_from_lock,$(KT_VENV),requirements/kt.lock)
-	rm $(KT_VENV)/.complete
-	$(KT_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements/kt-overlay.lock
-	touch $(KT_VENV)/.complete
+	$(call venv_from_lock,$(KT_VENV),requirements/kt.lock requirements/kt-overlay.lock)
 
 kt-env: $(KT_VENV)/.complete
 
@@ -147,7 +143,7 @@ test: lint verify unit e2e
 bench: bench-convert bench-train
 
 # The tiny LoRA SFT on this machine's CPU (e2e/gpu/run.sh runs the same on a CUDA host).
-bench-train: venv train-env
+bench-train: train-env
 	mkdir -p bench-results
 	rm -rf $(CACHE)/bench-train
 	$(TRAIN_VENV)/bin/python e2e/gpu/tiny_train.py --device cpu --size small --work $(CACHE)/bench-train \

@@ -96,25 +96,28 @@ def http_get(url: str) -> tuple[int, str]:
 
 
 OPERATOR_NAMESPACE = "kimi-system"
+CHART = str(repo_root() / "charts" / "kimi-operator")
+KUBE_VERSION = "1.37.2"
+
+
+def render_chart(cluster: Cluster, *args: str, namespace: str = "default") -> str:
+    """``helm template`` of the chart for the local cluster's version, with extra arguments."""
+    return cluster.tool(
+        "helm", "template", "kimi", CHART, "--namespace", namespace, "--kube-version", KUBE_VERSION, *args
+    )
 
 
 def _operator_kubeconfig(cluster: Cluster, api: kubernetes.client.ApiClient) -> Path:
     """Credentials of the chart's ServiceAccount, so every operator test also proves the chart's RBAC."""
     core = kubernetes.client.CoreV1Api(api)
     core.create_namespace({"metadata": {"name": OPERATOR_NAMESPACE}})
-    rbac = cluster.tool(
-        "helm",
-        "template",
-        "kimi",
-        str(repo_root() / "charts" / "kimi-operator"),
-        "--namespace",
-        OPERATOR_NAMESPACE,
-        "--kube-version",
-        "1.37.2",
+    rbac = render_chart(
+        cluster,
         "--show-only",
         "templates/serviceaccount.yaml",
         "--show-only",
         "templates/rbac.yaml",
+        namespace=OPERATOR_NAMESPACE,
     )
     cluster.kubectl("apply", "--server-side", "-f", "-", input_text=rbac)
     token = core.create_namespaced_service_account_token(

@@ -15,27 +15,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from e2e.conftest import OPERATOR_NAMESPACE, OperatorProcess, PrometheusProcess
+from e2e.conftest import CHART, KUBE_VERSION, OPERATOR_NAMESPACE, OperatorProcess, PrometheusProcess, render_chart
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.devcluster.paths import repo_root
 
 pytestmark = pytest.mark.e2e
 
-CHART = str(repo_root() / "charts" / "kimi-operator")
-
-
-def render(cluster: Cluster, *args: str, namespace: str = "default") -> str:
-    """``helm template`` of the chart for the local cluster's version, with extra arguments."""
-    return cluster.tool("helm", "template", "kimi", CHART, "--namespace", namespace, "--kube-version", "1.37.2", *args)
-
 
 def test_chart_lints(cluster: Cluster) -> None:
-    out = cluster.tool("helm", "lint", "--strict", CHART, "--kube-version", "1.37.2")
+    out = cluster.tool("helm", "lint", "--strict", CHART, "--kube-version", KUBE_VERSION)
     assert "0 chart(s) failed" in out
 
 
 def test_chart_renders_objects_the_apiserver_accepts(cluster: Cluster, namespace: str) -> None:
-    rendered = render(cluster, "--set", "watchNamespaces={a,b}", namespace=namespace)
+    rendered = render_chart(cluster, "--set", "watchNamespaces={a,b}", namespace=namespace)
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(rendered) if d)
     assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
     deployment = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment")
@@ -86,7 +79,7 @@ def test_operator_runs_with_the_chart_service_account(cluster: Cluster, operator
 def test_grafana_dashboard_asks_prometheus_only_what_the_operator_exports(
     cluster: Cluster, namespace: str, operator: OperatorProcess, prometheus: PrometheusProcess
 ) -> None:
-    rendered = render(
+    rendered = render_chart(
         cluster,
         "--set",
         "grafanaDashboard.enabled=true",
@@ -132,7 +125,9 @@ def test_alert_rules_pass_promtool_and_ship_as_a_prometheus_rule(cluster: Cluste
         check=False,
     )
     assert tested.returncode == 0, tested.stdout + tested.stderr
-    rendered = render(cluster, "--set", "prometheusRule.enabled=true", "--show-only", "templates/prometheusrule.yaml")
+    rendered = render_chart(
+        cluster, "--set", "prometheusRule.enabled=true", "--show-only", "templates/prometheusrule.yaml"
+    )
     (rule,) = [d for d in yaml.safe_load_all(rendered) if d]
     assert rule["kind"] == "PrometheusRule"
     assert rule["spec"] == yaml.safe_load((rules / "kimi-operator.rules.yaml").read_text())

@@ -150,6 +150,8 @@ def check_for_sglang(directory: Path) -> Checked:
 
 def _convert_kt(output_dir: Path, partial: Path, *, experts: bool, base_model: str) -> None:
     """Run kt-kernel's converter on a staging copy (it refuses an output inside its input)."""
+    if not experts and not (output_dir / WEIGHTS).is_file():
+        raise ExportError(f"lora.experts is false but {output_dir} has no non-expert {WEIGHTS} to publish")
     check_kt_manifest(output_dir)
     script = kt_converter()
     staging = output_dir / STAGING
@@ -166,8 +168,6 @@ def _convert_kt(output_dir: Path, partial: Path, *, experts: bool, base_model: s
     command = [sys.executable, str(script), str(staging), str(partial if experts else merged)]
     command += ["--base-model-name-or-path", base_model]
     if not experts:
-        if not (output_dir / WEIGHTS).is_file():
-            raise ExportError(f"lora.experts is false but {output_dir} has no non-expert {WEIGHTS} to publish")
         command += ["--nonexpert-output-dir", str(partial)]
     proc = subprocess.run(command, capture_output=True, text=True, check=False)
     shutil.rmtree(staging, ignore_errors=True)
