@@ -11,7 +11,32 @@ import enum
 PERMANENT = 10
 
 
-class PrepareExit(enum.IntEnum):
+# The condition reason the operator reports for each exit: one table for every workload.
+_REASONS = {
+    10: "InvalidCheckpoint",
+    11: "InsufficientDisk",
+    12: "BadToken",
+    13: "UnknownRevision",
+    14: "CorruptFile",
+    15: "UnsupportedNode",
+    16: "ConverterUnavailable",
+    17: "RepoNotFound",
+    20: "InvalidDataset",
+    21: "InvalidTrainingConfig",
+    22: "MissingWeights",
+    23: "AdapterExportFailed",
+}
+
+
+class WorkloadExit(enum.IntEnum):
+    """A permanent failure of a workload command; ``reason`` is what the operator reports."""
+
+    @property
+    def reason(self) -> str:
+        return _REASONS[int(self)]
+
+
+class PrepareExit(WorkloadExit):
     INVALID_CHECKPOINT = 10
     INSUFFICIENT_DISK = 11
     BAD_TOKEN = 12
@@ -21,35 +46,12 @@ class PrepareExit(enum.IntEnum):
     CONVERTER_UNAVAILABLE = 16
     REPO_NOT_FOUND = 17
 
-    @property
-    def reason(self) -> str:
-        """The condition reason the operator reports for this exit."""
-        return {
-            PrepareExit.INVALID_CHECKPOINT: "InvalidCheckpoint",
-            PrepareExit.INSUFFICIENT_DISK: "InsufficientDisk",
-            PrepareExit.BAD_TOKEN: "BadToken",
-            PrepareExit.UNKNOWN_REVISION: "UnknownRevision",
-            PrepareExit.CORRUPT_FILE: "CorruptFile",
-            PrepareExit.UNSUPPORTED_NODE: "UnsupportedNode",
-            PrepareExit.CONVERTER_UNAVAILABLE: "ConverterUnavailable",
-            PrepareExit.REPO_NOT_FOUND: "RepoNotFound",
-        }[self]
 
-
-class TrainExit(enum.IntEnum):
+class TrainExit(WorkloadExit):
     INVALID_DATASET = 20
     INVALID_CONFIG = 21
     MISSING_WEIGHTS = 22
     EXPORT_FAILED = 23
-
-    @property
-    def reason(self) -> str:
-        return {
-            TrainExit.INVALID_DATASET: "InvalidDataset",
-            TrainExit.INVALID_CONFIG: "InvalidTrainingConfig",
-            TrainExit.MISSING_WEIGHTS: "MissingWeights",
-            TrainExit.EXPORT_FAILED: "AdapterExportFailed",
-        }[self]
 
 
 # SIGKILL: the kernel's OOM killer (or the kubelet) ended the container.

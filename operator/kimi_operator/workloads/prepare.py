@@ -21,24 +21,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kimi_operator.api.exitcodes import PrepareExit
+from kimi_operator.api.exitcodes import PrepareExit, WorkloadExit
 from kimi_operator.api.kimimodel import Variant
 from kimi_operator.kubeconfig import load_client
 from kimi_operator.workloads import convert, hub, manifest, termination
 from kimi_operator.workloads.checkpoint import CheckpointError, open_checkpoint
 from kimi_operator.workloads.diskspace import InsufficientDisk, require_free
 from kimi_operator.workloads.report import Reporter, StatusWriter
+from kimi_operator.workloads.termination import WorkloadError
 
 CPU_METHODS = {"cpu-int8": "int8", "cpu-int4": "int4"}
 # kt-kernel's CPU weight converter is not part of its wheel; the prepare image carries it and
 # points here (see images/prepare/Dockerfile).
 KT_CONVERTER_ENV = "KT_CONVERT_SCRIPT"
-
-
-class PrepareError(RuntimeError):
-    def __init__(self, code: PrepareExit, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclasses.dataclass
@@ -99,7 +94,7 @@ def download(req: Request, report: Reporter) -> str | None:
         if not problems:
             break
         if attempt == 1:
-            raise PrepareError(PrepareExit.CORRUPT_FILE, "; ".join(problems))
+            raise WorkloadError(PrepareExit.CORRUPT_FILE, "; ".join(problems))
         # Files that fail verification are fetched once more before giving up.
         bad = {f.path for f in files if any(p.startswith(f"{target / f.path}:") for p in problems)}
         for path in bad:
@@ -144,7 +139,7 @@ def to_cpu(req: Request, variant: Variant, revision: str | None, report: Reporte
         return
     script = os.environ.get(KT_CONVERTER_ENV)
     if not script or not Path(script).exists():
-        raise PrepareError(
+        raise WorkloadError(
             PrepareExit.CONVERTER_UNAVAILABLE,
             f"{variant} needs kt-kernel's CPU weight converter; {KT_CONVERTER_ENV} is "
             f"{'unset' if not script else 'a missing file: ' + script} (use the prepare image)",
@@ -199,15 +194,11 @@ _PERMANENT: tuple[tuple[type[Exception], PrepareExit], ...] = (
 )
 
 
-def exit_code(exc: Exception) -> PrepareExit | None:
+def exit_code(exc: Exception) -> WorkloadExit | None:
     """The permanent failure an exception stands for; None when a retry may succeed."""
-    if isinstance(exc, PrepareError):
+    if isinstance(exc, WorkloadError):
         return exc.code
     return next((code for kind, code in _PERMANENT if isinstance(exc, kind)), None)
-
-
-def _fail(code: PrepareExit, message: str) -> int:
-    return termination.fail(code, code.reason, message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -251,13 +242,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         req.root.mkdir(parents=True, exist_ok=True)
         run(req, report)
-    except (PrepareError, InsufficientDisk, CheckpointError, hub.HubError) as exc:
+    except (WorkloadError, InsufficientDisk, CheckpointError, hub.HubError) as exc:
         code = exit_code(exc)
         if code is None:
             # Network trouble and server errors: exit 1, and the Job retries (downloads resume).
             sys.stderr.write(json.dumps({"event": "error", "reason": "HubError", "message": str(exc)}) + "\n")
             return 1
-        return _fail(code, str(exc))
+        return termination.fail(code, str(exc))
     return 0
 
 

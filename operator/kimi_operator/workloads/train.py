@@ -21,17 +21,12 @@ from kimi_operator.api.finetunejob import KIND, PLURAL
 from kimi_operator.render.llamafactory import TEMPLATE
 from kimi_operator.workloads import adapter, dataset, termination
 from kimi_operator.workloads.progress import Reporter, latest_checkpoint
+from kimi_operator.workloads.termination import WorkloadError
 
 if TYPE_CHECKING:
     from kimi_operator.workloads.report import OwnStatus
 
 IMAGE_PLACEHOLDER = "<image>"
-
-
-class TrainError(RuntimeError):
-    def __init__(self, code: TrainExit, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def to_llamafactory(src: Path, key: str, root: Path, dst: Path) -> int:
@@ -103,10 +98,6 @@ def prepare_kt_environment(args: dict[str, Any]) -> None:
         os.environ.setdefault("ACCELERATE_USE_KT", "true")
 
 
-def _fail(code: TrainExit, message: str) -> int:
-    return termination.fail(code, code.reason, message)
-
-
 def _override(args: dict[str, Any], pairs: Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, _, value = pair.partition("=")
@@ -118,27 +109,23 @@ def fetch_dataset(opts: argparse.Namespace) -> Path:
     """Download the one dataset file at the pinned revision into the output directory."""
     from kimi_operator.workloads import hub  # noqa: PLC0415 (only hub-sourced datasets need it)
 
-    sha, files = hub.resolve(
-        opts.dataset_repo, opts.dataset_revision, token=os.environ.get("HF_TOKEN") or None, endpoint=opts.endpoint
-    )
-    wanted = [f for f in files if f.path == opts.dataset_file]
-    if not wanted:
-        raise TrainError(TrainExit.INVALID_DATASET, f"{opts.dataset_repo}@{sha} has no file {opts.dataset_file}")
-    target = opts.output_dir / "source"
-    target.mkdir(parents=True, exist_ok=True)
-    hub.download(
-        opts.dataset_repo,
-        sha,
-        target,
-        wanted,
-        token=os.environ.get("HF_TOKEN") or None,
-        endpoint=opts.endpoint,
-        max_workers=1,
-        on_progress=None,
-    )
+    token = os.environ.get("HF_TOKEN") or None
+    try:
+        sha, files = hub.resolve(opts.dataset_repo, opts.dataset_revision, token=token, endpoint=opts.endpoint)
+        wanted = [f for f in files if f.path == opts.dataset_file]
+        if not wanted:
+            raise WorkloadError(TrainExit.INVALID_DATASET, f"{opts.dataset_repo}@{sha} has no file {opts.dataset_file}")
+        target = opts.output_dir / "source"
+        target.mkdir(parents=True, exist_ok=True)
+        hub.download(
+            opts.dataset_repo, sha, target, wanted, token=token, endpoint=opts.endpoint, max_workers=1, on_progress=None
+        )
+    except (hub.HubAuthError, hub.RevisionNotFound, hub.RepoNotFound) as exc:
+        # A dataset the hub refuses for good is bad input, not a crash to retry.
+        raise WorkloadError(TrainExit.INVALID_DATASET, str(exc)) from exc
     problems = hub.verify(target, wanted)
     if problems:
-        raise TrainError(TrainExit.INVALID_DATASET, "; ".join(problems))
+        raise WorkloadError(TrainExit.INVALID_DATASET, "; ".join(problems))
     path: Path = target / opts.dataset_file
     return path
 
@@ -156,7 +143,7 @@ def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
         opts.dataset, key=opts.messages_key, root=opts.root, count_tokens=counter, cutoff_len=args.get("cutoff_len")
     )
     if not report.ok:
-        raise TrainError(TrainExit.INVALID_DATASET, report.summary(5))
+        raise WorkloadError(TrainExit.INVALID_DATASET, report.summary(5))
     for warning in report.warnings:
         print(json.dumps({"event": "warning", "message": warning}), flush=True)
     opts.output_dir.mkdir(parents=True, exist_ok=True)
@@ -175,13 +162,13 @@ def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
             run_exp(args)
         except (ValueError, AssertionError) as exc:
             # LLaMA-Factory's argument checks: a config a retry cannot fix.
-            raise TrainError(TrainExit.INVALID_CONFIG, f"LLaMA-Factory refused the configuration: {exc}") from exc
+            raise WorkloadError(TrainExit.INVALID_CONFIG, f"LLaMA-Factory refused the configuration: {exc}") from exc
     try:
         final, checked = adapter.export(
             opts.output_dir, experts=opts.lora_experts, base_model=str(args.get("model_name_or_path", opts.base_model))
         )
     except adapter.ExportError as exc:
-        raise TrainError(TrainExit.EXPORT_FAILED, str(exc)) from exc
+        raise WorkloadError(TrainExit.EXPORT_FAILED, str(exc)) from exc
     published = adapter.status(final, checked, name=opts.adapter_name, node=opts.node, base_model=opts.base_model)
     if own is not None:
         # One field manager owns exactly what its last apply listed: the adapter goes with the last
@@ -226,16 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         own = OwnStatus(load_client(), kind=KIND, plural=PLURAL, namespace=namespace, name=name, manager="kimi-train")
     try:
         train(opts, own)
-    except TrainError as exc:
-        return _fail(exc.code, str(exc))
-    except Exception as exc:
-        if opts.dataset_repo:
-            from kimi_operator.workloads import hub  # noqa: PLC0415 (only hub-sourced datasets need it)
-
-            # A dataset the hub refuses for good is bad input, not a crash to retry.
-            if isinstance(exc, (hub.HubAuthError, hub.RevisionNotFound, hub.RepoNotFound)):
-                return _fail(TrainExit.INVALID_DATASET, str(exc))
-        raise
+    except WorkloadError as exc:
+        return termination.fail(exc.code, str(exc))
     return 0
 
 
