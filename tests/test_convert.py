@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from kimi_operator.workloads import convert, dequant, manifest
+from kimi_operator.workloads import convert, dequant, manifest, native
 from kimi_operator.workloads.checkpoint import CheckpointError, open_checkpoint
 from kimi_operator.workloads.diskspace import InsufficientDisk
 from kimi_operator.workloads.safetensors_io import PlannedTensor, Reader, Writer
@@ -239,3 +243,111 @@ def test_resume_redoes_a_finished_shard_that_no_longer_matches_its_digest(
     resumed = convert.convert(tiny_checkpoint, out, threads=1)
     assert resumed.shards_skipped == []
     assert tensors_of(out) == clean
+
+
+def numpy_checkpoint(root: Path, *, experts: int = 3, rows: int = 48, cols: int = 128, group: int = 32) -> Path:
+    """A small packed INT4 checkpoint written with numpy and our writer alone (no oracle needed): every
+    bit pattern of the packed nibbles and the BF16 scales, over two shards."""
+    rng = np.random.default_rng(7)
+    tensors: dict[str, np.ndarray[Any, Any]] = {
+        "model.embed_tokens.weight": rng.integers(0, 1 << 16, size=(16, cols), dtype=np.uint16),
+        "model.norm.weight": rng.integers(0, 1 << 16, size=(cols,), dtype=np.uint16),
+    }
+    for e in range(experts):
+        base = f"model.layers.1.mlp.experts.{e}.down_proj"
+        tensors[f"{base}.weight_packed"] = rng.integers(-(2**31), 2**31, size=(rows, cols // 8)).astype(np.int32)
+        tensors[f"{base}.weight_scale"] = rng.integers(0, 1 << 16, size=(rows, cols // group), dtype=np.uint16)
+        tensors[f"{base}.weight_shape"] = np.array([rows, cols], dtype=np.int32)
+    dtypes = {np.dtype(np.uint16): "BF16", np.dtype(np.int32): "I32"}
+    root.mkdir(parents=True)
+    names = sorted(tensors)
+    weight_map = {}
+    for i, chunk in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        shard = f"model-{i + 1:05d}-of-00002.safetensors"
+        writer = Writer(root / shard, [PlannedTensor(n, dtypes[tensors[n].dtype], tensors[n].shape) for n in chunk])
+        for name in chunk:
+            writer.write(name, tensors[name])
+        writer.commit()
+        weight_map.update(dict.fromkeys(chunk, shard))
+    (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": group}
+    quant = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+    }
+    (root / "config.json").write_text(json.dumps({"model_type": "kimi_k2", "quantization_config": quant}))
+    return root
+
+
+def _script(path: Path, body: str) -> str:
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+# (case id, CC as built from the test's directory (None: unset), what the warning says).
+NO_KERNEL: list[tuple[str, Callable[[Path], str | None], str]] = [
+    ("no-compiler-on-path", lambda d: None, "no C compiler (cc/gcc) on PATH"),
+    ("cc-names-a-missing-file", lambda d: str(d / "missing-cc"), "No such file or directory"),
+    ("cc-is-not-executable", lambda d: str(d / "notes.txt"), "Permission denied"),
+    ("compiler-fails", lambda d: _script(d / "cc", "echo 'cc: internal error' >&2; exit 1"), "cc: internal error"),
+    (
+        "compiler-writes-no-library",
+        lambda d: _script(d / "cc", 'while [ $# -gt 0 ]; do [ "$1" = -o ] && echo junk > "$2"; shift; done; exit 0'),
+        "cannot load",
+    ),
+]
+
+
+@pytest.mark.parametrize(("cc", "reason"), [n[1:] for n in NO_KERNEL], ids=[n[0] for n in NO_KERNEL])
+def test_without_the_native_kernel_the_conversion_uses_numpy(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    cc: Callable[[Path], str | None],
+    reason: str,
+) -> None:
+    src = numpy_checkpoint(tmp_path / "int4")
+    expected = tensors_of(converted(src, tmp_path / "numpy", use_native=False))
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "notes.txt").write_text("not a compiler")
+    compiler = cc(tools)
+    # No compiler anywhere, no library built by another test, and nothing loaded yet in this process.
+    (tmp_path / "empty-path").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-path"))
+    if compiler is None:
+        monkeypatch.delenv("CC", raising=False)
+    else:
+        monkeypatch.setenv("CC", compiler)
+    monkeypatch.setenv("KIMI_OPERATOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_LIB", None)
+    with caplog.at_level(logging.INFO, logger=convert.__name__):
+        out = converted(src, tmp_path / "bf16")
+    assert tensors_of(out) == expected
+    assert manifest.verify(out) == []
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == convert.__name__]
+    assert (logging.INFO, "dequantization kernel: numpy (the native kernel is unavailable)") in messages
+    (warning,) = [m for level, m in messages if level == logging.WARNING]
+    assert warning.startswith("native dequantization kernel unavailable, falling back to numpy: ")
+    assert reason in warning
+    assert native._LIB is None
+    assert not list((tmp_path / "cache").rglob("*.so"))
+
+
+def test_with_a_compiler_the_native_kernel_runs_and_agrees(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine")
+    src = numpy_checkpoint(tmp_path / "int4")
+    expected = tensors_of(converted(src, tmp_path / "numpy", use_native=False))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("KIMI_OPERATOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_LIB", None)
+    with caplog.at_level(logging.INFO, logger=convert.__name__):
+        out = converted(src, tmp_path / "bf16")
+    assert tensors_of(out) == expected
+    assert "dequantization kernel: native" in caplog.messages
+    assert len(list((tmp_path / "cache").rglob("*.so"))) == 1

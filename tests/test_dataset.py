@@ -41,7 +41,7 @@ BAD: list[tuple[str, str, str]] = [
     (
         "other-key",
         rec(("user", "a"), ("assistant", "b"), key="conversations"),
-        "found 'conversations': set spec.dataset.messagesKey",
+        "uses 'conversations' but earlier records (from line 1) use 'messages'",
     ),
     ("messages-not-list", json.dumps({"messages": "hello"}), "messages must be a non-empty list"),
     ("messages-empty", json.dumps({"messages": []}), "messages must be a non-empty list"),
@@ -133,6 +133,177 @@ def test_conversations_key(root: Path) -> None:
         [rec(("user", "a"), ("assistant", "b"), key="conversations")], key="conversations", root=root
     )
     assert report.ok
+    assert (report.key, report.key_line) == ("conversations", None)
+
+
+CONV = rec(("user", "Hello"), ("assistant", "Hi!"), key="conversations")
+BOTH = json.dumps({"messages": json.loads(GOOD)["messages"], "conversations": json.loads(CONV)["conversations"]})
+NEITHER = json.dumps({"text": "hi"})
+
+# (case id, lines, key given, key used, line it was detected from, errors as "line: message" fragments).
+KEYS: list[tuple[str, list[str], str | None, str | None, int | None, list[tuple[int, str]]]] = [
+    ("guide-shape-detected", [CONV, CONV], None, "conversations", 1, []),
+    ("messages-detected", [GOOD, GOOD_SYSTEM], None, "messages", 1, []),
+    (
+        "mixed-keys-every-differing-line",
+        [GOOD, GOOD, CONV, rec(("user", "a")), CONV],
+        None,
+        "messages",
+        1,
+        [
+            (3, "uses 'conversations' but earlier records (from line 1) use 'messages'"),
+            # Checking goes on after the first differing line.
+            (4, "messages: must end with an assistant turn"),
+            (5, "uses 'conversations' but earlier records (from line 1) use 'messages'"),
+        ],
+    ),
+    (
+        "mixed-keys-conversations-first",
+        [CONV, GOOD],
+        None,
+        "conversations",
+        1,
+        [(2, "uses 'messages' but earlier records (from line 1) use 'conversations'")],
+    ),
+    (
+        "undecided-lines-before-the-deciding-one",
+        ["{", NEITHER, "[1]", BOTH, CONV],
+        None,
+        "conversations",
+        5,
+        [(1, "invalid JSON"), (2, "no 'conversations' key"), (3, "record must be a JSON object")],
+    ),
+    (
+        "no-record-decides",
+        [NEITHER, BOTH],
+        None,
+        None,
+        None,
+        [
+            (1, "no 'messages' or 'conversations' key"),
+            (2, "has both 'messages' and 'conversations' keys: set spec.dataset.messagesKey"),
+        ],
+    ),
+    (
+        "given-key-keeps-the-hint",
+        [GOOD, CONV],
+        "messages",
+        "messages",
+        None,
+        [(2, "no 'messages' key (found 'conversations': set spec.dataset.messagesKey)")],
+    ),
+    (
+        "given-key-other-than-the-records",
+        [CONV],
+        "messages",
+        "messages",
+        None,
+        [(1, "no 'messages' key (found 'conversations': set spec.dataset.messagesKey)")],
+    ),
+    ("given-key-with-both", [BOTH], "conversations", "conversations", None, []),
+]
+
+
+@pytest.mark.parametrize(
+    ("lines", "key", "used", "detected_at", "errors"), [k[1:] for k in KEYS], ids=[k[0] for k in KEYS]
+)
+def test_messages_key_is_given_or_detected(
+    root: Path,
+    lines: list[str],
+    key: str | None,
+    used: str | None,
+    detected_at: int | None,
+    errors: list[tuple[int, str]],
+) -> None:
+    report = dataset.validate_lines(lines, key=key, root=root)
+    assert (report.key, report.key_line) == (used, detected_at)
+    assert [e.line for e in report.errors] == [line for line, _ in errors], report.errors
+    for error, (_, fragment) in zip(report.errors, errors, strict=True):
+        assert fragment in error.message
+    assert report.ok == (not errors)
+
+
+def test_the_guides_conversations_file_passes_the_command(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = root / "train.jsonl"
+    data.write_text(CONV + "\n" + rec(("user", "2+2?"), ("assistant", "4"), key="conversations") + "\n")
+    assert dataset.main([str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "records: 2, messages: 4, images: 0, duplicates: 0, errors: 0" in out
+    assert "messages key: 'conversations' (detected from line 1)" in out
+    assert dataset.main([str(data), "--messages-key=messages"]) == 1
+    out = capsys.readouterr().out
+    assert "messages key: 'messages' (given)" in out
+    assert "error: line 1: no 'messages' key (found 'conversations': set spec.dataset.messagesKey)" in out
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"\r\n", b"\n\n  \n", b"\xef\xbb\xbf", b"\xef\xbb\xbf\n"])
+def test_an_empty_dataset_is_an_error(root: Path, content: bytes, capsys: pytest.CaptureFixture[str]) -> None:
+    data = root / "train.jsonl"
+    data.write_bytes(content)
+    report = dataset.validate_file(data)
+    assert not report.ok
+    assert [str(e) for e in report.errors] == ["no records: the dataset is empty"]
+    assert report.records == 0
+    assert dataset.main([str(data)]) == 1
+    assert "error: no records: the dataset is empty" in capsys.readouterr().out
+
+
+def test_no_lines_is_an_empty_dataset(root: Path) -> None:
+    assert [str(e) for e in dataset.validate_lines([], root=root).errors] == ["no records: the dataset is empty"]
+
+
+def _with(bad: bytes) -> bytes:
+    """A good record whose user content holds ``bad`` (after the accented "é")."""
+    return rec(("user", "caf\u00e9 BAD"), ("assistant", "b")).encode().replace(b"\\u00e9 BAD", "é".encode() + bad)
+
+
+# (case id, bytes of line 2, column of the bad byte in characters, the message's end).
+UTF8: list[tuple[str, bytes, str]] = [
+    ("invalid-start-byte", _with(b"\xff"), "byte 0xff at column 48 (invalid start byte)"),
+    ("lone-continuation-byte", _with(b"\x80"), "byte 0x80 at column 48 (invalid start byte)"),
+    ("cut-sequence-mid-line", _with(b"\xe2\x82"), "byte 0xe2 at column 48 (invalid continuation byte)"),
+    ("cut-sequence-at-line-end", b'{"messages": "x\xe2', "byte 0xe2 at column 16 (unexpected end of data)"),
+    (
+        "latin-1-text",
+        rec(("user", "caf"), ("assistant", "b")).encode().replace(b"caf", b"caf\xe9"),
+        "byte 0xe9 at column 47 (invalid continuation byte)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("line", "message"), [u[1:] for u in UTF8], ids=[u[0] for u in UTF8])
+def test_invalid_utf8_is_reported_with_its_line(
+    root: Path, line: bytes, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = root / "train.jsonl"
+    data.write_bytes(b"\n".join([GOOD.encode(), line, GOOD_SYSTEM.encode(), rec(("user", "a")).encode()]) + b"\n")
+    report = dataset.validate_file(data)
+    assert [e.line for e in report.errors] == [2, 4], report.errors
+    assert report.errors[0].message.startswith("not valid UTF-8: ")
+    assert report.errors[0].message.endswith(message)
+    # The other lines are still checked, and the undecodable one is no record.
+    assert "must end with an assistant turn" in report.errors[1].message
+    assert report.records == 3
+    assert dataset.main([str(data)]) == 1  # a finding, not a crash of the command
+    assert "error: line 2: not valid UTF-8: " in capsys.readouterr().out
+
+
+def test_the_column_of_a_bad_byte_counts_characters(root: Path) -> None:
+    (bad,) = dataset.validate_lines([b'{"a": "\xc3\xa9\xe2\x82\xac\xff"}'], root=root).errors
+    assert bad == dataset.Problem(1, "not valid UTF-8: byte 0xff at column 10 (invalid start byte)")
+
+
+def test_a_leading_byte_order_mark_is_skipped_elsewhere_it_is_an_error(root: Path) -> None:
+    data = root / "train.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + (GOOD + "\r\n" + GOOD_SYSTEM + "\r\n").encode())
+    report = dataset.validate_file(data)
+    assert report.errors == []
+    assert (report.records, report.key, report.key_line) == (2, "messages", 1)
+    # A second mark (files joined with cat) is inside a record: the trainer could not parse it either.
+    data.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\n\xef\xbb\xbf" + GOOD_SYSTEM.encode() + b"\n")
+    (error,) = dataset.validate_file(data).errors
+    assert error.line == 2
+    assert "invalid JSON: Unexpected UTF-8 BOM" in error.message
 
 
 def test_small_sets_and_duplicates_warn_but_pass(root: Path) -> None:

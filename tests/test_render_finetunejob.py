@@ -1,4 +1,7 @@
+import json
 from typing import Any
+
+import pytest
 
 from kimi_operator.api.finetunejob import FineTuneJobSpec
 from kimi_operator.render import finetunejob as render
@@ -51,14 +54,40 @@ def test_thinking_and_expert_lora_switches() -> None:
 
 
 def test_dataset_registration_maps_openai_messages() -> None:
-    info = llamafactory.dataset_info(
-        spec(dataset={"hostPath": {"path": "/d/x.jsonl"}, "messagesKey": "conversations"}), file_name="/d/x.jsonl"
-    )
+    info = llamafactory.dataset_info(file_name="/d/x.jsonl")
     entry = info["kimi_sft"]
+    assert entry["file_name"] == "/d/x.jsonl"
     assert entry["formatting"] == "sharegpt"
-    assert entry["columns"] == {"messages": "conversations", "images": "images"}
+    # The training pod writes the records under `messages`, whatever key the source file uses.
+    assert entry["columns"] == {"messages": "messages", "images": "images"}
     assert entry["tags"]["role_tag"] == "role"
     assert entry["tags"]["assistant_tag"] == "assistant"
+
+
+# (case id, spec.dataset.messagesKey, the pod's --messages-key argument; None: none, it detects the key).
+MESSAGES_KEYS = [
+    ("unset-detects", None, None),
+    ("messages", "messages", "messages"),
+    ("guide", "conversations", "conversations"),
+]
+
+
+@pytest.mark.parametrize(("key", "arg"), [m[1:] for m in MESSAGES_KEYS], ids=[m[0] for m in MESSAGES_KEYS])
+def test_messages_key_reaches_the_pod_only_when_set(key: str | None, arg: str | None) -> None:
+    data: dict[str, Any] = {"hostPath": {"path": "/d/x.jsonl"}}
+    if key is not None:
+        data["messagesKey"] = key
+    s = spec(dataset=data)
+    args = render.train_job(OWNER, s, "n1", storage_path="/s", image="t")["spec"]["template"]["spec"]["containers"][0][
+        "args"
+    ]
+    given = [a.removeprefix("--messages-key=") for a in args if a.startswith("--messages-key")]
+    assert given == ([] if arg is None else [arg])
+    files = llamafactory.config_files(
+        s, model_path="/m", dataset_file="/o/dataset.jsonl", output_dir="/o", config_dir="/c"
+    )
+    registration = json.loads(files["dataset_info.json"])["kimi_sft"]
+    assert registration["columns"] == {"messages": "messages", "images": "images"}
 
 
 def test_job_is_pinned_suspendable_and_queued() -> None:
@@ -129,3 +158,48 @@ def test_a_hub_dataset_is_fetched_by_the_pod_with_the_token_from_a_secret() -> N
     assert not [a for a in container["args"] if a.startswith("--dataset=")]
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}} in container["env"]
     assert "dataset" not in {v["name"] for v in job["spec"]["template"]["spec"]["volumes"]}
+
+
+QUEUE = render.KUEUE_QUEUE_LABEL
+
+
+def live_job(suspend: bool = False, queue: str | None = None) -> dict[str, Any]:
+    job = render.train_job(OWNER, spec(suspend=suspend, queueName=queue), "n1", storage_path="/s", image="i")
+    return job
+
+
+@pytest.mark.parametrize(
+    ("live", "desired", "patch"),
+    [
+        (live_job(), live_job(), None),
+        (live_job(queue="q"), live_job(queue="q"), None),
+        (live_job(), live_job(suspend=True), {"spec": {"suspend": True}}),
+        (live_job(suspend=True), live_job(), {"spec": {"suspend": False}}),
+        (live_job(), live_job(queue="q"), {"metadata": {"labels": {QUEUE: "q"}}}),
+        # A label the merge patch must remove is sent as null.
+        (live_job(queue="q"), live_job(), {"metadata": {"labels": {QUEUE: None}}}),
+        (
+            live_job(queue="a"),
+            live_job(suspend=True, queue="b"),
+            {"spec": {"suspend": True}, "metadata": {"labels": {QUEUE: "b"}}},
+        ),
+    ],
+    ids=["same", "same-queue", "suspend", "resume", "queue-added", "queue-removed", "both"],
+)
+def test_a_live_job_gets_only_the_changes_it_accepts(
+    live: dict[str, Any], desired: dict[str, Any], patch: dict[str, Any] | None
+) -> None:
+    assert render.job_update(live, desired) == patch
+
+
+def test_a_job_rendered_differently_is_left_alone() -> None:
+    # An operator upgrade (or a node change) renders another template: nothing of it is patched.
+    live = live_job()
+    desired = render.train_job(
+        OWNER,
+        spec(podMetadata={"labels": {"team": "legal"}}, backoffLimit=9),
+        "n2",
+        storage_path="/elsewhere",
+        image="new",
+    )
+    assert render.job_update(live, desired) is None

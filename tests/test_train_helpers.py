@@ -1,5 +1,9 @@
 import json
+import sys
+import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,6 +37,20 @@ def test_records_become_text_with_image_placeholders(tmp_path: Path) -> None:
     assert record["messages"][0] == {"role": "user", "content": "What is <image>?"}
     assert record["images"] == [str(tmp_path / "img" / "a.png")]
     assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "prefix"),
+    [("messages", b""), ("conversations", b""), ("conversations", b"\xef\xbb\xbf")],
+    ids=["messages", "conversations", "conversations-with-byte-order-mark"],
+)
+def test_records_are_written_under_messages_whatever_their_key(tmp_path: Path, key: str, prefix: bytes) -> None:
+    # The registration names the `messages` column, whichever key the source file uses.
+    turns = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    (tmp_path / "in.jsonl").write_bytes(prefix + (json.dumps({key: turns}) + "\n").encode() * 2)
+    assert to_llamafactory(tmp_path / "in.jsonl", key, tmp_path, tmp_path / "out.jsonl") == 2
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert records == [{"messages": turns, "images": []}] * 2
 
 
 def test_latest_complete_checkpoint(tmp_path: Path) -> None:
@@ -127,6 +145,71 @@ def test_reporter_after_a_resume(tmp_path: Path) -> None:
     assert second is not None
     assert second["progress"]["step"] == 3
     assert second["progress"]["tokensPerSecond"] == 100.0
+
+
+def fake_llamafactory(monkeypatch: pytest.MonkeyPatch, run_exp: Callable[[dict[str, Any]], None]) -> None:
+    """LLaMA-Factory's entry point, replaced: what reaches it is the test's to see."""
+    monkeypatch.setattr(train, "register_template", lambda: None)
+    for name in ("llamafactory", "llamafactory.train", "llamafactory.train.tuner"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setattr(sys.modules["llamafactory.train.tuner"], "run_exp", run_exp, raising=False)
+
+
+def test_the_pod_trains_on_the_guides_conversations_file_without_a_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    turns = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"}]
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"conversations": turns}) + "\n")
+    out = tmp_path / "out"
+    seen: list[list[dict[str, Any]]] = []
+
+    def run_exp(args: dict[str, Any]) -> None:
+        seen.extend(json.loads(line) for line in (out / "dataset.jsonl").read_text().splitlines())
+        raise ValueError("stop here")  # LLaMA-Factory refusing the configuration
+
+    fake_llamafactory(monkeypatch, run_exp)
+    code = train.main([f"--config-dir={tmp_path / 'config'}", f"--dataset={data}", f"--output-dir={out}"])
+    assert code == TrainExit.INVALID_CONFIG  # past the dataset: it reached the trainer
+    assert seen == [{"messages": turns, "images": []}]
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {"event": "dataset", "records": 1, "key": "conversations"} in events
+
+
+@pytest.mark.parametrize(
+    ("content", "args", "message"),
+    [
+        (b"", [], "no records: the dataset is empty"),
+        (b"\n", [], "no records: the dataset is empty"),
+        (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n', [], "line 1: not valid UTF-8: byte 0xe9"),
+        (
+            b'{"conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n',
+            ["--messages-key=messages"],
+            "line 1: no 'messages' key (found 'conversations': set spec.dataset.messagesKey)",
+        ),
+    ],
+    ids=["empty", "only-a-newline", "not-utf-8", "key-given-other-than-the-records"],
+)
+def test_a_bad_dataset_fails_the_pod_before_training(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    content: bytes,
+    args: list[str],
+    message: str,
+) -> None:
+    def run_exp(args: dict[str, Any]) -> None:
+        raise AssertionError("trained on a bad dataset")
+
+    fake_llamafactory(monkeypatch, run_exp)
+    data, out = tmp_path / "train.jsonl", tmp_path / "o"
+    data.write_bytes(content)
+    code = train.main([f"--config-dir={tmp_path / 'config'}", f"--dataset={data}", f"--output-dir={out}", *args])
+    assert code == TrainExit.INVALID_DATASET
+    error = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert error["reason"] == "InvalidDataset"
+    assert message in error["message"]
+    assert not out.exists()
 
 
 def test_a_bad_dataset_on_the_hub_fails_before_training(

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from kimi_operator.api.base import (
     AbsolutePath,
@@ -69,8 +69,12 @@ class Dataset(ApiModel):
     persistent_volume_claim: PvcDataset | None = Field(default=None, description="Records on a PVC.")
     host_path: HostPathDataset | None = Field(default=None, description="Records on the node.")
     hugging_face: HuggingFaceDataset | None = Field(default=None, description="Records on the hub.")
-    messages_key: Literal["conversations", "messages"] = Field(
-        default="messages", description="Key of each record holding the list of {role, content} messages."
+    messages_key: Literal["conversations", "messages"] | None = Field(
+        default=None,
+        description=(
+            "Key of each record holding the list of {role, content} messages. Detected from the records "
+            "when not set; a file that mixes the two keys is refused."
+        ),
     )
 
 
@@ -144,8 +148,40 @@ class Output(ApiModel):
     )
 
 
+def _same(path: str, why: str) -> dict[str, Any]:
+    """``spec.<path>`` may not change, nor be added or removed, once the object exists.
+
+    A rule on the field itself would not fire when it is added or removed (CEL transition rules run
+    only where both the old and the new value exist), so it sits on the spec, with every step of the
+    path checked by has().
+    """
+    parts = path.split(".")
+
+    def present(root: str) -> str:
+        return " && ".join(f"has({root}.{'.'.join(parts[: i + 1])})" for i in range(len(parts)))
+
+    new, old = present("self"), present("oldSelf")
+    return cel(
+        f"({new}) == ({old}) && (!({new}) || self.{path} == oldSelf.{path})",
+        f"spec.{path} is immutable: {why}; create a new FineTuneJob to change it",
+        field_path=f".{path}",
+    )
+
+
+# Everything that reaches the training Job is fixed at creation (a Job's pod template is immutable);
+# suspend, queueName and output.reclaimPolicy may change.
+_SPEC_RULES: list[Any] = [
+    _same("backoffLimit", "it is the training Job's backoffLimit"),
+    _same("podMetadata", "it is part of the training pod's template"),
+    _same("output.adapterName", "it is an argument of the training pod"),
+]
+
+
 class FineTuneJobSpec(ApiModel):
-    """Desired state of a FineTuneJob. Everything but suspend and queueName is immutable."""
+    """Desired state of a FineTuneJob. Everything but suspend, queueName and output.reclaimPolicy is
+    immutable."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _SPEC_RULES})
 
     model: ObjectRef = Field(
         description="KimiModel (same namespace) whose bf16 variant is trained on. Immutable.",
@@ -194,10 +230,11 @@ class FineTuneJobSpec(ApiModel):
         Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")] | None
     ) = Field(default=None, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label on the Job.")
     backoff_limit: Annotated[int, Field(ge=0, le=100)] = Field(
-        default=3, description="Retries after crashes or node loss (config and data errors are not retried)."
+        default=3,
+        description="Retries after crashes or node loss (config and data errors are not retried). Immutable.",
     )
     pod_metadata: PodMetadata = Field(
-        default_factory=PodMetadata, description="Labels and annotations for the training pod."
+        default_factory=PodMetadata, description="Labels and annotations for the training pod. Immutable."
     )
 
 

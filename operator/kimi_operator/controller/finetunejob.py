@@ -122,8 +122,30 @@ def reconcile(
     )
     kube.apply(render.config_map(owner, files))
     storage = model["spec"]["storage"]["hostPath"]
-    job = kube.apply(render.train_job(owner, spec, node, storage_path=storage, image=settings.trainer_image))
+    desired = render.train_job(owner, spec, node, storage_path=storage, image=settings.trainer_image)
+    # A Job's pod template cannot change: the Job is created once; later passes change only the
+    # fields a live Job accepts (suspend, the queue label), and only when they differ.
+    job = kube.create(desired)
+    update = render.job_update(job, desired)
+    if update:
+        job = kube.merge_patch(job, update)
+    node = _pinned_node(job) or node
     return _observe(kube, spec, namespace=namespace, job=job, node=node, status=status)
+
+
+def _pinned_node(job: Mapping[str, Any]) -> str | None:
+    """The node an existing Job is pinned to (it may predate a change of the model's ready nodes)."""
+    affinity = ((job.get("spec") or {}).get("template") or {}).get("spec", {}).get("affinity") or {}
+    terms = (
+        affinity.get("nodeAffinity", {})
+        .get("requiredDuringSchedulingIgnoredDuringExecution", {})
+        .get("nodeSelectorTerms", [])
+    )
+    for term in terms:
+        for expr in term.get("matchExpressions") or []:
+            if expr.get("key") == "kubernetes.io/hostname" and expr.get("values"):
+                return str(expr["values"][0])
+    return None
 
 
 def _failed(spec: FineTuneJobSpec, failure: tuple[int, str, str] | None, attempts: int) -> tuple[str, str]:
@@ -204,8 +226,4 @@ def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: Fine
         image=settings.trainer_image,
         pod_metadata=spec.pod_metadata,
     )
-    live = kube.get_job(namespace, job["metadata"]["name"])
-    if live is None:
-        kube.apply(job)
-        return [job["metadata"]["name"]]
-    return [] if job_state(live) == "complete" else [job["metadata"]["name"]]
+    return [] if job_state(kube.create(job)) == "complete" else [job["metadata"]["name"]]

@@ -115,7 +115,8 @@ def reconcile(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: Kim
         desired = render.prepare_job(owner, spec, node, image=settings.prepare_image)
         job_name = desired["metadata"]["name"]
         if job_name not in jobs:
-            kube.apply(desired)
+            # Created once: a prepare Job is never updated (its pod template is immutable).
+            jobs[job_name] = kube.create(desired)
         state = job_state(jobs.get(job_name))
         if state == "complete":
             nodes.append(NodeStatus(name=node, phase="Ready", variants=list(spec.variants), job=job_name))
@@ -201,10 +202,6 @@ def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: Kimi
     waiting = []
     for node in holding:
         job = render.cleanup_job(owner, spec, node, image=settings.prepare_image)
-        live = kube.get_job(namespace, job["metadata"]["name"])
-        if live is None:
-            kube.apply(job)
-            waiting.append(job["metadata"]["name"])
-        elif job_state(live) != "complete":
+        if job_state(kube.create(job)) != "complete":
             waiting.append(job["metadata"]["name"])
     return waiting

@@ -2,23 +2,66 @@
 
 Every write of a child object is a server-side apply under one field manager; status is applied
 the same way, so fields owned by the workload pods (their progress) are left alone.
+
+Nothing is written that is already there: a child carries the digest of what was last applied to
+it, and a pass that would apply the same again only reads. An idle cluster costs no writes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
 import kubernetes
 from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import NotFoundError
+from kubernetes.dynamic.exceptions import DynamicApiError, NotFoundError
 
 from kimi_operator.api.kinds import Kind
 from kimi_operator.kubeconfig import load_client as load_config
 
-__all__ = ["FIELD_MANAGER", "Kube", "load_config"]
+__all__ = ["APPLIED_DIGEST", "FIELD_MANAGER", "Kube", "Rejected", "digest", "load_config"]
 
 FIELD_MANAGER = "kimi-operator"
+APPLIED_DIGEST = "kimi-operator.io/applied-digest"
+# Answers a later pass cannot change by itself are refusals of what we sent; the others (conflicts,
+# throttling, a missing namespace being created, server errors) are retried.
+_TRANSIENT = {404, 409, 429}
+
+
+class Rejected(Exception):
+    """The apiserver (or an admission webhook) refused a write; the message is its own."""
+
+    def __init__(self, obj: Mapping[str, Any], exc: DynamicApiError) -> None:
+        meta = obj.get("metadata") or {}
+        where = "/".join(p for p in (meta.get("namespace"), meta.get("name")) if p)
+        super().__init__(f"the apiserver refused {obj.get('kind')} {where}: {_message(exc)}")
+        self.status = int(exc.status or 0)
+
+
+def _message(exc: DynamicApiError) -> str:
+    """The apiserver's own message from a Status body, not the whole request and response."""
+    try:
+        body = json.loads(exc.body or "{}")
+    except ValueError:
+        return str(exc.reason or exc.status)
+    return str(body.get("message") or exc.reason or exc.status)
+
+
+def _refused(obj: Mapping[str, Any], exc: DynamicApiError) -> Exception:
+    return Rejected(obj, exc) if 400 <= int(exc.status or 0) < 500 and exc.status not in _TRANSIENT else exc
+
+
+def digest(obj: Mapping[str, Any]) -> str:
+    """A short digest of a manifest, stable under key order."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:20]
+
+
+def _stamped(obj: Mapping[str, Any], value: str) -> dict[str, Any]:
+    meta = dict(obj["metadata"])
+    meta["annotations"] = {**(meta.get("annotations") or {}), APPLIED_DIGEST: value}
+    return {**obj, "metadata": meta}
 
 
 class Kube:
@@ -40,12 +83,55 @@ class Kube:
         return items
 
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply of ``obj``, unless the live object already holds exactly this.
+
+        Returns the live object. A refusal that a retry cannot fix raises :class:`Rejected`.
+        """
+        meta = obj["metadata"]
+        wanted = digest(obj)
+        live = self.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+        if live is not None and ((live["metadata"].get("annotations") or {}).get(APPLIED_DIGEST)) == wanted:
+            return live
+        return self._apply(_stamped(obj, wanted))
+
+    def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """The live object, created from ``obj`` only when it does not exist; never updated here.
+
+        For children whose spec cannot change once they exist (a Job's pod template): what a later
+        operator version or an edit would render differently is not forced onto them.
+        """
+        meta = obj["metadata"]
+        live = self.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+        return live if live is not None else self._apply(_stamped(obj, digest(obj)))
+
+    def _apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         resource = self._resource(obj["apiVersion"], obj["kind"])
-        result = self.dynamic.server_side_apply(
-            resource, body=dict(obj), field_manager=FIELD_MANAGER, force_conflicts=True
-        )
+        try:
+            result = self.dynamic.server_side_apply(
+                resource, body=dict(obj), field_manager=FIELD_MANAGER, force_conflicts=True
+            )
+        except DynamicApiError as exc:
+            raise _refused(obj, exc) from None
         applied: dict[str, Any] = result.to_dict()
         return applied
+
+    def merge_patch(self, live: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+        """A JSON merge patch of a few fields of ``live`` (those that may change on it)."""
+        meta = live["metadata"]
+        resource = self._resource(live["apiVersion"], live["kind"])
+        try:
+            result = self.dynamic.patch(
+                resource,
+                name=meta["name"],
+                namespace=meta.get("namespace"),
+                body=dict(patch),
+                content_type="application/merge-patch+json",
+                field_manager=FIELD_MANAGER,
+            )
+        except DynamicApiError as exc:
+            raise _refused(live, exc) from None
+        patched: dict[str, Any] = result.to_dict()
+        return patched
 
     def apply_status(self, kind: Kind, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         """Server-side apply of the status fields the operator owns (lists merge by their keys)."""
@@ -65,7 +151,7 @@ class Kube:
             force=True,
         )
 
-    def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
             found: dict[str, Any] = self.dynamic.get(
                 self._resource(api_version, kind), name=name, namespace=namespace

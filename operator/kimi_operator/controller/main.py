@@ -9,7 +9,7 @@ from typing import Any
 
 import kopf
 
-from kimi_operator.controller import finetunejob, handlers, health, kimimodel
+from kimi_operator.controller import handlers, health, registry
 from kimi_operator.controller.kube import Kube, load_config
 
 log = logging.getLogger(__name__)
@@ -28,24 +28,20 @@ class Options:
 
 async def _operate(options: Options) -> None:
     kube = Kube(load_config())
-    registry = kopf.OperatorRegistry()
+    kopf_registry = kopf.OperatorRegistry()
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(registry=kopf_registry)
     def _settings(settings: kopf.OperatorSettings, **_: Any) -> None:
         handlers.configure(settings)
 
-    @kopf.on.login(registry=registry)
+    @kopf.on.login(registry=kopf_registry)
     def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         # The same credentials as our own client: in-cluster, else the kubeconfig.
         info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
         return info
 
-    handlers.register(
-        registry,
-        kube,
-        kimimodel.Settings(prepare_image=options.prepare_image),
-        finetunejob.Settings(trainer_image=options.trainer_image),
-    )
+    controllers = registry.build(kube, registry.Images(prepare=options.prepare_image, trainer=options.trainer_image))
+    handlers.register(kopf_registry, kube, controllers)
     ready = asyncio.Event()
     runners = []
     if options.health_port:
@@ -59,7 +55,7 @@ async def _operate(options: Options) -> None:
     )
     try:
         await kopf.operator(
-            registry=registry,
+            registry=kopf_registry,
             clusterwide=not options.namespaces,
             namespaces=list(options.namespaces),
             standalone=True,

@@ -67,6 +67,13 @@ def _operator_view(value: Any) -> Any:
     return value
 
 
+def kept_status(status: Mapping[str, Any]) -> dict[str, Any]:
+    """The kind's own status fields as the last pass wrote them, for a pass that could not observe
+    anew (a refused write): re-applied as they are, so server-side apply does not drop them."""
+    own = ("observedGeneration", "conditions", "phase", *_POD_OWNED)
+    return {k: v for k, v in status.items() if k not in own}
+
+
 def evaluate(kind: Kind, body: Mapping[str, Any], now: str, work: Work | None = None) -> PassResult:
     generation = int(body.get("metadata", {}).get("generation") or 0)
     status = body.get("status") or {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from kimi_operator.api.exitcodes import TrainExit
@@ -106,13 +107,15 @@ def train_job(owner: Owner, spec: FineTuneJobSpec, node: str, *, storage_path: s
         "train",
         f"--config-dir={CONFIG_MOUNT}",
         f"--dataset={dataset_path}",
-        f"--messages-key={spec.dataset.messages_key}",
         f"--output-dir={output_dir(owner.namespace, model, owner.name)}",
         f"--report={owner.namespace}/{owner.name}",
         "--node=$(NODE_NAME)",
         f"--adapter-name={spec.output.adapter_name or owner.name}",
         f"--base-model={model}",
     ]
+    if spec.dataset.messages_key is not None:
+        # Unset: the pod detects the key from the records.
+        args.append(f"--messages-key={spec.dataset.messages_key}")
     if spec.lora.experts:
         args.append("--lora-experts")
     env: list[dict[str, Any]] = [
@@ -149,3 +152,18 @@ def train_job(owner: Owner, spec: FineTuneJobSpec, node: str, *, storage_path: s
     )
     job["spec"]["suspend"] = spec.suspend
     return job
+
+
+def job_update(live: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The merge patch that brings a live training Job's changeable fields to ``desired``: suspend
+    and the Kueue queue label. Nothing else of a live Job is touched (its template is immutable, and
+    an operator upgrade that renders it differently must not fight a running Job). None when equal.
+    """
+    patch: dict[str, Any] = {}
+    want_suspend = bool((desired.get("spec") or {}).get("suspend"))
+    if bool((live.get("spec") or {}).get("suspend")) != want_suspend:
+        patch["spec"] = {"suspend": want_suspend}
+    want_queue = ((desired.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE_LABEL)
+    if ((live.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE_LABEL) != want_queue:
+        patch["metadata"] = {"labels": {KUEUE_QUEUE_LABEL: want_queue}}
+    return patch or None

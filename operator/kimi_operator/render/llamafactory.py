@@ -65,13 +65,14 @@ def train_args(spec: FineTuneJobSpec, *, model_path: str, dataset_dir: str, outp
     }
 
 
-def dataset_info(spec: FineTuneJobSpec, *, file_name: str) -> dict[str, Any]:
-    """Registration of the records as an OpenAI-style messages dataset."""
+def dataset_info(*, file_name: str) -> dict[str, Any]:
+    """Registration of the records as an OpenAI-style messages dataset. The training pod writes them
+    under ``messages`` whatever key the source file uses (spec.dataset.messagesKey, or detected)."""
     return {
         DATASET_NAME: {
             "file_name": file_name,
             "formatting": "sharegpt",
-            "columns": {"messages": spec.dataset.messages_key, "images": "images"},
+            "columns": {"messages": "messages", "images": "images"},
             "tags": {
                 "role_tag": "role",
                 "content_tag": "content",
@@ -90,5 +91,5 @@ def config_files(
     args = train_args(spec, model_path=model_path, dataset_dir=config_dir, output_dir=output_dir)
     return {
         "train.yaml": json.dumps(args, indent=2, sort_keys=True) + "\n",
-        "dataset_info.json": json.dumps(dataset_info(spec, file_name=dataset_file), indent=2) + "\n",
+        "dataset_info.json": json.dumps(dataset_info(file_name=dataset_file), indent=2) + "\n",
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from kimi_operator.workloads import dequant, manifest
+from kimi_operator.workloads import dequant, manifest, native
 from kimi_operator.workloads.checkpoint import (
     CONFIG,
     INDEX,
@@ -36,6 +37,7 @@ from kimi_operator.workloads.diskspace import require_free
 from kimi_operator.workloads.safetensors_io import PlannedTensor, Reader, Writer, digest_path, planned_size
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +118,22 @@ def _write_json(path: Path, data: Any) -> None:
     partial.rename(path)
 
 
+def choose_kernel(use_native: bool) -> bool:
+    """Whether the compiled kernel runs (True) or the numpy one (False); built here, once, so that a
+    machine without a C compiler (or whose build fails) converts with numpy instead of failing."""
+    if not use_native:
+        log.info("dequantization kernel: numpy (the native kernel was not asked for)")
+        return False
+    try:
+        native.kernel()
+    except native.NativeUnavailable as exc:
+        log.warning("native dequantization kernel unavailable, falling back to numpy: %s", exc)
+        log.info("dequantization kernel: numpy (the native kernel is unavailable)")
+        return False
+    log.info("dequantization kernel: native")
+    return True
+
+
 @dataclasses.dataclass
 class Result:
     shards_written: list[str]
@@ -145,7 +163,9 @@ def convert(
     require_free(out_dir, total + sum(f.stat().st_size for f in _side_files(src)), what="BF16 conversion")
     # Progress counts tensor bytes, so it ends exactly at its total.
     tensor_bytes = sum(t.nbytes for p in todo for t in p.tensors)
-    shard_writer = _ShardConverter(ckpt, out_dir, threads or os.cpu_count() or 1, use_native, tensor_bytes, on_progress)
+    # Decided once, before any shard: every tensor of the run goes through the same kernel.
+    fast = choose_kernel(use_native) if todo else False
+    shard_writer = _ShardConverter(ckpt, out_dir, threads or os.cpu_count() or 1, fast, tensor_bytes, on_progress)
     try:
         for shard_plan in todo:
             shard_writer.write(shard_plan)

@@ -2,11 +2,13 @@
 
 Built on the machine that runs it (``-march=native``: the prepare Job runs on the node that holds
 the weights), cached by source and compiler flags, loaded with ctypes. ctypes releases the GIL, so
-threads over row ranges use every core. Without a C compiler the numpy path is used instead.
+threads over row ranges use every core. Without a C compiler (or when the build fails) the kernel
+raises NativeUnavailable, and the converter uses the numpy path instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -41,19 +43,24 @@ def _build() -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise NativeUnavailable("no C compiler (cc/gcc) on PATH")
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"dequant_int4-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        partial = Path(tmp) / target.name
-        proc = subprocess.run(
-            [compiler, *FLAGS, "-o", str(partial), str(SOURCE)], capture_output=True, text=True, check=False
-        )
-        if proc.returncode != 0:
-            raise NativeUnavailable(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
-        partial.rename(target)
+    try:
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"dequant_int4-{key}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            partial = Path(tmp) / target.name
+            proc = subprocess.run(
+                [compiler, *FLAGS, "-o", str(partial), str(SOURCE)], capture_output=True, text=True, check=False
+            )
+            if proc.returncode != 0:
+                detail = proc.stderr.strip()[-2000:] or f"exit status {proc.returncode}"
+                raise NativeUnavailable(f"{compiler} failed: {detail}")
+            partial.rename(target)
+    except OSError as exc:
+        # CC naming a missing or non-executable file, an unreadable source, an unwritable cache.
+        raise NativeUnavailable(f"cannot build with {compiler}: {exc}") from exc
     return target
 
 
@@ -63,11 +70,18 @@ _LIB_LOCK = threading.Lock()
 
 
 def kernel() -> Any:
-    """The loaded kernel function, building it if needed."""
+    """The loaded kernel function, building it if needed; NativeUnavailable when it cannot be had."""
     global _LIB  # noqa: PLW0603 (one shared library per process)
     with _LIB_LOCK:
         if _LIB is None:
-            lib = ctypes.CDLL(str(_build()))
+            path = _build()
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError as exc:
+                # Not kept in the cache: the next run builds it again rather than fail the same way.
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                raise NativeUnavailable(f"cannot load {path}: {exc}") from exc
             fn = lib.kimi_dequant_int4_rows
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -215,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--report", help="namespace/name of the KimiModel whose status gets this node's progress")
     parser.add_argument("--node", default=os.environ.get("NODE_NAME"), help="this node's name")
     args = parser.parse_args(argv)
+    # The pod's log says which dequantization kernel ran (native, or numpy and why).
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if (args.repo is None) == (args.source_path is None):
         parser.error("give exactly one of --repo (with --revision) or --source-path")
     variants = [v for v in args.variants.split(",") if v]

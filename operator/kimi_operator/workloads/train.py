@@ -31,10 +31,13 @@ IMAGE_PLACEHOLDER = "<image>"
 
 def to_llamafactory(src: Path, key: str, root: Path, dst: Path) -> int:
     """Write the records as LLaMA-Factory reads them: text content, an ``<image>`` placeholder where
-    each image part was, and the image paths (absolute) in ``images``. Returns the record count."""
+    each image part was, and the image paths (absolute) in ``images``. The messages are read from
+    ``key`` and always written under ``messages``, the column the registration names. Returns the
+    record count. Runs on a validated file only."""
     count = 0
     partial = dst.with_name(dst.name + ".partial")
-    with src.open(encoding="utf-8") as fin, partial.open("w", encoding="utf-8") as fout:
+    # utf-8-sig: a leading byte order mark is skipped, as the validator does.
+    with src.open(encoding="utf-8-sig") as fin, partial.open("w", encoding="utf-8") as fout:
         for line in fin:
             if not line.strip():
                 continue
@@ -55,7 +58,7 @@ def to_llamafactory(src: Path, key: str, root: Path, dst: Path) -> int:
                     content = "".join(pieces)
                 messages.append({"role": message["role"], "content": content})
             # The registration names an images column: every record carries one, empty for text only.
-            out: dict[str, Any] = {key: messages, "images": images}
+            out: dict[str, Any] = {"messages": messages, "images": images}
             fout.write(json.dumps(out, ensure_ascii=False) + "\n")
             count += 1
     partial.rename(dst)
@@ -142,14 +145,13 @@ def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
     report = dataset.validate_file(
         opts.dataset, key=opts.messages_key, root=opts.root, count_tokens=counter, cutoff_len=args.get("cutoff_len")
     )
-    if not report.ok:
+    if not report.ok or report.key is None:
         raise WorkloadError(TrainExit.INVALID_DATASET, report.summary(5))
+    print(json.dumps({"event": "dataset", "records": report.records, "key": report.key}), flush=True)
     for warning in report.warnings:
         print(json.dumps({"event": "warning", "message": warning}), flush=True)
     opts.output_dir.mkdir(parents=True, exist_ok=True)
-    to_llamafactory(
-        opts.dataset, opts.messages_key, opts.root or opts.dataset.parent, opts.output_dir / "dataset.jsonl"
-    )
+    to_llamafactory(opts.dataset, report.key, opts.root or opts.dataset.parent, opts.output_dir / "dataset.jsonl")
     checkpoint = latest_checkpoint(opts.output_dir)
     if checkpoint is not None:
         args["resume_from_checkpoint"] = str(checkpoint)
@@ -186,7 +188,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dataset-revision", help="commit sha or tag of --dataset-repo")
     parser.add_argument("--dataset-file", help="JSON-lines file within --dataset-repo")
     parser.add_argument("--endpoint", help="hub endpoint (a mirror)")
-    parser.add_argument("--messages-key", default="messages", choices=["messages", "conversations"])
+    parser.add_argument(
+        "--messages-key",
+        default=None,
+        choices=dataset.KEYS,
+        help="key of each record holding its messages (default: detected from the records)",
+    )
     parser.add_argument("--root", type=Path, help="directory file:// image paths are relative to")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--report", help="namespace/name of the FineTuneJob whose status gets the progress")

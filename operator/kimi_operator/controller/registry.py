@@ -1,0 +1,85 @@
+"""One small protocol every kind's controller implements, and the registry of them.
+
+``handlers.py`` wires kopf to whatever is registered here; a new kind adds a controller and one
+line in :func:`build`, and no branch anywhere else (Kueue's jobframework interface is the model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from kimi_operator.api.conditions import Verdict
+from kimi_operator.api.kinds import FINE_TUNE_JOB, KIMI_MODEL, Kind
+from kimi_operator.controller import finetunejob, kimimodel, metrics
+from kimi_operator.controller.kube import Kube
+
+
+class Controller(Protocol):
+    """What the handlers need from one kind's controller."""
+
+    @property
+    def kind(self) -> Kind: ...
+
+    def reconcile(self, body: Mapping[str, Any], spec: Any) -> tuple[Verdict, dict[str, Any]]:
+        """Do the kind's work for a valid spec; return the verdict and the kind's own status fields."""
+        ...
+
+    def finalize(self, body: Mapping[str, Any], spec: Any | None) -> list[str]:
+        """Undo what the object put outside the cluster's garbage collection; the cleanup Jobs still
+        running (empty when done). ``spec`` is None for an object whose spec never validated."""
+        ...
+
+    def record(self, body: Mapping[str, Any] | None, namespace: str, name: str) -> None:
+        """Export what the pods wrote into status as metrics (None: the object is gone)."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Images:
+    prepare: str
+    trainer: str
+
+
+@dataclasses.dataclass(frozen=True)
+class KimiModelController:
+    kube: Kube
+    settings: kimimodel.Settings
+    kind: Kind
+
+    def reconcile(self, body: Mapping[str, Any], spec: Any) -> tuple[Verdict, dict[str, Any]]:
+        observed = kimimodel.reconcile(self.kube, self.settings, body, spec)
+        return observed.verdict, observed.status
+
+    def finalize(self, body: Mapping[str, Any], spec: Any | None) -> list[str]:
+        return kimimodel.finalize(self.kube, self.settings, body, spec)
+
+    def record(self, body: Mapping[str, Any] | None, namespace: str, name: str) -> None:
+        metrics.record_model(namespace, name, None if body is None else (body.get("status") or {}).get("nodes"))
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuneJobController:
+    kube: Kube
+    settings: finetunejob.Settings
+    kind: Kind
+
+    def reconcile(self, body: Mapping[str, Any], spec: Any) -> tuple[Verdict, dict[str, Any]]:
+        return finetunejob.reconcile(self.kube, self.settings, body, spec)
+
+    def finalize(self, body: Mapping[str, Any], spec: Any | None) -> list[str]:
+        return finetunejob.finalize(self.kube, self.settings, body, spec)
+
+    def record(self, body: Mapping[str, Any] | None, namespace: str, name: str) -> None:
+        metrics.record_training(namespace, name, None if body is None else (body.get("status") or {}).get("progress"))
+
+
+def build(kube: Kube, images: Images) -> dict[str, Controller]:
+    """The controllers of this operator version, by kind name. A kind without one is accepted and
+    validated but reported as awaiting its reconciler."""
+    controllers: list[Controller] = [
+        KimiModelController(kube, kimimodel.Settings(prepare_image=images.prepare), KIMI_MODEL),
+        FineTuneJobController(kube, finetunejob.Settings(trainer_image=images.trainer), FINE_TUNE_JOB),
+    ]
+    return {c.kind.kind: c for c in controllers}

@@ -1,0 +1,128 @@
+"""A pass through the handlers' Reconciler, with a controller of the registry's protocol and a
+recording stand-in for the API client's one status write: refusals of children, and log lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic.exceptions import api_exception
+
+from kimi_operator.api.conditions import Verdict
+from kimi_operator.api.kinds import FINE_TUNE_JOB, LORA_SERVER, Kind
+from kimi_operator.controller import kube as kube_module
+from kimi_operator.controller.handlers import Reconciler
+from kimi_operator.controller.kube import Rejected, digest
+
+JOB = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "t-train", "namespace": "ml"}}
+SPEC = {"model": {"name": "kimi"}, "dataset": {"configMap": {"name": "d", "key": "k"}}}
+
+
+def api_error(status: int, message: str) -> Exception:
+    exc = ApiException(status=status, reason="Refused")
+    exc.body = json.dumps({"kind": "Status", "message": message, "details": {"huge": "x" * 5000}})
+    return api_exception(exc)
+
+
+class StatusRecorder:
+    """Takes the place of the API client for a pass that writes only status."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[str, str, str, dict[str, Any]]] = []
+
+    def apply_status(self, kind: Kind, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        self.writes.append((kind.kind, namespace, name, dict(status)))
+
+
+class Refusing:
+    kind = FINE_TUNE_JOB
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def reconcile(self, body: Mapping[str, Any], spec: Any) -> tuple[Verdict, dict[str, Any]]:
+        raise self.error
+
+    def finalize(self, body: Mapping[str, Any], spec: Any | None) -> list[str]:
+        return []
+
+    def record(self, body: Mapping[str, Any] | None, namespace: str, name: str) -> None:
+        return None
+
+
+def body(generation: int = 2, status: dict[str, Any] | None = None) -> dict[str, Any]:
+    meta = {"name": "t", "namespace": "ml", "generation": generation, "uid": "u"}
+    return {"metadata": meta, "spec": SPEC, "status": status or {}}
+
+
+@pytest.mark.parametrize(
+    ("status", "rejected"),
+    [(400, True), (403, True), (422, True), (404, False), (409, False), (429, False), (500, False), (503, False)],
+)
+def test_which_answers_are_refusals(status: int, rejected: bool) -> None:
+    error = kube_module._refused(JOB, api_error(status, "no"))  # type: ignore[arg-type]
+    assert isinstance(error, Rejected) is rejected
+
+
+def test_a_refusal_names_the_object_and_carries_only_the_apiservers_message() -> None:
+    error = kube_module._refused(JOB, api_error(422, 'Job.batch "t-train" is invalid: field is immutable'))  # type: ignore[arg-type]
+    assert str(error) == 'the apiserver refused Job ml/t-train: Job.batch "t-train" is invalid: field is immutable'
+
+
+def test_a_refused_child_stalls_the_current_generation_and_keeps_what_was_observed() -> None:
+    recorder = StatusRecorder()
+    previous = {"observedGeneration": 1, "phase": "Running", "node": "n1", "attempts": 1, "progress": {"step": 3}}
+    reconciler = Reconciler(
+        recorder, {FINE_TUNE_JOB.kind: Refusing(Rejected(JOB, api_error(403, "exceeded quota: q")))}
+    )  # type: ignore[arg-type]
+    result = reconciler.run(FINE_TUNE_JOB, body(status=previous))
+    assert result is not None
+    ((kind, namespace, name, status),) = recorder.writes
+    assert (kind, namespace, name) == ("FineTuneJob", "ml", "t")
+    assert status["observedGeneration"] == 2
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+    assert stalled["reason"] == "ChildRejected"
+    assert stalled["message"] == "the apiserver refused Job ml/t-train: exceeded quota: q"
+    # What only the last pass could observe is re-applied, so server-side apply keeps it; the pod's
+    # own fields are not the operator's to write.
+    assert (status["node"], status["attempts"]) == ("n1", 1)
+    assert "progress" not in status
+
+
+def test_an_error_a_retry_may_fix_is_raised_for_kopf_to_retry() -> None:
+    recorder = StatusRecorder()
+    reconciler = Reconciler(recorder, {FINE_TUNE_JOB.kind: Refusing(api_error(409, "conflict"))})  # type: ignore[arg-type]
+    with pytest.raises(Exception, match="conflict"):
+        reconciler.run(FINE_TUNE_JOB, body())
+    assert recorder.writes == []
+
+
+def test_the_status_line_names_the_object_not_the_event_source(caplog: pytest.LogCaptureFixture) -> None:
+    # A child Job's event starts a pass of its owner: the line must be filed under the owner.
+    caplog.set_level(logging.INFO, logger="kimi_operator.controller.handlers")
+    reconciler = Reconciler(StatusRecorder(), {})  # type: ignore[arg-type]
+    reconciler.run(LORA_SERVER, {"metadata": {"name": "support", "namespace": "ml", "generation": 1}, "spec": {}})
+    (record,) = [r for r in caplog.records if "status:" in r.getMessage()]
+    assert record.getMessage().startswith("[ml/support] LoraServer status: ")
+
+
+def test_an_unchanged_pass_writes_nothing() -> None:
+    recorder = StatusRecorder()
+    reconciler = Reconciler(recorder, {})  # type: ignore[arg-type]
+    first = reconciler.run(LORA_SERVER, {"metadata": {"name": "s", "namespace": "ml", "generation": 1}, "spec": {}})
+    assert first is not None
+    assert len(recorder.writes) == 1
+    again = {"metadata": {"name": "s", "namespace": "ml", "generation": 1}, "spec": {}, "status": first.status}
+    reconciler.run(LORA_SERVER, again)
+    assert len(recorder.writes) == 1
+
+
+def test_the_applied_digest_ignores_key_order_and_sees_any_change() -> None:
+    a = {"kind": "ConfigMap", "metadata": {"name": "x", "namespace": "n"}, "data": {"a": "1", "b": "2"}}
+    b = {"data": {"b": "2", "a": "1"}, "metadata": {"namespace": "n", "name": "x"}, "kind": "ConfigMap"}
+    assert digest(a) == digest(b)
+    assert digest(a) != digest({**a, "data": {"a": "1", "b": "3"}})
