@@ -28,8 +28,8 @@ from kimi_operator.devcluster import build
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.render.finetunejob import config_map_name
 from kimi_operator.render.kimimodel import model_label
-from kimi_operator.workloads.progress import Reporter
 from kimi_operator.workloads.report import OwnStatus
+from kimi_operator.workloads.train.progress import Reporter
 
 pytestmark = pytest.mark.e2e
 HOLD = {"annotations": {"sim.kimi-operator.io/hold": "true"}}

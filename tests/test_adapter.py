@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kimi_operator.workloads import adapter
+from kimi_operator.workloads.train import adapter
 
 KT_ORACLE = Path(__file__).parent / "oracle" / "kt_adapter.py"
 OPERATOR = Path(__file__).parents[1] / "operator"
@@ -198,7 +198,7 @@ def run_kt(kt_python: str, *args: str, check: bool = True) -> subprocess.Complet
 EXPORT = """
 import json, sys
 from pathlib import Path
-from kimi_operator.workloads import adapter
+from kimi_operator.workloads.train import adapter
 final, checked = adapter.export(Path(sys.argv[1]), experts=sys.argv[2] == "experts", base_model="/models/k/bf16")
 print(json.dumps(adapter.status(final, checked, name="a", node="n", base_model="k")))
 """

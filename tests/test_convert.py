@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kimi_operator.workloads import convert, dequant, manifest, native
-from kimi_operator.workloads.checkpoint import CheckpointError, open_checkpoint
+from kimi_operator.workloads import manifest
 from kimi_operator.workloads.diskspace import InsufficientDisk
+from kimi_operator.workloads.prepare import convert, dequant, native
+from kimi_operator.workloads.prepare.checkpoint import CheckpointError, open_checkpoint
 from kimi_operator.workloads.safetensors_io import PlannedTensor, Reader, Writer
 from tests.checkpoints import load_index, run_oracle
 

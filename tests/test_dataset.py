@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kimi_operator.workloads import dataset
+from kimi_operator.workloads.train import dataset
 
 
 def rec(*turns: tuple[str, object], key: str = "messages") -> str:

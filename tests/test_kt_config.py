@@ -15,7 +15,7 @@ from kimi_operator.render import llamafactory
 OPERATOR = Path(__file__).parents[1] / "operator"
 PARSE = """
 import json, os, sys
-from kimi_operator.workloads import train
+from kimi_operator.workloads.train import command as train
 args = json.load(open(sys.argv[1]))
 args["bf16"] = False  # this machine has no GPU; everything else is what the pod gets
 if sys.argv[2] == "prepared":

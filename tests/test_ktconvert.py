@@ -31,6 +31,8 @@ def test_pinned_allocations_fail_without_the_launcher(oracle_python: str, tmp_pa
 def test_launcher_runs_the_script_with_its_arguments(oracle_python: str, tmp_path: Path) -> None:
     script = tmp_path / "convert_cpu_weights.py"
     script.write_text(SCRIPT)
-    launched = run(oracle_python, "-m", "kimi_operator.workloads.ktconvert", str(script), "--quant-method", "int8")
+    launched = run(
+        oracle_python, "-m", "kimi_operator.workloads.prepare.ktconvert", str(script), "--quant-method", "int8"
+    )
     assert launched.returncode == 0, launched.stderr
     assert launched.stdout.strip() == "converted ['--quant-method', 'int8'] 20"

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from kimi_operator.api.exitcodes import PrepareExit
-from kimi_operator.workloads import manifest, prepare
+from kimi_operator.workloads import manifest
+from kimi_operator.workloads.prepare import command as prepare
 from tests.fakehub import FakeHub
 
 

@@ -17,7 +17,7 @@ from e2e.gpu.tiny_train import spec as tiny_spec
 
 from kimi_operator.api.finetunejob import FineTuneJobSpec
 from kimi_operator.render import llamafactory
-from kimi_operator.workloads.progress import LogTail, latest_checkpoint, progress_from_log
+from kimi_operator.workloads.train.progress import LogTail, latest_checkpoint, progress_from_log
 
 ORACLE = Path(__file__).parent / "oracle" / "tiny_deepseek.py"
 OPERATOR = Path(__file__).parents[1] / "operator"
@@ -97,7 +97,7 @@ def training_command(train_python: str, tiny_model: Path, tmp_path: Path) -> tup
         (config / name).write_text(text)
     common = [
         "-m",
-        "kimi_operator.workloads.train",
+        "kimi_operator.workloads.train.command",
         f"--config-dir={config}",
         f"--dataset={data}",
         f"--output-dir={output}",
@@ -184,7 +184,7 @@ def test_bad_dataset_fails_before_training(train_python: str, tmp_path: Path) ->
     proc = run(
         train_python,
         "-m",
-        "kimi_operator.workloads.train",
+        "kimi_operator.workloads.train.command",
         f"--config-dir={tmp_path / 'config'}",
         f"--dataset={data}",
         f"--output-dir={tmp_path / 'out'}",

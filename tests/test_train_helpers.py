@@ -9,15 +9,15 @@ import pytest
 
 from kimi_operator.api.durations import seconds
 from kimi_operator.api.exitcodes import TrainExit
-from kimi_operator.workloads import train
-from kimi_operator.workloads.progress import (
+from kimi_operator.workloads.train import command as train
+from kimi_operator.workloads.train.command import to_llamafactory
+from kimi_operator.workloads.train.progress import (
     LogTail,
     Reporter,
     latest_checkpoint,
     progress_from_log,
     tokens_per_second,
 )
-from kimi_operator.workloads.train import to_llamafactory
 from tests.fakehub import FakeHub
 
 

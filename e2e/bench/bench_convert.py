@@ -77,7 +77,7 @@ OURS_COMPUTE = """
 import sys, time, json
 from pathlib import Path
 import numpy as np
-from kimi_operator.workloads.dequant import dequantize_fast
+from kimi_operator.workloads.prepare.dequant import dequantize_fast
 from kimi_operator.workloads.safetensors_io import Reader
 elapsed, produced = 0.0, 0
 for shard in sorted(Path(sys.argv[1]).glob("*.safetensors")):
@@ -95,7 +95,7 @@ print(json.dumps({"seconds": elapsed, "bytes": produced}))
 CHILD = """
 import json, sys, time
 from pathlib import Path
-from kimi_operator.workloads.convert import convert
+from kimi_operator.workloads.prepare.convert import convert
 started = time.perf_counter()
 result = convert(Path(sys.argv[1]), Path(sys.argv[2]), threads=int(sys.argv[3]))
 print(json.dumps({"seconds": time.perf_counter() - started, "bytes": result.bytes_written}))

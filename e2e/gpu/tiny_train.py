@@ -1,6 +1,6 @@
 """The tiny LoRA SFT of the CPU test, on whatever device the training environment has, measured.
 
-Runs what the training pod runs (``kimi_operator.workloads.train``) with our rendered LLaMA-Factory
+Runs what the training pod runs (``kimi_operator.workloads.train.command``) with our rendered LLaMA-Factory
 configuration and Kimi template on the tiny DeepSeek-V3-architecture model of
 ``tests/oracle/tiny_deepseek.py``, then prints one JSON summary: the device, the versions, steps,
 loss, the tokens/s our reporter put in status.progress, and whether the exported adapter changes
@@ -109,7 +109,7 @@ def main() -> int:
     started = time.monotonic()
     proc = run(
         "-m",
-        "kimi_operator.workloads.train",
+        "kimi_operator.workloads.train.command",
         f"--config-dir={config}",
         f"--dataset={data}",
         f"--output-dir={output}",

@@ -88,10 +88,14 @@ def _dev_cluster(args: argparse.Namespace) -> int:
 
 # name, "module:function" taking argv, help
 WORKLOAD_COMMANDS = (
-    ("prepare", "kimi_operator.workloads.prepare:main", "download, verify and convert a model's weights on this node"),
-    ("remove-model", "kimi_operator.workloads.prepare:remove_main", "delete a model's files on this node"),
-    ("train", "kimi_operator.workloads.train:main", "the training pod: validate, train, report, export"),
-    ("validate-dataset", "kimi_operator.workloads.dataset:main", "check a chat dataset (JSON lines)"),
+    (
+        "prepare",
+        "kimi_operator.workloads.prepare.command:main",
+        "download, verify and convert a model's weights on this node",
+    ),
+    ("remove-model", "kimi_operator.workloads.prepare.command:remove_main", "delete a model's files on this node"),
+    ("train", "kimi_operator.workloads.train.command:main", "the training pod: validate, train, report, export"),
+    ("validate-dataset", "kimi_operator.workloads.train.dataset:main", "check a chat dataset (JSON lines)"),
 )
 
 

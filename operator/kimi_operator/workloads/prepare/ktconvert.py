@@ -4,7 +4,7 @@ The converter allocates its staging tensors with ``pin_memory=True``, which need
 the prepare pod asks for no GPU, so none is visible. Page-locking only speeds later GPU copies,
 which a conversion never makes: without CUDA the flag is dropped, then the script runs unchanged.
 
-    python -m kimi_operator.workloads.ktconvert CONVERTER.py [converter arguments...]
+    python -m kimi_operator.workloads.prepare.ktconvert CONVERTER.py [converter arguments...]
 """
 
 from __future__ import annotations

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 from kimi_operator.api.exitcodes import TrainExit
 from kimi_operator.api.finetunejob import KIND, PLURAL
 from kimi_operator.render.llamafactory import TEMPLATE
-from kimi_operator.workloads import adapter, dataset, termination
-from kimi_operator.workloads.progress import Reporter, latest_checkpoint
+from kimi_operator.workloads import termination
 from kimi_operator.workloads.termination import WorkloadError
+from kimi_operator.workloads.train import adapter, dataset
+from kimi_operator.workloads.train.progress import Reporter, latest_checkpoint
 
 if TYPE_CHECKING:
     from kimi_operator.workloads.report import OwnStatus

@@ -21,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from kimi_operator.workloads import dequant, manifest, native
-from kimi_operator.workloads.checkpoint import (
+from kimi_operator.workloads import manifest
+from kimi_operator.workloads.diskspace import require_free
+from kimi_operator.workloads.prepare import dequant, native
+from kimi_operator.workloads.prepare.checkpoint import (
     CONFIG,
     INDEX,
     PACKED,
@@ -33,7 +35,6 @@ from kimi_operator.workloads.checkpoint import (
     open_checkpoint,
     text_config,
 )
-from kimi_operator.workloads.diskspace import require_free
 from kimi_operator.workloads.safetensors_io import PlannedTensor, Reader, Writer, digest_path, planned_size
 
 Progress = Callable[[int, int], None]

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from kimi_operator.workloads import native
+from kimi_operator.workloads.prepare import native
 
 Array = np.ndarray[Any, Any]
 

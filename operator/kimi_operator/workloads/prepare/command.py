@@ -25,9 +25,10 @@ from pathlib import Path
 from kimi_operator.api.exitcodes import PrepareExit, WorkloadExit
 from kimi_operator.api.kimimodel import Variant
 from kimi_operator.kubeconfig import load_client
-from kimi_operator.workloads import convert, hub, manifest, termination
-from kimi_operator.workloads.checkpoint import CheckpointError, open_checkpoint
+from kimi_operator.workloads import hub, manifest, termination
 from kimi_operator.workloads.diskspace import InsufficientDisk, require_free
+from kimi_operator.workloads.prepare import convert
+from kimi_operator.workloads.prepare.checkpoint import CheckpointError, open_checkpoint
 from kimi_operator.workloads.report import Reporter, StatusWriter
 from kimi_operator.workloads.termination import WorkloadError
 
@@ -155,7 +156,7 @@ def to_cpu(req: Request, variant: Variant, revision: str | None, report: Reporte
     cmd = [
         sys.executable,
         "-m",
-        "kimi_operator.workloads.ktconvert",
+        "kimi_operator.workloads.prepare.ktconvert",
         script,
         "--input-path", str(bf16),
         "--input-type", "bf16",

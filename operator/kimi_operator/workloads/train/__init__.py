@@ -1,0 +1,1 @@
+"""The trainer image's workload: dataset check, LLaMA-Factory launch, progress, adapter export."""
