@@ -125,7 +125,7 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "lsrv-adapter-two-sources",
         vary(LORA_SERVER, "spec.adapters", [{"name": "a", "path": "/a", "fineTuneJob": {"name": "t"}}]),
         "spec.adapters[0]",
-        "exactly one of fineTuneJob or path",
+        "exactly one of fineTuneJob, path or huggingFace",
     ),
     (
         "lsrv-adapter-colon",
@@ -134,20 +134,38 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "should match",
     ),
     (
-        "lsrv-merged-two",
-        vary(
-            vary(LORA_SERVER, "spec.mode", "MergedExpert"),
-            "spec.adapters",
-            [{"name": "a", "path": "/a"}, {"name": "b", "path": "/b"}],
-        ),
-        "spec.adapters",
-        "MergedExpert mode serves one merged expert adapter",
+        "lsrv-expert-from-ftj",
+        vary(LORA_SERVER, "spec.adapters", [{"name": "a", "fineTuneJob": {"name": "t"}, "expert": True}]),
+        "spec.adapters[0].expert",
+        "known from the FineTuneJob",
     ),
     (
-        "lsrv-merged-gpu-experts",
-        vary(vary(LORA_SERVER, "spec.mode", "MergedExpert"), "spec.engine", {"ktNumGpuExperts": 4}),
-        "spec.engine.ktNumGpuExperts",
-        "ktNumGpuExperts 0",
+        "lsrv-expert-pinned",
+        vary(LORA_SERVER, "spec.adapters", [{"name": "a", "path": "/a", "expert": True, "pinned": True}]),
+        "spec.adapters[0].pinned",
+        "pinned applies to shared adapters only",
+    ),
+    (
+        "lsrv-dedicated-shared",
+        vary(LORA_SERVER, "spec.adapters", [{"name": "a", "path": "/a", "expert": False, "dedicatedReplicas": 2}]),
+        "spec.adapters[0].dedicatedReplicas",
+        "expert adapters only",
+    ),
+    (
+        "lsrv-too-many-pinned",
+        vary(
+            vary(LORA_SERVER, "spec.engine", {"maxLorasPerBatch": 2}),
+            "spec.adapters",
+            [{"name": "a", "path": "/a", "pinned": True}, {"name": "b", "path": "/b", "pinned": True}],
+        ),
+        "spec.adapters",
+        "at most engine.maxLorasPerBatch - 1 adapters can be pinned",
+    ),
+    (
+        "lsrv-method-without-variant",
+        vary(LORA_SERVER, "spec.engine", {"ktMethod": "FP8"}),
+        "spec.engine.ktMethod",
+        "Unsupported value",
     ),
     (
         "lsrv-loaded-below-batch",
@@ -159,7 +177,7 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "lsrv-prefill-threshold-method",
         vary(LORA_SERVER, "spec.engine", {"ktMethod": "AMXINT8", "ktGpuPrefillTokenThreshold": 1024}),
         "spec.engine.ktGpuPrefillTokenThreshold",
-        "RAWINT4",
+        "only to the RAWINT4 method",
     ),
     ("lsrv-negative-replicas", vary(LORA_SERVER, "spec.replicas", -1), "spec.replicas", "greater than or equal to 0"),
     (

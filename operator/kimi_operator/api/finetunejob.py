@@ -95,8 +95,9 @@ class LoraSpec(ApiModel):
         default=False,
         description=(
             "Publish the LoRA of the routed experts too (KTransformers fused expert LoRA, converted to "
-            "per-expert PEFT keys and merged with the rest). Serving such an adapter needs a LoraServer "
-            "in MergedExpert mode; without it only the non-expert part is published."
+            "per-expert PEFT keys and merged with the rest). A LoraServer serves such an adapter on "
+            "replicas of its own (sglang-kt loads expert LoRA only at start); without it only the "
+            "non-expert part is published, which shares replicas with the base model."
         ),
     )
 

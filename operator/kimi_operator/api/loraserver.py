@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field
 
-from kimi_operator.api.base import AbsolutePath, ApiModel, ObjectRef, Quantity, SecretKeyRef, cel
+from kimi_operator.api.base import AbsolutePath, ApiModel, ObjectRef, PodMetadata, Quantity, SecretKeyRef, cel
 from kimi_operator.api.common_status import BaseStatus
 
 KIND = "LoraServer"
@@ -15,33 +15,117 @@ SHORT_NAMES = ("lsrv",)
 
 # Adapter names appear in the OpenAI "model" field as "<served>:<adapter>", so no ':' or '/'.
 AdapterName = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")]
-KtMethod = Literal["AMXINT4", "AMXINT8", "RAWINT4", "FP8", "FP8_PERCHANNEL", "BF16", "LLAMAFILE"]
+# The kt-kernel methods whose expert weights a KimiModel prepares (api.kimimodel.Variant): AMXINT8 ->
+# cpu-int8, AMXINT4 -> cpu-int4, RAWINT4 -> native-int4 (the checkpoint as shipped), BF16 -> bf16.
+KtMethod = Literal["AMXINT4", "AMXINT8", "RAWINT4", "BF16"]
+
+
+class HubAdapter(ApiModel):
+    """A PEFT adapter in a hub repository, pinned to one revision."""
+
+    repo: Annotated[
+        str,
+        Field(min_length=3, max_length=200, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*/[A-Za-z0-9][-A-Za-z0-9_.]*$"),
+    ] = Field(description="Repository id, owner/name.")
+    revision: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\s]+$")] = Field(
+        description="Commit sha (recommended) or tag to download."
+    )
+    subfolder: Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[^/\x00][^\x00]*$")] | None = Field(
+        default=None, description="Directory of the adapter within the repository; the root when unset."
+    )
+    token_secret_ref: SecretKeyRef | None = Field(default=None, description="Secret key holding a hub token.")
+    endpoint: Annotated[str, Field(max_length=2048, pattern=r"^https?://[^\s]+$")] | None = Field(
+        default=None, description="Hub endpoint, for a mirror; defaults to the public hub."
+    )
 
 
 class Adapter(ApiModel):
-    """One adapter to serve: the output of a FineTuneJob, or a PEFT directory on the nodes."""
+    """One adapter to serve, from exactly one source.
+
+    Shared adapters (attention-only LoRA) are loaded at run time on the shared replicas, beside the
+    base model. An expert adapter (LoRA of the routed experts, from a FineTuneJob with
+    ``lora.experts: true``) can only be served by an engine of its own that loads it at start and
+    applies it to every request (sglang-kt's rule): it gets ``dedicatedReplicas`` replicas of its own.
+    """
 
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
-                    "[has(self.fineTuneJob), has(self.path)].exists_one(x, x)",
-                    "exactly one of fineTuneJob or path must be set",
-                )
+                    "[has(self.fineTuneJob), has(self.path), has(self.huggingFace)].exists_one(x, x)",
+                    "exactly one of fineTuneJob, path or huggingFace must be set",
+                ),
+                cel(
+                    "!has(self.fineTuneJob) || !has(self.expert)",
+                    "expert is known from the FineTuneJob's exported adapter; set it only for path and "
+                    "huggingFace sources",
+                    field_path=".expert",
+                ),
+                cel(
+                    "!has(self.fineTuneJob) || !has(self.sha256)",
+                    "sha256 is known from the FineTuneJob's exported adapter; set it only for path and "
+                    "huggingFace sources",
+                    field_path=".sha256",
+                ),
+                cel(
+                    "!(has(self.expert) && self.expert && has(self.pinned) && self.pinned)",
+                    "an expert adapter has replicas of its own and is never evicted: pinned applies to "
+                    "shared adapters only",
+                    field_path=".pinned",
+                ),
+                cel(
+                    "!has(self.dedicatedReplicas) || !has(self.expert) || self.expert",
+                    "dedicatedReplicas applies to expert adapters only",
+                    field_path=".dedicatedReplicas",
+                ),
             ]
         }
     )
 
-    name: AdapterName = Field(description="Adapter name; clients select it with model `<servedModelName>:<name>`.")
-    fine_tune_job: ObjectRef | None = Field(default=None, description="FineTuneJob whose exported adapter is served.")
-    path: AbsolutePath | None = Field(default=None, description="PEFT adapter directory present on the serving nodes.")
-    pinned: bool = Field(default=False, description="Keep the adapter loaded; never evict it.")
+    name: AdapterName = Field(
+        description="Adapter name; clients select it with model `<servedModelName>:<name>` (or the bare name)."
+    )
+    fine_tune_job: ObjectRef | None = Field(
+        default=None,
+        description=(
+            "FineTuneJob (same namespace) whose exported adapter is served; it is loaded when the job "
+            "succeeds and replaced on every replica, without a restart, when a newer export appears."
+        ),
+    )
+    path: AbsolutePath | None = Field(
+        default=None, description="PEFT adapter directory present at this path on the serving nodes."
+    )
+    hugging_face: HubAdapter | None = Field(default=None, description="PEFT adapter in a hub repository.")
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = Field(
+        default=None,
+        description=(
+            "Expected sha256 of adapter_model.safetensors (path and huggingFace sources); the files are "
+            "checked against it before any engine sees them."
+        ),
+    )
+    expert: bool | None = Field(
+        default=None,
+        description=(
+            "The adapter carries LoRA of the routed experts (path and huggingFace sources; a FineTuneJob "
+            "says so itself). Expert adapters are served on dedicated replicas."
+        ),
+    )
+    dedicated_replicas: Annotated[int, Field(ge=1, le=16)] | None = Field(
+        default=None, description="Replicas of its own for an expert adapter (default 1)."
+    )
+    pinned: bool = Field(default=False, description="Shared adapters: load on every shared replica and never evict it.")
 
 
 class Engine(ApiModel):
     """SGLang and kt-kernel settings."""
 
-    kt_method: KtMethod = Field(default="AMXINT8", description="kt-kernel CPU expert method (--kt-method).")
+    kt_method: KtMethod = Field(
+        default="AMXINT8",
+        description=(
+            "kt-kernel CPU expert method (--kt-method); the KimiModel must prepare its variant: AMXINT8 "
+            "cpu-int8, AMXINT4 cpu-int4, RAWINT4 native-int4, BF16 bf16."
+        ),
+    )
     kt_cpuinfer: Annotated[int, Field(ge=1, le=1024)] | None = Field(
         default=None, description="CPU inference threads, usually the physical cores (--kt-cpuinfer)."
     )
@@ -49,27 +133,47 @@ class Engine(ApiModel):
         default=1, description="Thread pools, usually the NUMA nodes (--kt-threadpool-count)."
     )
     kt_num_gpu_experts: Annotated[int, Field(ge=0, le=384)] = Field(
-        default=0, description="Routed experts kept on the GPU (--kt-num-gpu-experts)."
+        default=0,
+        description="Routed experts kept on the GPU per layer (--kt-num-gpu-experts); 0 on expert-adapter replicas.",
     )
     kt_gpu_prefill_token_threshold: Annotated[int, Field(ge=1)] | None = Field(
-        default=None, description="Prefill on GPU above this many tokens; RAWINT4 and FP8 methods only."
+        default=None,
+        description=("Prefill on GPU above this many tokens (RAWINT4 only); not rendered on expert-adapter replicas."),
     )
     tensor_parallel_size: Annotated[int, Field(ge=1, le=16)] = Field(default=1, description="GPUs per replica (--tp).")
     context_length: Annotated[int, Field(ge=256, le=262144)] | None = Field(
         default=None, description="Maximum context length (--context-length)."
     )
-    max_running_requests: Annotated[int, Field(ge=1, le=4096)] = Field(
-        default=16, description="Concurrent requests per replica (--max-running-requests)."
+    max_running_requests: Annotated[int, Field(ge=2, le=4096)] = Field(
+        default=16,
+        description="Concurrent requests per replica (--max-running-requests); sglang-kt's expert LoRA needs 2+.",
     )
-    lora_backend: Literal["triton", "csgmv"] = Field(default="csgmv", description="LoRA kernel (--lora-backend).")
-    max_loras_per_batch: Annotated[int, Field(ge=1, le=128)] = Field(
-        default=8, description="Adapters mixed in one batch (--max-loras-per-batch)."
+    lora_backend: Literal["triton", "csgmv", "torch_native"] = Field(
+        default="csgmv", description="LoRA kernel (--lora-backend)."
     )
-    max_loaded_loras: Annotated[int, Field(ge=1, le=1024)] | None = Field(
-        default=None, description="Adapters kept loaded per replica (--max-loaded-loras)."
+    max_loras_per_batch: Annotated[int, Field(ge=2, le=128)] = Field(
+        default=8, description="Adapters mixed in one batch, the base model's slot included (--max-loras-per-batch)."
+    )
+    max_loaded_loras: Annotated[int, Field(ge=2, le=1024)] | None = Field(
+        default=None,
+        description=(
+            "Adapters kept loaded per shared replica (--max-loaded-loras; default maxLorasPerBatch). When "
+            "the shared adapters do not all fit, each is placed on placement.replicasPerAdapter replicas."
+        ),
     )
     max_lora_rank: Annotated[int, Field(ge=1, le=1024)] = Field(
         default=64, description="Largest adapter rank that can be loaded at run time (--max-lora-rank)."
+    )
+    lora_target_modules: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z_][a-z0-9_]*$")]],
+        Field(min_length=1, max_length=32),
+    ] = Field(
+        default_factory=lambda: ["all"],
+        description=(
+            "Modules adapters may target (--lora-target-modules), fixed at start so adapters can load "
+            "later; `all` is every module SGLang supports for the model."
+        ),
+        json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     lora_eviction_policy: Literal["lru", "fifo"] = Field(default="lru", description="--lora-eviction-policy.")
     extra_args: Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=64)] = Field(
@@ -103,6 +207,19 @@ class Router(ApiModel):
     )
 
 
+class Placement(ApiModel):
+    """How shared adapters are spread over the shared replicas."""
+
+    replicas_per_adapter: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=2,
+        description=(
+            "When the shared adapters do not all fit in engine.maxLoadedLoras, each is loaded on this "
+            "many shared replicas, chosen by rendezvous hashing (scaling moves few adapters). Pinned "
+            "adapters are on every shared replica."
+        ),
+    )
+
+
 # Rules that relate several fields of the spec.
 _SPEC_RULES: list[Any] = [
     cel(
@@ -111,25 +228,22 @@ _SPEC_RULES: list[Any] = [
         field_path=".adapters",
     ),
     cel(
-        "self.mode != 'MergedExpert' || size(self.adapters) <= 1",
-        "MergedExpert mode serves one merged expert adapter per LoraServer",
+        "self.adapters.filter(a, has(a.pinned) && a.pinned).size() < self.engine.maxLorasPerBatch",
+        "at most engine.maxLorasPerBatch - 1 adapters can be pinned (the base model takes a slot)",
         field_path=".adapters",
     ),
     cel(
-        "self.mode != 'MergedExpert' || self.engine.ktNumGpuExperts == 0",
-        "MergedExpert mode needs engine.ktNumGpuExperts 0 (expert LoRA runs on the CPU experts)",
-        field_path=".engine.ktNumGpuExperts",
-    ),
-    cel(
-        "self.mode != 'MergedExpert' || self.engine.maxRunningRequests >= 2",
-        "MergedExpert mode needs engine.maxRunningRequests of at least 2",
-        field_path=".engine.maxRunningRequests",
+        "self.adapters.filter(a, has(a.pinned) && a.pinned).size() <= "
+        "(has(self.engine.maxLoadedLoras) ? self.engine.maxLoadedLoras : self.engine.maxLorasPerBatch)",
+        "more pinned adapters than a replica keeps loaded (engine.maxLoadedLoras)",
+        field_path=".adapters",
     ),
 ]
 
 
 class LoraServerSpec(ApiModel):
-    """Desired state of a LoraServer."""
+    """Desired state of a LoraServer: one endpoint for the base model, shared adapters on shared
+    replicas, and each expert adapter on dedicated replicas of its own."""
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _SPEC_RULES})
 
@@ -137,25 +251,26 @@ class LoraServerSpec(ApiModel):
     served_model_name: Annotated[
         str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
     ] = Field(default="kimi-k2.5", description="Base model name clients send in the OpenAI `model` field.")
-    mode: Literal["MultiAdapter", "MergedExpert"] = Field(
-        default="MultiAdapter",
-        description=(
-            "MultiAdapter: many attention-only adapters per replica through SGLang's LoRA manager. "
-            "MergedExpert: one adapter with expert LoRA merged per replica (KTransformers path)."
-        ),
+    replicas: Annotated[int, Field(ge=0, le=64)] = Field(
+        default=1,
+        description="Shared replicas: the base model and the shared adapters. Expert adapters add their own.",
     )
-    replicas: Annotated[int, Field(ge=0, le=64)] = Field(default=1, description="Engine replicas.")
     adapters: Annotated[list[Adapter], Field(max_length=256)] = Field(
         default_factory=list,
-        description="Adapters to serve; loaded and unloaded at run time as this list changes.",
+        description="Adapters to serve; shared ones are loaded and unloaded at run time as this list changes.",
         json_schema_extra={
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["name"],
         },
     )
+    placement: Placement = Field(default_factory=Placement, description="Spread of shared adapters.")
     engine: Engine = Field(
         default_factory=Engine,
-        description="SGLang and kt-kernel settings.",
+        description=(
+            "SGLang and kt-kernel settings, for every replica; expert-adapter replicas render sglang-kt's "
+            "restrictions over them (no GPU experts, no GPU prefill threshold, CUDA graphs off). A change "
+            "rolls the replicas one at a time."
+        ),
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
@@ -164,8 +279,8 @@ class LoraServerSpec(ApiModel):
                     field_path=".maxLoadedLoras",
                 ),
                 cel(
-                    "!has(self.ktGpuPrefillTokenThreshold) || self.ktMethod in ['RAWINT4', 'FP8', 'FP8_PERCHANNEL']",
-                    "ktGpuPrefillTokenThreshold applies only to the RAWINT4, FP8 and FP8_PERCHANNEL methods",
+                    "!has(self.ktGpuPrefillTokenThreshold) || self.ktMethod == 'RAWINT4'",
+                    "ktGpuPrefillTokenThreshold applies only to the RAWINT4 method",
                     field_path=".ktGpuPrefillTokenThreshold",
                 ),
             ]
@@ -174,17 +289,75 @@ class LoraServerSpec(ApiModel):
     sampling: Sampling = Field(default_factory=Sampling, description="Router-side sampling defaults.")
     resources: ServeResources = Field(default_factory=ServeResources, description="Resources of each engine pod.")
     router: Router = Field(default_factory=Router, description="The OpenAI-compatible router.")
+    pod_metadata: PodMetadata = Field(
+        default_factory=PodMetadata, description="Labels and annotations for the engine pods."
+    )
+
+
+AdapterState = Literal["Pending", "Loaded", "Failed", "Unavailable"]
 
 
 class AdapterPlacement(ApiModel):
-    """Where one adapter is loaded, as verified against the engines."""
+    """One adapter as the engines report it."""
 
     name: Annotated[str, Field(max_length=63)] = Field(description="Adapter name.")
-    state: Literal["Pending", "Loaded", "Failed", "Unloading"] = Field(description="Load state across replicas.")
-    replicas: Annotated[list[Annotated[str, Field(max_length=253)]], Field(max_length=64)] = Field(
-        default_factory=list, description="Engine pods where the engine lists the adapter as loaded."
+    kind: Literal["Shared", "Expert", "Unknown"] = Field(
+        description="Shared (loaded at run time beside the base) or Expert (replicas of its own); Unknown "
+        "until its source says."
     )
-    message: Annotated[str, Field(max_length=4096)] | None = Field(default=None, description="Why it failed.")
+    state: AdapterState = Field(
+        description=(
+            "Loaded: every replica it is placed on lists it in /v1/models. Pending: not yet everywhere. "
+            "Failed: an engine refused it (message has the engine's words). Unavailable: its files cannot "
+            "be had (message says where they are and what to do)."
+        )
+    )
+    sha256: Annotated[str, Field(max_length=64)] | None = Field(
+        default=None, description="sha256 of adapter_model.safetensors being served."
+    )
+    source: Annotated[str, Field(max_length=4096)] | None = Field(
+        default=None, description="Where the files come from."
+    )
+    placed: Annotated[list[Annotated[str, Field(max_length=253)]], Field(max_length=64)] = Field(
+        default_factory=list, description="Replicas it is meant to be loaded on."
+    )
+    replicas: Annotated[list[Annotated[str, Field(max_length=253)]], Field(max_length=64)] = Field(
+        default_factory=list, description="Replicas whose engine lists it in /v1/models."
+    )
+    message: Annotated[str, Field(max_length=4096)] | None = Field(default=None, description="Why, when not Loaded.")
+
+
+class AdapterError(ApiModel):
+    """An adapter an engine refused, with the engine's own words."""
+
+    name: Annotated[str, Field(max_length=63)] = Field(description="Adapter name.")
+    sha256: Annotated[str, Field(max_length=64)] | None = Field(default=None, description="Files that were refused.")
+    message: Annotated[str, Field(max_length=4096)] = Field(description="The engine's error message.")
+
+
+class EngineReport(ApiModel):
+    """What one replica's adapter agent saw on its engine; written by that agent only."""
+
+    name: Annotated[str, Field(max_length=253)] = Field(description="Replica (engine pod) name.")
+    engine_up: bool = Field(description="The engine answered its last /v1/models.")
+    adapters: Annotated[list[Annotated[str, Field(max_length=63)]], Field(max_length=1024)] = Field(
+        default_factory=list,
+        description="Adapters the engine lists in /v1/models (names of this LoraServer only).",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    loaded_sha256: dict[str, Annotated[str, Field(max_length=64)]] = Field(
+        default_factory=dict, description="sha256 of the files each listed adapter was loaded from."
+    )
+    errors: Annotated[list[AdapterError], Field(max_length=256)] = Field(
+        default_factory=list,
+        description="Adapters the engine refused.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    last_sync_time: Annotated[str, Field(max_length=64)] | None = Field(
+        default=None,
+        description="When the agent last compared the engine with the placement (RFC 3339).",
+        json_schema_extra={"format": "date-time"},
+    )
 
 
 class LoraServerStatus(BaseStatus):
@@ -192,21 +365,32 @@ class LoraServerStatus(BaseStatus):
 
     replicas: Annotated[int, Field(ge=0)] | None = Field(default=None, description="Engine pods that exist.")
     ready_replicas: Annotated[int, Field(ge=0)] | None = Field(default=None, description="Engine pods that are ready.")
+    desired_replicas: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="Engine pods wanted: shared replicas plus each expert adapter's own."
+    )
+    adapters_loaded: Annotated[int, Field(ge=0)] | None = Field(default=None, description="Adapters Loaded.")
+    adapters_total: Annotated[int, Field(ge=0)] | None = Field(default=None, description="Adapters in the spec.")
     adapters: Annotated[list[AdapterPlacement], Field(max_length=256)] = Field(
         default_factory=list,
-        description="Per-adapter placement.",
+        description="Per-adapter state, from what the engines list.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    engines: Annotated[list[EngineReport], Field(max_length=1024)] = Field(
+        default_factory=list,
+        description="Per-replica reports of the adapter agents (each agent writes its own entry).",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     endpoint: Annotated[str, Field(max_length=2048)] | None = Field(
-        default=None, description="In-cluster URL of the OpenAI-compatible router."
+        default=None, description="In-cluster URL of the OpenAI-compatible endpoint."
     )
 
 
 PRINTER_COLUMNS = (
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
-    {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"},
-    {"name": "Mode", "type": "string", "jsonPath": ".spec.mode", "priority": 1},
-    {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 1},
+    {"name": "Replicas", "type": "integer", "jsonPath": ".status.desiredReplicas"},
+    {"name": "Adapters", "type": "integer", "jsonPath": ".status.adaptersLoaded"},
+    {"name": "Of", "type": "integer", "jsonPath": ".status.adaptersTotal"},
+    {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 )

@@ -10,7 +10,7 @@ Two shapes come out of LLaMA-Factory 0.9.5:
   turns it into per-expert PEFT keys, merged with the non-expert part or split from it.
 
 ``lora.experts`` chooses what is published from a KTransformers run: the merged adapter (one per
-replica, served in MergedExpert mode) or the non-expert part only (many per replica). Whatever the
+engine, served on a LoraServer's dedicated replicas) or the non-expert part only (many per replica). Whatever the
 shape, the result is checked the way SGLang reads it (one rank, every lora_A with its lora_B, keys of
 the declared target modules) in ``<output>/adapter.partial`` and renamed to ``<output>/adapter``
 only when complete.
