@@ -49,6 +49,7 @@ def _run(args: argparse.Namespace) -> int:
             priority=args.priority,
             prepare_image=args.prepare_image,
             trainer_image=args.trainer_image,
+            engine_image=args.engine_image,
         )
     )
 
@@ -96,6 +97,11 @@ WORKLOAD_COMMANDS = (
     ("remove-model", "kimi_operator.workloads.prepare.command:remove_main", "delete a model's files on this node"),
     ("train", "kimi_operator.workloads.train.command:main", "the training pod: validate, train, report, export"),
     ("validate-dataset", "kimi_operator.workloads.train.dataset:main", "check a chat dataset (JSON lines)"),
+    (
+        "serve-agent",
+        "kimi_operator.workloads.serve.agent:main",
+        "the engine pod's adapter agent (load, verify, report)",
+    ),
 )
 
 
@@ -125,6 +131,11 @@ def parser() -> argparse.ArgumentParser:
         "--trainer-image",
         default=os.environ.get("KIMI_TRAINER_IMAGE", "ghcr.io/kimi-operator/trainer:0.1.0"),
         help="image of the training Jobs (env KIMI_TRAINER_IMAGE)",
+    )
+    run.add_argument(
+        "--engine-image",
+        default=os.environ.get("KIMI_ENGINE_IMAGE", "ghcr.io/kimi-operator/engine:0.1.0"),
+        help="image of the serving engines and their adapter agents (env KIMI_ENGINE_IMAGE)",
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="text", choices=["text", "json"], help="json for log collectors")

@@ -25,6 +25,9 @@ from kimi_operator.controller.reconcile import PassResult, Work, evaluate, kept_
 from kimi_operator.controller.registry import Controller
 from kimi_operator.render.labels import MANAGED_BY, OPERATOR
 
+# Long-running children (engine pods) name their owner in this label's kind-specific key.
+COMPONENT = "app.kubernetes.io/component"
+
 ANNOTATION_PREFIX = GROUP
 FINALIZER = f"{GROUP}/finalizer"
 # A safety net behind the Job watch: also catches node changes (labels, readiness, new nodes).
@@ -139,10 +142,16 @@ def register(registry: kopf.OperatorRegistry, kube: Kube, controllers: Mapping[s
             reconcile
         )
 
-        # Every status write of a pod reaches Prometheus at once, not at the next pass.
-        def record(event: kopf.RawEvent, body: kopf.Body, controller: Controller = controller, **_: Any) -> None:
+        # Every status write of a pod reaches Prometheus at once, not at the next pass; for a kind
+        # whose conditions follow what pods report, it also runs a pass (which writes nothing when
+        # the conditions do not change, so its own write ends the chain).
+        def record(
+            event: kopf.RawEvent, body: kopf.Body, kind: Kind = kind, controller: Controller = controller, **_: Any
+        ) -> None:
             gone = event.get("type") == "DELETED"
             controller.record(None if gone else body, body["metadata"]["namespace"], body["metadata"]["name"])
+            if controller.follows_status and not gone:
+                reconciler.run(kind, body)
 
         kopf.on.event(*resource, registry=registry, id="record")(record)
 
@@ -169,6 +178,17 @@ def register(registry: kopf.OperatorRegistry, kube: Kube, controllers: Mapping[s
             owner = kube.get(kind.api_version, kind.kind, body["metadata"]["namespace"], ref["name"])
             if owner is not None:
                 reconciler.run(kind, owner)
+
+    @kopf.on.event("", "v1", "pods", registry=registry, labels={MANAGED_BY: OPERATOR, COMPONENT: "engine"})
+    def engine_pod_changed(body: kopf.Body, **_: Any) -> None:
+        # An engine pod started, became ready or went: its LoraServer's replicas changed.
+        labels = body["metadata"].get("labels") or {}
+        for kind in KINDS:
+            owner_name = labels.get(f"{GROUP}/{kind.singular}")
+            if owner_name and kind.kind in controllers:
+                owner = kube.get(kind.api_version, kind.kind, body["metadata"]["namespace"], owner_name)
+                if owner is not None:
+                    reconciler.run(kind, owner)
 
 
 __all__ = ["FINALIZER", "ChildReason", "Reconciler", "configure", "register"]

@@ -160,8 +160,23 @@ class Kube:
             return None
         return found
 
-    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self.get("batch/v1", "Job", namespace, name)
+    def list_objects(self, api_version: str, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+        return self._list(api_version, kind, namespace, selector)
+
+    def delete(self, live: Mapping[str, Any]) -> None:
+        """Delete a child (foreground: its pods go first); one already gone is not an error."""
+        meta = live["metadata"]
+        try:
+            self.dynamic.delete(
+                self._resource(live["apiVersion"], live["kind"]),
+                name=meta["name"],
+                namespace=meta.get("namespace"),
+                body={"propagationPolicy": "Foreground"},
+            )
+        except NotFoundError:
+            return
+        except DynamicApiError as exc:
+            raise _refused(live, exc) from None
 
     def list_nodes(self, selector: str | None = None) -> list[dict[str, Any]]:
         return self._list("v1", "Node", None, selector)

@@ -24,6 +24,7 @@ class Options:
     priority: int = 0
     prepare_image: str = "ghcr.io/kimi-operator/prepare:0.1.0"
     trainer_image: str = "ghcr.io/kimi-operator/trainer:0.1.0"
+    engine_image: str = "ghcr.io/kimi-operator/engine:0.1.0"
 
 
 async def _operate(options: Options) -> None:
@@ -40,7 +41,9 @@ async def _operate(options: Options) -> None:
         info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
         return info
 
-    controllers = registry.build(kube, registry.Images(prepare=options.prepare_image, trainer=options.trainer_image))
+    controllers = registry.build(
+        kube, registry.Images(prepare=options.prepare_image, trainer=options.trainer_image, engine=options.engine_image)
+    )
     handlers.register(kopf_registry, kube, controllers)
     ready = asyncio.Event()
     runners = []

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from kimi_operator.api.conditions import Verdict
-from kimi_operator.api.kinds import FINE_TUNE_JOB, KIMI_MODEL, Kind
-from kimi_operator.controller import finetunejob, kimimodel, metrics
+from kimi_operator.api.kinds import FINE_TUNE_JOB, KIMI_MODEL, LORA_SERVER, Kind
+from kimi_operator.controller import finetunejob, kimimodel, loraserver, metrics
 from kimi_operator.controller.kube import Kube
 
 
@@ -21,6 +21,12 @@ class Controller(Protocol):
 
     @property
     def kind(self) -> Kind: ...
+
+    @property
+    def follows_status(self) -> bool:
+        """Pods write facts into this kind's status that its conditions are computed from (the
+        agents' engine reports): every status change then runs a pass."""
+        ...
 
     def reconcile(self, body: Mapping[str, Any], spec: Any) -> tuple[Verdict, dict[str, Any]]:
         """Do the kind's work for a valid spec; return the verdict and the kind's own status fields."""
@@ -40,6 +46,7 @@ class Controller(Protocol):
 class Images:
     prepare: str
     trainer: str
+    engine: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +54,7 @@ class KimiModelController:
     kube: Kube
     settings: kimimodel.Settings
     kind: Kind
+    follows_status: bool = False
 
     def reconcile(self, body: Mapping[str, Any], spec: Any) -> tuple[Verdict, dict[str, Any]]:
         observed = kimimodel.reconcile(self.kube, self.settings, body, spec)
@@ -64,6 +72,7 @@ class FineTuneJobController:
     kube: Kube
     settings: finetunejob.Settings
     kind: Kind
+    follows_status: bool = False
 
     def reconcile(self, body: Mapping[str, Any], spec: Any) -> tuple[Verdict, dict[str, Any]]:
         return finetunejob.reconcile(self.kube, self.settings, body, spec)
@@ -75,11 +84,29 @@ class FineTuneJobController:
         metrics.record_training(namespace, name, None if body is None else (body.get("status") or {}).get("progress"))
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraServerController:
+    kube: Kube
+    settings: loraserver.Settings
+    kind: Kind
+    follows_status: bool = True
+
+    def reconcile(self, body: Mapping[str, Any], spec: Any) -> tuple[Verdict, dict[str, Any]]:
+        return loraserver.reconcile(self.kube, self.settings, body, spec)
+
+    def finalize(self, body: Mapping[str, Any], spec: Any | None) -> list[str]:
+        return loraserver.finalize(self.kube, self.settings, body, spec)
+
+    def record(self, body: Mapping[str, Any] | None, namespace: str, name: str) -> None:
+        return None
+
+
 def build(kube: Kube, images: Images) -> dict[str, Controller]:
     """The controllers of this operator version, by kind name. A kind without one is accepted and
     validated but reported as awaiting its reconciler."""
     controllers: list[Controller] = [
         KimiModelController(kube, kimimodel.Settings(prepare_image=images.prepare), KIMI_MODEL),
         FineTuneJobController(kube, finetunejob.Settings(trainer_image=images.trainer), FINE_TUNE_JOB),
+        LoraServerController(kube, loraserver.Settings(engine_image=images.engine), LORA_SERVER),
     ]
     return {c.kind.kind: c for c in controllers}

@@ -1,0 +1,59 @@
+"""The contract between the operator and each engine pod's adapter agent: the serving plan.
+
+The operator decides which adapters each replica must hold (placement) and where their files come
+from; it writes that decision into one ConfigMap per LoraServer, under ``PLAN_KEY``. Each agent
+reads it, makes its engine match it, and reports what the engine lists into the LoraServer's
+``status.engines`` under its own field manager. The operator never trusts the plan as a fact:
+status is computed from the agents' reports of the engines' own ``/v1/models``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from kimi_operator.api.base import ApiModel
+
+PLAN_KEY = "plan.json"
+AGENT_FIELD_MANAGER_PREFIX = "kimi-agent-"
+
+
+class AdapterFiles(ApiModel):
+    """Where an adapter's files are, as the agent can reach them."""
+
+    kind: Literal["node", "hub"] = Field(description="node: a directory on the node; hub: a hub repository.")
+    path: str | None = Field(default=None, description="node: the directory as mounted in the engine pod.")
+    node: str | None = Field(default=None, description="node: the only node holding it, when not every node does.")
+    repo: str | None = Field(default=None, description="hub: owner/name.")
+    revision: str | None = Field(default=None, description="hub: commit sha or tag.")
+    subfolder: str | None = Field(default=None, description="hub: directory of the adapter in the repository.")
+    endpoint: str | None = Field(default=None, description="hub: endpoint (mirror).")
+    token_secret: str | None = Field(default=None, description="hub: Secret holding the token.")
+    token_key: str | None = Field(default=None, description="hub: key of the token in that Secret.")
+
+
+class PlannedAdapter(ApiModel):
+    name: str = Field(description="Adapter name as the engine knows it.")
+    sha256: str | None = Field(
+        default=None, description="Expected sha256 of adapter_model.safetensors; checked before loading."
+    )
+    files: AdapterFiles
+    pinned: bool = False
+
+
+class ReplicaPlan(ApiModel):
+    replica: str = Field(description="Engine pod name.")
+    expert: bool = Field(default=False, description="A dedicated replica: its one adapter is loaded at start.")
+    adapters: Annotated[list[PlannedAdapter], Field(max_length=1024)] = Field(default_factory=list)
+
+
+class ServingPlan(ApiModel):
+    """Everything the agents of one LoraServer need to know, in one document."""
+
+    served_model_name: str
+    generation: int = Field(description="metadata.generation of the LoraServer the plan was made from.")
+    replicas: list[ReplicaPlan] = Field(default_factory=list)
+
+    def for_replica(self, name: str) -> ReplicaPlan | None:
+        return next((r for r in self.replicas if r.replica == name), None)

@@ -1,0 +1,217 @@
+"""The LoraServer reconcile pass: resolve each adapter's source, place adapters on replicas, write
+the serving plan and the engine StatefulSets, and report what the pods and engines confirm.
+
+The agents beside the engines do the loading; this pass never claims an adapter is loaded. A pass
+over an unchanged LoraServer writes nothing (children are applied only when their digest changes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from kimi_operator.api.conditions import Verdict
+from kimi_operator.api.kinds import FINE_TUNE_JOB, KIMI_MODEL
+from kimi_operator.api.loraserver import Adapter, LoraServerSpec
+from kimi_operator.api.serving import AdapterFiles, PlannedAdapter, ReplicaPlan, ServingPlan
+from kimi_operator.controller.kube import Kube
+from kimi_operator.controller.loraserver_status import LsReason, Replica, Wanted, observe
+from kimi_operator.render import loraserver as render
+from kimi_operator.render import placement, sglang
+from kimi_operator.render.kimimodel_paths import MOUNT
+from kimi_operator.render.labels import common
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    engine_image: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """An adapter of the spec, its source looked up."""
+
+    spec: Adapter
+    expert: bool | None
+    files: AdapterFiles | None
+    sha256: str | None
+    source: str
+    blocked: tuple[str, str] | None = None
+
+
+def _under(path: str, root: str) -> str | None:
+    """``path`` relative to ``root`` when it lies under it."""
+    root = root.rstrip("/")
+    return path[len(root) + 1 :] if path.startswith(root + "/") and len(path) > len(root) + 1 else None
+
+
+def _from_fine_tune_job(kube: Kube, namespace: str, model: Mapping[str, Any], adapter: Adapter) -> Resolved:
+    assert adapter.fine_tune_job is not None
+    ftj_name = adapter.fine_tune_job.name
+    where = f"FineTuneJob {ftj_name}"
+    ftj = kube.get(FINE_TUNE_JOB.api_version, FINE_TUNE_JOB.kind, namespace, ftj_name)
+    if ftj is None:
+        return Resolved(adapter, None, None, None, where, ("Pending", f"{where} does not exist"))
+    exported = (ftj.get("status") or {}).get("adapter")
+    if not exported:
+        message = f"waiting for {where} to export its adapter (phase {(ftj.get('status') or {}).get('phase')})"
+        return Resolved(adapter, None, None, None, where, ("Pending", message))
+    if ftj["spec"]["model"]["name"] != model["metadata"]["name"]:
+        message = f"{where} trained on KimiModel {ftj['spec']['model']['name']}, not {model['metadata']['name']}"
+        return Resolved(adapter, None, None, None, where, ("Unavailable", message))
+    # The trainer saw the model storage at the same mount as the engine pods do.
+    relative = _under(str(exported["path"]), MOUNT)
+    source = f"{where}: {exported['path']} on node {exported['node']}"
+    if relative is None:
+        return Resolved(adapter, None, None, None, source, ("Unavailable", f"{source} is outside the model storage"))
+    files = AdapterFiles(kind="node", path=relative, node=exported["node"])
+    return Resolved(adapter, bool(exported.get("expertLora")), files, exported.get("sha256"), source)
+
+
+def resolve(kube: Kube, namespace: str, model: Mapping[str, Any], adapter: Adapter) -> Resolved:
+    if adapter.fine_tune_job is not None:
+        return _from_fine_tune_job(kube, namespace, model, adapter)
+    storage = model["spec"]["storage"]["hostPath"]
+    if adapter.path is not None:
+        relative = _under(adapter.path, storage)
+        if relative is None:
+            message = (
+                f"path {adapter.path} is outside the KimiModel's storage {storage}: engine pods mount only that "
+                f"directory (a mount per adapter would restart them); move the adapter under {storage}"
+            )
+            return Resolved(adapter, adapter.expert, None, adapter.sha256, adapter.path, ("Unavailable", message))
+        files = AdapterFiles(kind="node", path=relative)
+        return Resolved(adapter, adapter.expert, files, adapter.sha256, f"node path {adapter.path}")
+    hub = adapter.hugging_face
+    assert hub is not None  # CEL: exactly one source
+    files = AdapterFiles(
+        kind="hub",
+        repo=hub.repo,
+        revision=hub.revision,
+        subfolder=hub.subfolder,
+        endpoint=hub.endpoint,
+        token_secret=hub.token_secret_ref.name if hub.token_secret_ref else None,
+        token_key=hub.token_secret_ref.key if hub.token_secret_ref else None,
+    )
+    return Resolved(adapter, adapter.expert, files, adapter.sha256, f"hub {hub.repo}@{hub.revision}")
+
+
+def _planned(r: Resolved) -> PlannedAdapter:
+    assert r.files is not None
+    return PlannedAdapter(name=r.spec.name, sha256=r.sha256, files=r.files, pinned=r.spec.pinned)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Which StatefulSets exist, which replicas they hold, and the plan the agents follow."""
+
+    sets: dict[str, tuple[int, sglang.StartAdapter | None]]
+    desired: list[str]
+    plan: ServingPlan
+    wanted: list[Wanted]
+
+
+def layout(name: str, generation: int, spec: LoraServerSpec, resolved: list[Resolved], cache: str) -> Layout:
+    shared_set = render.shared_set_name(name)
+    shared_replicas = render.replica_names(shared_set, spec.replicas)
+    sets: dict[str, tuple[int, sglang.StartAdapter | None]] = {shared_set: (spec.replicas, None)}
+    plans = {r: ReplicaPlan(replica=r) for r in shared_replicas}
+    shareable = [r for r in resolved if r.blocked is None and not r.expert]
+    capacity = spec.engine.max_loaded_loras or spec.engine.max_loras_per_batch
+    placed = placement.place(
+        [placement.Shared(r.spec.name, r.spec.pinned) for r in shareable],
+        shared_replicas,
+        capacity=capacity,
+        per_adapter=spec.placement.replicas_per_adapter,
+    )
+    for r in shareable:
+        for replica in placed[r.spec.name]:
+            plans[replica] = ReplicaPlan(replica=replica, adapters=[*plans[replica].adapters, _planned(r)])
+    wanted: list[Wanted] = []
+    for r in resolved:
+        if r.blocked is not None:
+            kind = "Unknown" if r.expert is None else ("Expert" if r.expert else "Shared")
+            wanted.append(Wanted(r.spec.name, kind, sha256=r.sha256, source=r.source, blocked=r.blocked))
+            continue
+        if r.expert:
+            set_name = render.expert_set_name(name, r.spec.name)
+            count = r.spec.dedicated_replicas or 1
+            # The engine starts with the adapter from the node cache, where the agent put it.
+            start = sglang.StartAdapter(r.spec.name, f"{cache}/{r.sha256 or 'unverified-' + r.spec.name}")
+            sets[set_name] = (count, start)
+            names = render.replica_names(set_name, count)
+            for replica in names:
+                plans[replica] = ReplicaPlan(replica=replica, expert=True, adapters=[_planned(r)])
+            wanted.append(Wanted(r.spec.name, "Expert", tuple(names), r.sha256, r.source))
+        else:
+            wanted.append(Wanted(r.spec.name, "Shared", tuple(placed[r.spec.name]), r.sha256, r.source))
+    desired = [n for s, (count, _) in sets.items() for n in render.replica_names(s, count)]
+    plan = ServingPlan(served_model_name=spec.served_model_name, generation=generation, replicas=list(plans.values()))
+    return Layout(sets, desired, plan, wanted)
+
+
+def _pod_ready(pod: Mapping[str, Any]) -> bool:
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def reconcile(
+    kube: Kube, settings: Settings, body: Mapping[str, Any], spec: LoraServerSpec
+) -> tuple[Verdict, dict[str, Any]]:
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    status = body.get("status") or {}
+    model = kube.get(KIMI_MODEL.api_version, KIMI_MODEL.kind, namespace, spec.model.name)
+    if model is None:
+        message = f"KimiModel {spec.model.name} does not exist in namespace {namespace}"
+        return Verdict(state="progressing", reason=LsReason.WAITING_FOR_MODEL, message=message), {}
+    needed = sglang.variant(spec.engine.kt_method)
+    if needed not in (model.get("spec") or {}).get("variants", []):
+        message = (
+            f"engine.ktMethod {spec.engine.kt_method} serves from the {needed} variant, which KimiModel "
+            f"{spec.model.name} does not prepare: add {needed} to its spec.variants"
+        )
+        return Verdict(state="stalled", reason=LsReason.VARIANT_MISSING, message=message), {}
+    owner = render.owner(namespace, name, meta["uid"])
+    resolved = [resolve(kube, namespace, model, a) for a in spec.adapters]
+    plan_layout = layout(name, int(meta.get("generation") or 0), spec, resolved, render.CACHE_MOUNT)
+    source = (model["spec"].get("source") or {}).get("path")
+    facts = render.ModelFacts(
+        name=spec.model.name, storage_path=model["spec"]["storage"]["hostPath"], source_path=(source or {}).get("path")
+    )
+    for obj in render.rbac(owner, render.secrets_of(plan_layout.plan)):
+        kube.apply(obj)
+    kube.apply(render.plan_config_map(owner, plan_layout.plan))
+    kube.apply(render.service(owner))
+    for set_name, (count, start) in plan_layout.sets.items():
+        kube.apply(
+            render.engine_set(
+                owner, spec, facts, name=set_name, replicas=count, image=settings.engine_image, expert=start
+            )
+        )
+    selector = ",".join(
+        f"{k}={v}" for k, v in {**common("LoraServer", name), "app.kubernetes.io/component": render.ENGINE}.items()
+    )
+    for live in kube.list_objects("apps/v1", "StatefulSet", namespace, selector):
+        if live["metadata"]["name"] not in plan_layout.sets:
+            # An expert adapter left the spec: its replicas go (shared ones are unloaded in place).
+            kube.delete(live)
+    pods = {p["metadata"]["name"]: p for p in kube.list_objects("v1", "Pod", namespace, selector)}
+    replicas = {n: Replica(n, _pod_ready(p), (p.get("spec") or {}).get("nodeName")) for n, p in pods.items()}
+    reports = {e["name"]: e for e in status.get("engines") or [] if e.get("name")}
+    ready_nodes = [n for n in (model.get("status") or {}).get("nodes") or [] if n.get("phase") == "Ready"]
+    observed = observe(
+        wanted=plan_layout.wanted, desired_replicas=plan_layout.desired, replicas=replicas, reports=reports
+    )
+    if not ready_nodes and observed.verdict.state != "stalled":
+        message = f"no node holds KimiModel {spec.model.name} yet; replicas wait for its ready label"
+        return Verdict(state="progressing", reason=LsReason.NO_ELIGIBLE_NODE, message=message), observed.status
+    return observed.verdict, observed.status
+
+
+def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: LoraServerSpec | None) -> list[str]:
+    """Engine pods go with the LoraServer (owner references); node adapter caches are kept."""
+    return []

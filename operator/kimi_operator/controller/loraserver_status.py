@@ -1,0 +1,142 @@
+"""A LoraServer's status from what the pods and the engines say (pure: table-tested, no I/O).
+
+Nothing here trusts the plan: an adapter is Loaded on a replica only when that replica's pod is
+ready, its agent reports the engine up, and the engine's own /v1/models lists the adapter with
+the files the plan asks for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kimi_operator.api.conditions import Reason, Verdict
+
+
+class LsReason(Reason):
+    WAITING_FOR_MODEL = "WaitingForModel"
+    VARIANT_MISSING = "VariantMissing"
+    NO_ELIGIBLE_NODE = "NoEligibleNode"
+    STARTING = "StartingReplicas"
+    LOADING = "LoadingAdapters"
+    ADAPTER_FAILED = "AdapterFailed"
+    SERVING = "Serving"
+
+
+@dataclasses.dataclass(frozen=True)
+class Wanted:
+    """One adapter of the spec, resolved against its source."""
+
+    name: str
+    kind: str  # Shared, Expert or Unknown (source not resolved yet)
+    placed: tuple[str, ...] = ()
+    sha256: str | None = None
+    source: str | None = None
+    # Why it cannot be placed or loaded yet (source not ready, files out of reach): Pending or
+    # Unavailable with this message, whatever the engines say.
+    blocked: tuple[str, str] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Replica:
+    name: str
+    pod_ready: bool
+    node: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Observation:
+    verdict: Verdict
+    status: dict[str, Any]
+
+
+def _serving(replica: Replica, report: Mapping[str, Any] | None) -> bool:
+    return replica.pod_ready and bool(report and report.get("engineUp"))
+
+
+def _lists(report: Mapping[str, Any] | None, adapter: Wanted) -> bool:
+    if not report or adapter.name not in (report.get("adapters") or []):
+        return False
+    loaded = (report.get("loadedSha256") or {}).get(adapter.name)
+    # A listed adapter loaded from other files (an older export) is not the one asked for.
+    return adapter.sha256 is None or loaded == adapter.sha256
+
+
+def _refusal(report: Mapping[str, Any] | None, adapter: Wanted) -> str | None:
+    for error in (report or {}).get("errors") or []:
+        if error.get("name") == adapter.name and (
+            adapter.sha256 is None or error.get("sha256") in (None, adapter.sha256)
+        ):
+            return str(error.get("message") or "refused by the engine")
+    return None
+
+
+def adapter_status(
+    adapter: Wanted, replicas: Mapping[str, Replica], reports: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    serving = {n for n, r in replicas.items() if _serving(r, reports.get(n))}
+    listing = sorted(n for n in serving if _lists(reports.get(n), adapter))
+    entry: dict[str, Any] = {
+        "name": adapter.name,
+        "kind": adapter.kind,
+        "placed": list(adapter.placed),
+        "replicas": listing,
+    }
+    if adapter.sha256:
+        entry["sha256"] = adapter.sha256
+    if adapter.source:
+        entry["source"] = adapter.source
+    refusals = [(n, m) for n in adapter.placed if (m := _refusal(reports.get(n), adapter))]
+    if adapter.blocked is not None:
+        entry["state"], entry["message"] = adapter.blocked
+    elif refusals:
+        name, message = refusals[0]
+        entry["state"], entry["message"] = "Failed", f"replica {name}: {message}"
+    elif not adapter.placed:
+        entry["state"], entry["message"] = "Pending", "placed on no replica yet"
+    elif set(adapter.placed) <= set(listing):
+        entry["state"] = "Loaded"
+    else:
+        missing = [n for n in adapter.placed if n not in listing]
+        down = [n for n in missing if n not in serving]
+        why = f"not yet listed by {', '.join(missing)}"
+        if down:
+            why += f" ({', '.join(down)} not serving)"
+        entry["state"], entry["message"] = "Pending", why
+    return entry
+
+
+def observe(
+    *,
+    wanted: Sequence[Wanted],
+    desired_replicas: Sequence[str],
+    replicas: Mapping[str, Replica],
+    reports: Mapping[str, Mapping[str, Any]],
+) -> Observation:
+    """The verdict and the operator's status fields of a LoraServer whose children exist."""
+    adapters = [adapter_status(a, replicas, reports) for a in wanted]
+    serving = sorted(n for n in desired_replicas if n in replicas and _serving(replicas[n], reports.get(n)))
+    loaded = sum(a["state"] == "Loaded" for a in adapters)
+    status: dict[str, Any] = {
+        "replicas": sum(n in replicas for n in desired_replicas),
+        "readyReplicas": len(serving),
+        "desiredReplicas": len(desired_replicas),
+        "adaptersLoaded": loaded,
+        "adaptersTotal": len(adapters),
+        "adapters": adapters,
+    }
+    failed = [a for a in adapters if a["state"] in ("Failed", "Unavailable")]
+    if failed:
+        message = "; ".join(f"{a['name']}: {a['message']}" for a in failed)
+        return Observation(Verdict(state="stalled", reason=LsReason.ADAPTER_FAILED, message=message), status)
+    if len(serving) < len(desired_replicas):
+        waiting = [n for n in desired_replicas if n not in serving]
+        message = f"{len(serving)}/{len(desired_replicas)} replicas serving; waiting for {', '.join(waiting)}"
+        return Observation(Verdict(state="progressing", reason=LsReason.STARTING, message=message), status)
+    if loaded < len(adapters):
+        pending = [a["name"] for a in adapters if a["state"] != "Loaded"]
+        message = f"{loaded}/{len(adapters)} adapters loaded; pending: {', '.join(pending)}"
+        return Observation(Verdict(state="progressing", reason=LsReason.LOADING, message=message), status)
+    message = f"{len(serving)} replicas serving the base model and {loaded} adapters"
+    return Observation(Verdict(state="ready", reason=LsReason.SERVING, message=message), status)

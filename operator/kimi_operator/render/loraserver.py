@@ -1,0 +1,272 @@
+"""Pure builders for a LoraServer's children: the serving plan, the engine StatefulSets, their
+Service and the agents' RBAC.
+
+Shared replicas are one StatefulSet whose pod template does not depend on the adapters, so adding
+or removing an adapter never restarts a pod: the agents load and unload through the engine's API,
+following the plan ConfigMap. Each expert adapter gets a StatefulSet of its own, because sglang-kt
+loads expert LoRA only at start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kimi_operator.api.base import GROUP
+from kimi_operator.api.loraserver import KIND, PLURAL, LoraServerSpec
+from kimi_operator.api.serving import PLAN_KEY, ServingPlan
+from kimi_operator.render import sglang
+from kimi_operator.render.jobs import template_metadata
+from kimi_operator.render.kimimodel import READY, model_label
+from kimi_operator.render.kimimodel_paths import MOUNT
+from kimi_operator.render.labels import bounded, common
+from kimi_operator.render.owner import Owner
+
+ENGINE = "engine"
+CACHE_MOUNT = "/adapter-cache"
+# Node-local adapter cache under the model storage, keyed by sha256: shared by every LoraServer
+# whose model lives on that storage.
+CACHE_DIR = "adapter-cache"
+SOURCE_MOUNT = "/source"
+REPLICA_KIND_LABEL = f"{GROUP}/replica-kind"
+ADAPTER_LABEL = f"{GROUP}/adapter"
+# StatefulSet pods are named <set>-<ordinal> and carry a controller-revision-hash label
+# "<set>-<hash>": the set's name must leave room for both within 63 characters.
+_MAX_SET_NAME = 52
+
+
+def owner(namespace: str, name: str, uid: str) -> Owner:
+    return Owner(KIND, PLURAL, namespace, name, uid)
+
+
+def _name(owner: str, suffix: str, limit: int = 63) -> str:
+    return bounded(f"{owner}-{suffix}", limit)
+
+
+def shared_set_name(owner: str) -> str:
+    return _name(owner, "shared", _MAX_SET_NAME)
+
+
+def expert_set_name(owner: str, adapter: str) -> str:
+    return _name(owner, f"x-{adapter}", _MAX_SET_NAME)
+
+
+def replica_names(set_name: str, replicas: int) -> list[str]:
+    return [f"{set_name}-{i}" for i in range(replicas)]
+
+
+def plan_name(owner: str) -> str:
+    return _name(owner, "plan")
+
+
+def service_account_name(owner: str) -> str:
+    return _name(owner, "engine")
+
+
+def service_name(owner: str) -> str:
+    return _name(owner, "engines")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    """What the engine pods need to know of the KimiModel."""
+
+    name: str
+    storage_path: str
+    # The native INT4 checkpoint on the node (a path source), or None when it is under the storage.
+    source_path: str | None
+
+
+def model_paths(namespace: str, model: ModelFacts) -> sglang.ModelPaths:
+    root = f"{MOUNT}/{namespace}/{model.name}"
+    checkpoint = SOURCE_MOUNT if model.source_path else f"{root}/int4"
+    return sglang.ModelPaths(checkpoint=checkpoint, root=root)
+
+
+def rbac(owner: Owner, secrets: Sequence[str]) -> list[dict[str, Any]]:
+    """The agents may read the plan and the hub-token Secrets the plan names, and report into this
+    LoraServer's status; nothing else."""
+    name = service_account_name(owner.name)
+    meta = owner.metadata(name, ENGINE)
+    rules: list[dict[str, Any]] = [
+        {
+            "apiGroups": [GROUP],
+            "resources": [f"{owner.plural}/status"],
+            "resourceNames": [owner.name],
+            "verbs": ["get", "patch"],
+        },
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [plan_name(owner.name)], "verbs": ["get"]},
+    ]
+    if secrets:
+        rules.append(
+            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": sorted(set(secrets)), "verbs": ["get"]}
+        )
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta, "rules": rules},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
+        },
+    ]
+
+
+def plan_config_map(owner: Owner, plan: ServingPlan) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": owner.metadata(plan_name(owner.name), ENGINE),
+        "data": {PLAN_KEY: json.dumps(plan.to_wire(), indent=1, sort_keys=True) + "\n"},
+    }
+
+
+def service(owner: Owner) -> dict[str, Any]:
+    """A headless Service over every engine pod: stable DNS names for the router."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": owner.metadata(service_name(owner.name), ENGINE),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": False,
+            "selector": {**common(KIND, owner.name), "app.kubernetes.io/component": ENGINE},
+            "ports": [{"name": "http", "port": sglang.ENGINE_PORT, "targetPort": sglang.ENGINE_PORT}],
+        },
+    }
+
+
+def _probes() -> dict[str, Any]:
+    # /ready is cheap; /health and /health_generate run a generation (REFERENCE.md), which a probe
+    # every few seconds must not do. Loading a 600 GB base takes many minutes: the startup probe
+    # allows an hour before the kubelet gives up.
+    probe = {"httpGet": {"path": "/ready", "port": sglang.ENGINE_PORT}, "timeoutSeconds": 5}
+    return {
+        "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": 360},
+        "readinessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
+        "livenessProbe": {**probe, "periodSeconds": 30, "failureThreshold": 4},
+    }
+
+
+def _agent_args(owner: Owner, *, once: bool = False) -> list[str]:
+    args = [
+        "serve-agent",
+        f"--report={owner.namespace}/{owner.name}",
+        f"--plan={plan_name(owner.name)}",
+        "--replica=$(POD_NAME)",
+        f"--engine=http://$(POD_IP):{sglang.ENGINE_PORT}",
+        f"--models-dir={MOUNT}",
+        f"--cache-dir={CACHE_MOUNT}",
+    ]
+    return [*args, "--once"] if once else args
+
+
+def engine_set(
+    owner: Owner,
+    spec: LoraServerSpec,
+    model: ModelFacts,
+    *,
+    name: str,
+    replicas: int,
+    image: str,
+    expert: sglang.StartAdapter | None = None,
+) -> dict[str, Any]:
+    """One StatefulSet of engine replicas: the engine container and the adapter agent beside it."""
+    kind = "expert" if expert else "shared"
+    labels = {**common(KIND, owner.name), "app.kubernetes.io/component": ENGINE, REPLICA_KIND_LABEL: kind}
+    if expert:
+        labels[ADAPTER_LABEL] = bounded(expert.name)
+    resources = {
+        "nvidia.com/gpu": str(spec.resources.gpus),
+        "cpu": str(spec.resources.cpu),
+        "memory": str(spec.resources.memory),
+    }
+    env = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+    ]
+    mounts = [
+        {"name": "models", "mountPath": MOUNT, "readOnly": True},
+        {"name": "cache", "mountPath": CACHE_MOUNT},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "models", "hostPath": {"path": model.storage_path, "type": "Directory"}},
+        {"name": "cache", "hostPath": {"path": f"{model.storage_path}/{CACHE_DIR}", "type": "DirectoryOrCreate"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.resources.shared_memory)}},
+    ]
+    if model.source_path:
+        volumes.append({"name": "source", "hostPath": {"path": model.source_path, "type": "Directory"}})
+        mounts.append({"name": "source", "mountPath": SOURCE_MOUNT, "readOnly": True})
+    engine_args = sglang.launch_args(spec, model_paths(owner.namespace, model), host="$(POD_IP)", expert=expert)
+    engine = {
+        "name": ENGINE,
+        "image": image,
+        "command": ["python", "-m", "sglang.launch_server"],
+        "args": engine_args,
+        "env": env,
+        "ports": [{"name": "http", "containerPort": sglang.ENGINE_PORT}],
+        "resources": {"requests": resources, "limits": resources},
+        "volumeMounts": [*mounts, {"name": "dshm", "mountPath": "/dev/shm"}],  # noqa: S108 (shared memory)
+        **_probes(),
+    }
+    agent_resources = {"cpu": "500m", "memory": "512Mi"}
+    agent = {
+        "name": "adapter-agent",
+        "image": image,
+        "command": ["kimi-operator"],
+        "args": _agent_args(owner),
+        "env": env,
+        "resources": {"requests": agent_resources, "limits": agent_resources},
+        "volumeMounts": mounts,
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": service_account_name(owner.name),
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {"key": model_label(owner.namespace, model.name), "operator": "In", "values": [READY]}
+                            ]
+                        }
+                    ]
+                }
+            }
+        },
+        "containers": [engine, agent],
+        "volumes": volumes,
+        # Unloading waits for in-flight requests of the adapter; give long generations time to end.
+        "terminationGracePeriodSeconds": 120,
+    }
+    if expert:
+        # The expert adapter must be on the node before the engine starts with it.
+        pod_spec["initContainers"] = [{**agent, "name": "fetch-adapter", "args": _agent_args(owner, once=True)}]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": owner.metadata(name, ENGINE),
+        "spec": {
+            "serviceName": service_name(owner.name),
+            "replicas": replicas,
+            # Replicas load their weights in parallel (each load takes minutes); a change of engine
+            # settings still rolls them one at a time, waiting for each to be ready again.
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            "selector": {"matchLabels": {k: labels[k] for k in sorted(labels)}},
+            "template": {"metadata": template_metadata(spec.pod_metadata, labels), "spec": pod_spec},
+        },
+    }
+
+
+def secrets_of(plan: ServingPlan) -> list[str]:
+    return sorted({a.files.token_secret for r in plan.replicas for a in r.adapters if a.files.token_secret})
+
+
+def owned_sets(sets: Mapping[str, Mapping[str, Any]], wanted: Sequence[str]) -> list[str]:
+    """Live StatefulSets of this LoraServer that the spec no longer asks for (removed expert adapters)."""
+    return sorted(name for name in sets if name not in wanted)

@@ -1,0 +1,220 @@
+"""``kimi-operator serve-agent``: keep one engine's adapters equal to the serving plan, and report
+what the engine itself lists.
+
+Each step: read the plan (the operator's ConfigMap), bring every adapter placed on this replica
+into the node cache (checked against its sha256 before the engine sees it), ask the engine for its
+``/v1/models``, load and unload until it matches, ask again, and write what it lists into the
+LoraServer's ``status.engines[name=<replica>]`` under this agent's own field manager. An engine
+that restarted comes back with only its start-up adapters; the next step loads the rest again.
+With ``--once`` (the expert replicas' init container) it only fills the cache and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kimi_operator.api.conditions import now_rfc3339
+from kimi_operator.api.loraserver import KIND, PLURAL
+from kimi_operator.api.serving import AGENT_FIELD_MANAGER_PREFIX, PLAN_KEY, PlannedAdapter, ServingPlan
+from kimi_operator.workloads.serve import cache
+from kimi_operator.workloads.serve.engine import Engine, EngineDown
+from kimi_operator.workloads.serve.sync import Load, Unload, Want, actions
+
+log = logging.getLogger(__name__)
+
+PlanSource = Callable[[], ServingPlan | None]
+SecretSource = Callable[[str, str], str]
+
+
+class Agent:
+    def __init__(
+        self,
+        *,
+        replica: str,
+        engine: Engine,
+        plan: PlanSource,
+        models_dir: Path,
+        cache_dir: Path,
+        secret: SecretSource | None = None,
+    ) -> None:
+        self.replica, self.engine, self.plan = replica, engine, plan
+        self.models_dir, self.cache_dir, self.secret = models_dir, cache_dir, secret
+        # (name, path) -> the engine's refusal; forgotten when the engine restarts.
+        self.refused: dict[tuple[str, str], str] = {}
+        self.unavailable: dict[str, tuple[str | None, str]] = {}
+        self.engine_was_up = False
+
+    def _fetch(self, adapter: PlannedAdapter) -> Callable[[Path], None]:
+        files = adapter.files
+        if files.kind == "node":
+            return cache.copy_from(self.models_dir / (files.path or ""), node_hint=files.node)
+
+        def from_hub(target: Path) -> None:
+            from huggingface_hub import snapshot_download  # noqa: PLC0415 (only hub sources need it)
+
+            token = None
+            if files.token_secret and files.token_key and self.secret is not None:
+                token = self.secret(files.token_secret, files.token_key)
+            patterns = [f"{files.subfolder.strip('/')}/*"] if files.subfolder else None
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                snapshot_download(
+                    repo_id=files.repo or "",
+                    revision=files.revision,
+                    allow_patterns=patterns,
+                    local_dir=tmp,
+                    token=token,
+                    endpoint=files.endpoint,
+                )
+                root = Path(tmp) / files.subfolder.strip("/") if files.subfolder else Path(tmp)
+                for item in root.iterdir():
+                    if item.is_file():
+                        shutil.copyfile(item, target / item.name)
+
+        return from_hub
+
+    def materialise(self, adapters: Sequence[PlannedAdapter]) -> dict[str, Want]:
+        """Cache path of every adapter that could be had; the others are remembered as unavailable."""
+        desired: dict[str, Want] = {}
+        self.unavailable = {}
+        for adapter in adapters:
+            try:
+                path = cache.materialise(self.cache_dir, adapter.sha256, self._fetch(adapter))
+            except (cache.Unavailable, OSError) as exc:
+                self.unavailable[adapter.name] = (adapter.sha256, str(exc))
+                continue
+            except Exception as exc:  # a hub error of any kind is this adapter's, not the agent's
+                self.unavailable[adapter.name] = (adapter.sha256, f"download failed: {exc}")
+                continue
+            desired[adapter.name] = Want(str(path), adapter.pinned)
+        return desired
+
+    def step(self) -> dict[str, Any]:
+        """One comparison of the engine with the plan; returns this replica's report."""
+        plan = self.plan()
+        mine = plan.for_replica(self.replica) if plan else None
+        planned = mine.adapters if mine else []
+        desired = self.materialise(planned)
+        try:
+            listed = self.engine.models(plan.served_model_name if plan else "")
+            if not self.engine_was_up:
+                self.refused.clear()  # a (re)started engine gets another chance at everything
+            self.engine_was_up = True
+            if mine is None or not mine.expert:
+                for action in actions(desired, listed, set(self.refused)):
+                    self._apply(action)
+                listed = self.engine.models(plan.served_model_name if plan else "")
+        except EngineDown as exc:
+            log.info("engine not answering: %s", exc)
+            self.engine_was_up = False
+            return self.report(up=False, listed={}, planned=planned)
+        return self.report(up=True, listed=listed, planned=planned)
+
+    def _apply(self, action: Load | Unload) -> None:
+        if isinstance(action, Unload):
+            answer = self.engine.unload(action.name)
+            log.info("unload %s: %s", action.name, answer)
+            return
+        answer = self.engine.load(action.name, action.path, pinned=action.pinned)
+        log.info("load %s from %s: %s", action.name, action.path, answer)
+        if not answer.ok:
+            self.refused[(action.name, action.path)] = answer.message
+
+    def report(self, *, up: bool, listed: dict[str, str], planned: Sequence[PlannedAdapter]) -> dict[str, Any]:
+        names = {a.name for a in planned}
+        loaded = {n: Path(p).name for n, p in listed.items() if Path(p).parent == self.cache_dir}
+        errors = [
+            {"name": n, "sha256": Path(p).name, "message": m}
+            for (n, p), m in sorted(self.refused.items())
+            if n in names
+        ]
+        errors += [
+            {"name": n, "message": m, **({"sha256": s} if s else {})} for n, (s, m) in sorted(self.unavailable.items())
+        ]
+        return {
+            "name": self.replica,
+            "engineUp": up,
+            "adapters": sorted(listed),
+            "loadedSha256": loaded,
+            "errors": errors,
+        }
+
+
+def _kube_sources(namespace: str, plan_name: str) -> tuple[Any, PlanSource, SecretSource]:
+    import kubernetes  # noqa: PLC0415 (only the pod's entry needs the client)
+
+    from kimi_operator.kubeconfig import load_client  # noqa: PLC0415
+
+    api = load_client()
+    core = kubernetes.client.CoreV1Api(api)
+
+    def plan() -> ServingPlan | None:
+        try:
+            found = core.read_namespaced_config_map(plan_name, namespace)
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return ServingPlan.model_validate(json.loads((found.data or {})[PLAN_KEY]))
+
+    def secret(name: str, key: str) -> str:
+        found = core.read_namespaced_secret(name, namespace)
+        return base64.b64decode((found.data or {})[key]).decode().strip()
+
+    return api, plan, secret
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kimi-operator serve-agent", description=__doc__)
+    parser.add_argument("--report", required=True, help="namespace/name of the LoraServer")
+    parser.add_argument("--plan", required=True, help="ConfigMap holding the serving plan")
+    parser.add_argument("--replica", required=True, help="this engine pod's name")
+    parser.add_argument("--engine", required=True, help="URL of the engine beside this agent")
+    parser.add_argument("--models-dir", type=Path, required=True, help="the model storage as mounted here")
+    parser.add_argument("--cache-dir", type=Path, required=True, help="the node's adapter cache as mounted here")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between comparisons")
+    parser.add_argument("--once", action="store_true", help="fill the cache for this replica and exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    namespace, name = args.report.split("/", 1)
+    api, plan, secret = _kube_sources(namespace, args.plan)
+    from kimi_operator.workloads.report import OwnStatus  # noqa: PLC0415
+
+    own = OwnStatus(
+        api, kind=KIND, plural=PLURAL, namespace=namespace, name=name, manager=AGENT_FIELD_MANAGER_PREFIX + args.replica
+    )
+    agent = Agent(
+        replica=args.replica,
+        engine=Engine(args.engine),
+        plan=plan,
+        models_dir=args.models_dir,
+        cache_dir=args.cache_dir,
+        secret=secret,
+    )
+    if args.once:
+        current = plan()
+        mine = current.for_replica(args.replica) if current else None
+        agent.materialise(mine.adapters if mine else [])
+        if agent.unavailable:
+            report = agent.report(up=False, listed={}, planned=mine.adapters if mine else [])
+            own.apply({"engines": [{**report, "lastSyncTime": now_rfc3339()}]})
+            print(json.dumps({"event": "unavailable", "adapters": agent.unavailable}), file=sys.stderr)
+            return 1
+        return 0
+    last: dict[str, Any] | None = None
+    while True:
+        report = agent.step()
+        # Written only when it changed: an idle replica costs the apiserver nothing.
+        if report != last:
+            own.apply({"engines": [{**report, "lastSyncTime": now_rfc3339()}]})
+            last = report
+        time.sleep(args.interval)

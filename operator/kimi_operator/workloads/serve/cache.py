@@ -1,0 +1,71 @@
+"""The node-local adapter cache: one directory per adapter_model.safetensors sha256, shared by every
+LoraServer whose model storage is on the node. A directory appears whole (built under a temporary
+name, checked, then renamed) and is never changed afterwards, so an engine never reads a partial
+adapter and a digest always names the same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+class Unavailable(Exception):
+    """The files cannot be had here; the message says where they are and what to do."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def materialise(cache: Path, expected: str | None, fetch: Callable[[Path], None]) -> Path:
+    """The cache directory holding the adapter; ``fetch`` fills a temporary directory when it is
+    not cached yet. With ``expected`` the files must have that digest before anything sees them."""
+    if expected and (cache / expected / WEIGHTS).is_file():
+        return cache / expected
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache))
+    try:
+        fetch(staging)
+        for required in (CONFIG, WEIGHTS):
+            if not (staging / required).is_file():
+                raise Unavailable(f"no {required} in the adapter's files")
+        found = sha256_of(staging / WEIGHTS)
+        if expected and found != expected:
+            raise Unavailable(f"{WEIGHTS} has sha256 {found}, expected {expected}")
+        final = cache / found
+        if final.exists():
+            return final
+        os.replace(staging, final)
+        return final
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def copy_from(source: Path, *, node_hint: str | None) -> Callable[[Path], None]:
+    """A fetch that copies an adapter directory present on this node."""
+
+    def fetch(target: Path) -> None:
+        if not source.is_dir():
+            where = f" (it is on node {node_hint})" if node_hint else ""
+            raise Unavailable(
+                f"{source} is not on this node{where}: run the replica on that node, or publish the adapter "
+                "to a hub repository and name it with huggingFace"
+            )
+        for item in source.iterdir():
+            if item.is_file():
+                shutil.copyfile(item, target / item.name)
+
+    return fetch

@@ -1,0 +1,147 @@
+"""A LoraServer's status from pods and engine reports, as tables built from small helpers (the
+way JobSet's failure-policy tests build their cases)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kimi_operator.controller.loraserver_status import Replica, Wanted, adapter_status, observe
+
+SHA1, SHA2 = "1" * 64, "2" * 64
+
+
+def ready(*names: str) -> dict[str, Replica]:
+    return {n: Replica(n, pod_ready=True) for n in names}
+
+
+def not_ready(*names: str) -> dict[str, Replica]:
+    return {n: Replica(n, pod_ready=False) for n in names}
+
+
+def report(
+    *adapters: str, up: bool = True, sha: str = SHA1, errors: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    return {
+        "engineUp": up,
+        "adapters": list(adapters),
+        "loadedSha256": dict.fromkeys(adapters, sha),
+        "errors": errors or [],
+    }
+
+
+def shared(name: str, *placed: str, sha: str | None = SHA1) -> Wanted:
+    return Wanted(name, "Shared", tuple(placed), sha)
+
+
+@pytest.mark.parametrize(
+    ("adapter", "replicas", "reports", "state", "listed"),
+    [
+        (shared("a", "r0", "r1"), ready("r0", "r1"), {"r0": report("a"), "r1": report("a")}, "Loaded", ["r0", "r1"]),
+        (shared("a", "r0", "r1"), ready("r0", "r1"), {"r0": report("a"), "r1": report()}, "Pending", ["r0"]),
+        # The engine of r1 is down: whatever it listed before does not count.
+        (
+            shared("a", "r0", "r1"),
+            ready("r0", "r1"),
+            {"r0": report("a"), "r1": report("a", up=False)},
+            "Pending",
+            ["r0"],
+        ),
+        # The pod is not ready: its engine's listing does not count either.
+        (shared("a", "r0"), not_ready("r0"), {"r0": report("a")}, "Pending", []),
+        # Listed, but loaded from older files than the ones asked for.
+        (shared("a", "r0", sha=SHA2), ready("r0"), {"r0": report("a", sha=SHA1)}, "Pending", []),
+        # No digest asked for (a path without sha256): any listing counts.
+        (shared("a", "r0", sha=None), ready("r0"), {"r0": report("a")}, "Loaded", ["r0"]),
+        # Refused by the engine, with its words.
+        (
+            shared("a", "r0"),
+            ready("r0"),
+            {"r0": report(errors=[{"name": "a", "sha256": SHA1, "message": "rank 32 > max_lora_rank 16"}])},
+            "Failed",
+            [],
+        ),
+        # A refusal of older files does not fail the new ones.
+        (
+            shared("a", "r0", sha=SHA2),
+            ready("r0"),
+            {"r0": report(errors=[{"name": "a", "sha256": SHA1, "message": "old"}])},
+            "Pending",
+            [],
+        ),
+        # Placed nowhere.
+        (shared("a"), ready("r0"), {"r0": report()}, "Pending", []),
+        # Listed on a replica it is not placed on (an LRU reload): reported as listed, not required.
+        (shared("a", "r0"), ready("r0", "r1"), {"r0": report("a"), "r1": report("a")}, "Loaded", ["r0", "r1"]),
+        # The source is not ready: Pending with its reason, whatever engines list.
+        (
+            Wanted("a", "Unknown", blocked=("Pending", "waiting for FineTuneJob t")),
+            ready("r0"),
+            {"r0": report()},
+            "Pending",
+            [],
+        ),
+    ],
+    ids=[
+        "loaded",
+        "one-missing",
+        "engine-down",
+        "pod-not-ready",
+        "old-files",
+        "no-digest",
+        "refused",
+        "old-refusal",
+        "unplaced",
+        "extra-listing",
+        "blocked",
+    ],
+)
+def test_adapter_state(
+    adapter: Wanted, replicas: dict[str, Replica], reports: dict[str, dict[str, Any]], state: str, listed: list[str]
+) -> None:
+    entry = adapter_status(adapter, replicas, reports)
+    assert entry["state"] == state, entry
+    assert entry["replicas"] == listed
+    if state == "Failed":
+        assert entry["message"] == "replica r0: rank 32 > max_lora_rank 16"
+
+
+def test_ready_only_when_every_replica_serves_and_every_adapter_is_loaded() -> None:
+    wanted = [shared("a", "r0", "r1"), Wanted("x", "Expert", ("x0",), SHA1)]
+    reports = {"r0": report("a"), "r1": report("a"), "x0": report("x")}
+    result = observe(
+        wanted=wanted, desired_replicas=["r0", "r1", "x0"], replicas=ready("r0", "r1", "x0"), reports=reports
+    )
+    assert result.verdict.state == "ready"
+    assert result.status["readyReplicas"] == 3
+    assert (result.status["adaptersLoaded"], result.status["adaptersTotal"]) == (2, 2)
+
+
+def test_a_replica_missing_is_progressing_and_named() -> None:
+    wanted = [shared("a", "r0", "r1")]
+    result = observe(wanted=wanted, desired_replicas=["r0", "r1"], replicas=ready("r0"), reports={"r0": report("a")})
+    assert result.verdict.state == "progressing"
+    assert result.verdict.reason == "StartingReplicas"
+    assert "r1" in result.verdict.message
+    assert result.status["replicas"] == 1
+
+
+def test_a_refused_adapter_stalls_while_the_others_stay_loaded() -> None:
+    wanted = [shared("a", "r0"), shared("bad", "r0")]
+    errors = [{"name": "bad", "sha256": SHA1, "message": "corrupt safetensors"}]
+    result = observe(
+        wanted=wanted, desired_replicas=["r0"], replicas=ready("r0"), reports={"r0": report("a", errors=errors)}
+    )
+    assert result.verdict.state == "stalled"
+    assert result.verdict.reason == "AdapterFailed"
+    assert "bad: replica r0: corrupt safetensors" in result.verdict.message
+    states = {a["name"]: a["state"] for a in result.status["adapters"]}
+    assert states == {"a": "Loaded", "bad": "Failed"}
+
+
+def test_loading_adapters_is_progressing() -> None:
+    result = observe(
+        wanted=[shared("a", "r0")], desired_replicas=["r0"], replicas=ready("r0"), reports={"r0": report()}
+    )
+    assert result.verdict.reason == "LoadingAdapters"
