@@ -48,3 +48,13 @@ def write_token_kubeconfig(path: Path, server: str, ca: Path, token: str) -> Pat
         )
     )
     return path
+
+
+def wait_earlier_namespaces_gone(api: kubernetes.client.ApiClient, timeout: float = 180) -> None:
+    """Earlier tests' namespaces still being emptied hold simulated GPUs and cause writes: wait them out."""
+    core = kubernetes.client.CoreV1Api(api)
+    wait_for(
+        lambda: all(ns.status.phase != "Terminating" for ns in core.list_namespace().items),
+        timeout,
+        "earlier tests' namespaces gone",
+    )

@@ -15,7 +15,7 @@ import kubernetes
 import pytest
 
 from e2e.conftest import OperatorProcess
-from e2e.helpers import api_error, wait_for
+from e2e.helpers import api_error, wait_earlier_namespaces_gone, wait_for
 from e2e.manifests import GROUP, VERSION
 from e2e.test_finetunejob import HOLD, SMALL, custom, ftj, get, job, ready_model, wait_phase
 from e2e.test_kimimodel import condition
@@ -154,13 +154,8 @@ def test_an_idle_cluster_costs_no_writes(
         60,
         "idle-waiting observed",
     )
-    core = kubernetes.client.CoreV1Api(api)
     # Namespaces of earlier tests still being emptied would count the garbage collector's writes.
-    wait_for(
-        lambda: all(ns.status.phase != "Terminating" for ns in core.list_namespace().items),
-        180,
-        "earlier tests' namespaces gone",
-    )
+    wait_earlier_namespaces_gone(api)
     # A pass of every object (at least the resync timer's) has run since they settled.
     settled = operator_passes(operator)
     wait_for(lambda: operator_passes(operator) >= settled + 4, 90, "a resync pass of every object")

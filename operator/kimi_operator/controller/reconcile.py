@@ -23,8 +23,8 @@ from kimi_operator.api.kinds import LORA_SERVER, Kind
 _PENDING_WORK = {LORA_SERVER.kind: "starting engine replicas and the router"}
 
 PHASES = {"ready": "Ready", "progressing": "Progressing", "stalled": "Stalled", "waiting": "Pending"}
-# Fields of status entries written by workload pods, not by the operator.
-_POD_OWNED = ("progress", "adapter", "latestCheckpoint")
+# Fields of status written by workload pods (progress, exported adapter, the agents' engine reports), not by the operator.
+_POD_OWNED = ("progress", "adapter", "latestCheckpoint", "engines")
 
 # Given a valid spec, do the kind's work and return the verdict and the kind's own status fields.
 Work = Callable[[Any], tuple[Verdict, dict[str, Any]]]

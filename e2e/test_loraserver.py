@@ -1,0 +1,523 @@
+"""LoraServer against the real apiserver, with each engine pod's programs run on this machine.
+
+KWOK runs the engine pods' phases; the test runs what each pod would run, as that pod: the SGLang
+stand-in (a tiny model with real PEFT adapters) bound to the pod's 127.x IP with the engine
+container's own arguments, and the adapter agent with the pod's ServiceAccount token and the agent
+container's own arguments. Node paths are swapped for a directory per simulated node.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+
+from e2e.conftest import OperatorProcess, stop
+from e2e.helpers import wait_earlier_namespaces_gone, wait_for, write_token_kubeconfig
+from e2e.manifests import GROUP, KIMI_MODEL, VERSION
+from e2e.test_finetunejob import ftj, training_pod_status, wait_phase
+from e2e.test_kimimodel import condition
+from kimi_operator.devcluster.cluster import Cluster
+from kimi_operator.devcluster.paths import repo_root
+from kimi_operator.render.kimimodel import model_label
+
+pytestmark = pytest.mark.e2e
+
+ENGINES = repo_root() / "e2e" / "engines"
+OPERATOR = repo_root() / "operator"
+STORAGE = "/mnt/nvme/kimi"
+NODES = ["gpu-4090-a", "gpu-4090-b"]
+SMALL = {"gpus": 1, "cpu": "4", "memory": "16Gi", "sharedMemory": "1Gi"}
+
+
+def custom(api: kubernetes.client.ApiClient) -> kubernetes.client.CustomObjectsApi:
+    return kubernetes.client.CustomObjectsApi(api)
+
+
+def get(api: kubernetes.client.ApiClient, namespace: str, plural: str, name: str) -> dict[str, Any]:
+    obj: dict[str, Any] = custom(api).get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+    return obj
+
+
+@pytest.fixture(scope="module")
+def tiny(train_python: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with five PEFT adapters and the bad ones, built once (no downloads)."""
+    out = tmp_path_factory.mktemp("tiny-lora")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    subprocess.run(
+        [train_python, str(ENGINES / "tiny_lora.py"), str(out), "--adapters", "5"],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=600,
+    )
+    return out
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+class Node:
+    """A simulated node's storage, as a directory of this machine."""
+
+    def __init__(self, root: Path, namespace: str, tiny: Path) -> None:
+        self.storage = root / STORAGE.lstrip("/")
+        checkpoint = self.storage / namespace / "kimi" / "int4"
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.symlink_to(tiny / "model")
+        (self.storage / "adapter-cache").mkdir(parents=True, exist_ok=True)
+
+    def put_adapter(self, source: Path, name: str) -> str:
+        """Copy an adapter directory under the storage; its path as the node sees it."""
+        target = self.storage / "adapters" / name
+        shutil.copytree(source, target, dirs_exist_ok=True)
+        return f"{STORAGE}/adapters/{name}"
+
+    def local(self, arg: str) -> str:
+        """A container argument with the pod's mounts replaced by this node's directories."""
+        arg = re.sub(r"(^|=)/adapter-cache(?=/|$)", lambda m: f"{m[1]}{self.storage / 'adapter-cache'}", arg)
+        return re.sub(r"(^|=)/models(?=/|$)", lambda m: f"{m[1]}{self.storage}", arg)
+
+
+class EnginePod:
+    """What one engine pod runs: the engine (the SGLang stand-in) and its adapter agent."""
+
+    def __init__(self, pod: Any, node: Node, python: str, kubeconfig: Path, logs: Path) -> None:
+        self.name, self.ip, self.uid = pod.metadata.name, pod.status.pod_ip, pod.metadata.uid
+        self.node, self.python, self.kubeconfig, self.logs = node, python, kubeconfig, logs
+        containers = {c.name: c for c in pod.spec.containers}
+        self.engine_args = [self._subst(a) for a in containers["engine"].args]
+        self.agent_args = [self._subst(a) for a in containers["adapter-agent"].args]
+        self.init_args = (
+            [self._subst(a) for a in (pod.spec.init_containers or [])[0].args] if pod.spec.init_containers else None
+        )
+        self.engine: subprocess.Popen[bytes] | None = None
+        self.agent: subprocess.Popen[bytes] | None = None
+
+    def _subst(self, arg: str) -> str:
+        return self.node.local(arg.replace("$(POD_IP)", self.ip).replace("$(POD_NAME)", self.name))
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.ip}:30000"
+
+    def _agent_env(self) -> dict[str, str]:
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONPATH": str(OPERATOR)}
+
+    def init(self) -> None:
+        if self.init_args is not None:
+            subprocess.run(
+                [sys.executable, "-m", "kimi_operator", *self.init_args],
+                check=True,
+                capture_output=True,
+                env=self._agent_env(),
+                timeout=120,
+            )
+
+    def start_engine(self) -> None:
+        log = (self.logs / f"{self.name}.engine.log").open("ab")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+        self.engine = subprocess.Popen(
+            [self.python, str(ENGINES / "sglang_standin.py"), *self.engine_args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        log.close()
+        wait_for(
+            lambda: self.engine is not None and (self.engine.poll() is not None or http(f"{self.url}/ready")[0] == 200),
+            180,
+            f"{self.name} engine",
+        )
+        assert self.engine.poll() is None, (self.logs / f"{self.name}.engine.log").read_text()[-3000:]
+
+    def start_agent(self) -> None:
+        log = (self.logs / f"{self.name}.agent.log").open("ab")
+        self.agent = subprocess.Popen(
+            [sys.executable, "-m", "kimi_operator", *self.agent_args, "--interval", "0.5"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self._agent_env(),
+        )
+        log.close()
+
+    def stop_engine(self) -> None:
+        if self.engine is not None:
+            stop(self.engine)
+            self.engine = None
+
+    def stop(self) -> None:
+        self.stop_engine()
+        if self.agent is not None:
+            stop(self.agent)
+            self.agent = None
+
+    def listed(self) -> list[str]:
+        code, body = http(f"{self.url}/v1/models")
+        assert code == 200, body
+        return sorted(c["id"] for c in json.loads(body)["data"] if c.get("parent"))
+
+    def chat(self, model: str) -> str:
+        code, body = http(
+            f"{self.url}/v1/chat/completions",
+            {
+                "model": model,
+                "messages": [{"role": "user", "content": "hello world"}],
+                "max_tokens": 8,
+                "temperature": 0,
+            },
+        )
+        assert code == 200, body
+        return str(json.loads(body)["choices"][0]["message"]["content"])
+
+
+def http(url: str, body: dict[str, Any] | None = None) -> tuple[int, str]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})  # noqa: S310 (loopback)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310 (loopback)
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
+class Serving:
+    """One LoraServer's engine pods, run here."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        api: kubernetes.client.ApiClient,
+        namespace: str,
+        name: str,
+        nodes: dict[str, Node],
+        python: str,
+        tmp: Path,
+    ) -> None:
+        self.cluster, self.api, self.namespace, self.name = cluster, api, namespace, name
+        self.nodes, self.python, self.tmp = nodes, python, tmp
+        self.pods: dict[str, EnginePod] = {}
+
+    def kubeconfig(self) -> Path:
+        core = kubernetes.client.CoreV1Api(self.api)
+        token = core.create_namespaced_service_account_token(
+            f"{self.name}-engine", self.namespace, {"spec": {"expirationSeconds": 3600}}
+        ).status.token
+        path = self.tmp / f"{self.name}-engine.kubeconfig"
+        return write_token_kubeconfig(path, self.cluster.server(), self.cluster.layout.pki / "ca.crt", token)
+
+    def live_pods(self) -> list[Any]:
+        core = kubernetes.client.CoreV1Api(self.api)
+        selector = f"kimi-operator.io/loraserver={self.name},app.kubernetes.io/component=engine"
+        return list(core.list_namespaced_pod(self.namespace, label_selector=selector).items)
+
+    def start(self, count: int) -> None:
+        """Wait for ``count`` running engine pods and start what each runs."""
+        pods = wait_for(
+            lambda: (
+                (found := [p for p in self.live_pods() if p.status.phase == "Running" and p.status.pod_ip])
+                and len(found) == count
+                and found
+            ),
+            90,
+            f"{count} running engine pods of {self.name}",
+        )
+        kubeconfig = self.kubeconfig()
+        logs = self.cluster.layout.logs
+        started = []
+        for pod in pods:
+            if pod.metadata.name in self.pods:
+                continue
+            engine = EnginePod(pod, self.nodes[pod.spec.node_name], self.python, kubeconfig, logs)
+            self.pods[engine.name] = engine
+            started.append(engine)
+        for engine in started:
+            engine.init()
+        threads = [threading.Thread(target=e.start_engine) for e in started]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for engine in started:
+            engine.start_agent()
+
+    def stop(self) -> None:
+        for pod in self.pods.values():
+            pod.stop()
+
+
+def lsrv(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LoraServer",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "kimi"},
+            "resources": SMALL,
+            "engine": {"maxLoraRank": 16, "loraTargetModules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+            **spec,
+        },
+    }
+
+
+def model_on(api: kubernetes.client.ApiClient, namespace: str, nodes: list[str]) -> None:
+    wait_earlier_namespaces_gone(api)
+    model = copy.deepcopy(KIMI_MODEL)
+    model["spec"]["placement"] = {"nodeNames": nodes, "count": len(nodes)}
+    model["spec"]["variants"] = ["bf16", "cpu-int8"]
+    custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "kimimodels", model)
+    wait_for(
+        lambda: (c := condition(get(api, namespace, "kimimodels", "kimi"), "Ready")) and c["status"] == "True",
+        90,
+        "KimiModel Ready",
+    )
+
+
+def adapters_by_name(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {a["name"]: a for a in (obj.get("status") or {}).get("adapters") or []}
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, namespace: str, tiny: Path) -> dict[str, Node]:
+    return {n: Node(tmp_path / "nodes" / n, namespace, tiny) for n in NODES}
+
+
+@pytest.fixture
+def serving(
+    cluster: Cluster,
+    api: kubernetes.client.ApiClient,
+    namespace: str,
+    nodes: dict[str, Node],
+    train_python: str,
+    tmp_path: Path,
+) -> Iterator[Serving]:
+    handle = Serving(cluster, api, namespace, "serve", nodes, train_python, tmp_path)
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.mark.timeout(900)
+def test_shared_and_expert_adapters_are_served_where_the_engines_list_them(
+    api: kubernetes.client.ApiClient,
+    namespace: str,
+    operator: OperatorProcess,
+    tiny: Path,
+    nodes: dict[str, Node],
+    serving: Serving,
+) -> None:
+    model_on(api, namespace, NODES)
+    adapters: list[dict[str, Any]] = []
+    for i in range(4):
+        source = tiny / "adapters" / f"a{i}"
+        path = ""
+        for node in nodes.values():
+            path = node.put_adapter(source, f"a{i}")
+        adapters.append({"name": f"a{i}", "path": path, "sha256": sha256(source)})
+    expert = tiny / "adapters" / "expert"
+    for node in nodes.values():
+        expert_path = node.put_adapter(expert, "expert")
+    adapters.append({"name": "legal", "path": expert_path, "sha256": sha256(expert), "expert": True})
+    custom(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "loraservers", lsrv("serve", replicas=2, adapters=adapters)
+    )
+    serving.start(3)
+
+    # Every engine pod is on a node holding the model.
+    label = model_label(namespace, "kimi")
+    core = kubernetes.client.CoreV1Api(api)
+    for pod in serving.live_pods():
+        assert core.read_node(pod.spec.node_name).metadata.labels.get(label) == "ready"
+
+    def all_loaded() -> dict[str, Any] | None:
+        obj = get(api, namespace, "loraservers", "serve")
+        found = adapters_by_name(obj)
+        ok = len(found) == 5 and all(a["state"] == "Loaded" for a in found.values())
+        return obj if ok and condition(obj, "Ready") and condition(obj, "Ready")["status"] == "True" else None  # type: ignore[index]
+
+    obj = wait_for(all_loaded, 120, "every adapter Loaded and the LoraServer Ready")
+    found = adapters_by_name(obj)
+    shared = sorted(n for n in serving.pods if "-shared-" in n)
+    (dedicated,) = [n for n in serving.pods if "-x-" in n]
+    for i in range(4):
+        assert found[f"a{i}"]["kind"] == "Shared"
+        assert found[f"a{i}"]["replicas"] == shared
+    assert found["legal"]["kind"] == "Expert"
+    assert found["legal"]["replicas"] == [dedicated]
+    assert obj["status"]["readyReplicas"] == 3
+    # What status says is what the engines list.
+    for name in shared:
+        assert serving.pods[name].listed() == ["a0", "a1", "a2", "a3"]
+    assert serving.pods[dedicated].listed() == ["legal"]
+    # And the adapters really are applied: each answers differently from the base model.
+    engine = serving.pods[shared[0]]
+    base = engine.chat("kimi-k2.5")
+    assert len({engine.chat(f"kimi-k2.5:a{i}") for i in range(4)} | {base}) == 5
+
+    # One engine dies and comes back empty: the status never shows adapters on it meanwhile, and
+    # its agent loads them again.
+    victim = serving.pods[shared[1]]
+    uids = {p.metadata.name: p.metadata.uid for p in serving.live_pods()}
+    victim.stop_engine()
+    seen_down = threading.Event()
+    violations: list[str] = []
+    done = threading.Event()
+
+    def watch_status() -> None:
+        while not done.is_set():
+            status = get(api, namespace, "loraservers", "serve").get("status") or {}
+            report = next((e for e in status.get("engines") or [] if e["name"] == victim.name), {})
+            if report.get("engineUp") is False:
+                seen_down.set()
+            if seen_down.is_set() and not victim_up.is_set():
+                for a in status.get("adapters") or []:
+                    if victim.name in a.get("replicas", []):
+                        violations.append(f"{a['name']} on {victim.name} while its engine is down")
+
+    victim_up = threading.Event()
+    watcher = threading.Thread(target=watch_status)
+    watcher.start()
+    try:
+        wait_for(seen_down.is_set, 30, "the agent to report its engine down")
+        down = get(api, namespace, "loraservers", "serve")
+        assert condition(down, "Ready")["status"] == "False"  # type: ignore[index]
+        victim_up.set()
+        victim.start_engine()
+        wait_for(all_loaded, 120, "adapters loaded again on the restarted engine")
+    finally:
+        done.set()
+        watcher.join()
+    assert violations == []
+    assert victim.listed() == ["a0", "a1", "a2", "a3"]
+
+    # An adapter added and one removed: loaded and unloaded in place, no pod restarted.
+    source = tiny / "adapters" / "a4"
+    for node in nodes.values():
+        a4 = node.put_adapter(source, "a4")
+    spec_adapters = [a for a in adapters if a["name"] != "a0"] + [{"name": "a4", "path": a4, "sha256": sha256(source)}]
+    custom(api).patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, "loraservers", "serve", {"spec": {"adapters": spec_adapters}}
+    )
+    wait_for(
+        lambda: all(serving.pods[n].listed() == ["a1", "a2", "a3", "a4"] for n in shared),
+        60,
+        "a4 loaded and a0 unloaded on every shared engine",
+    )
+    obj = wait_for(all_loaded, 60, "the new set Loaded")
+    assert set(adapters_by_name(obj)) == {"a1", "a2", "a3", "a4", "legal"}
+    assert {p.metadata.name: p.metadata.uid for p in serving.live_pods()} == uids
+
+    # A corrupt adapter and one of too high a rank: Failed with the engine's words, the rest serve.
+    bad = []
+    for name in ("corrupt", "wrong-rank"):
+        source = tiny / "adapters" / name
+        for node in nodes.values():
+            path = node.put_adapter(source, name)
+        bad.append({"name": name, "path": path})
+    custom(api).patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, "loraservers", "serve", {"spec": {"adapters": spec_adapters + bad}}
+    )
+
+    def failed() -> dict[str, Any] | None:
+        found = adapters_by_name(get(api, namespace, "loraservers", "serve"))
+        return found if {found.get(n, {}).get("state") for n in ("corrupt", "wrong-rank")} == {"Failed"} else None
+
+    found = wait_for(failed, 60, "the bad adapters Failed")
+    assert "rank" in found["wrong-rank"]["message"]
+    assert found["corrupt"]["message"]
+    assert all(found[n]["state"] == "Loaded" for n in ("a1", "a2", "a3", "a4", "legal"))
+    stalled = condition(get(api, namespace, "loraservers", "serve"), "Stalled")
+    assert stalled is not None
+    assert stalled["reason"] == "AdapterFailed"
+
+
+@pytest.mark.timeout(600)
+def test_a_finished_fine_tune_is_served_and_a_newer_export_replaces_it_in_place(
+    cluster: Cluster,
+    api: kubernetes.client.ApiClient,
+    namespace: str,
+    operator: OperatorProcess,
+    tiny: Path,
+    nodes: dict[str, Node],
+    serving: Serving,
+) -> None:
+    node = "gpu-4090-a"
+    model_on(api, namespace, [node])
+    hold = {"annotations": {"sim.kimi-operator.io/hold": "true"}}
+    tune = ftj("tune", podMetadata=hold, resources={"gpus": 1, "cpu": "4", "memory": "16Gi"})
+    custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "finetunejobs", tune)
+    wait_phase(api, namespace, "tune", "Running")
+    spec = {"replicas": 1, "adapters": [{"name": "support", "fineTuneJob": {"name": "tune"}}]}
+    custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "loraservers", lsrv("serve", **spec))
+    serving.start(1)
+    (engine,) = serving.pods.values()
+
+    def support() -> dict[str, Any]:
+        return adapters_by_name(get(api, namespace, "loraservers", "serve")).get("support", {})
+
+    waiting = wait_for(lambda: (s := support()) and s.get("state") == "Pending" and s, 60, "support Pending")
+    assert "waiting for FineTuneJob tune to export its adapter" in waiting["message"]
+    assert engine.listed() == []
+
+    # The training pod exports the adapter on its node and reports it with its own token.
+    output = f"/models/{namespace}/kimi/finetune/tune/adapter"
+    local = nodes[node].storage / namespace / "kimi" / "finetune" / "tune" / "adapter"
+
+    def export(source: Path) -> str:
+        shutil.copytree(source, local, dirs_exist_ok=True)
+        digest = sha256(source)
+        adapter = {
+            "name": "tune",
+            "node": node,
+            "path": output,
+            "sizeBytes": 1,
+            "sha256": digest,
+            "baseModel": "kimi",
+            "rank": 8,
+            "expertLora": False,
+        }
+        training_pod_status(cluster, api, namespace, "tune").apply({"adapter": adapter})
+        return digest
+
+    first = export(tiny / "adapters" / "a1")
+    (pod,) = kubernetes.client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector="job-name=tune-train").items
+    kubernetes.client.CoreV1Api(api).patch_namespaced_pod(
+        pod.metadata.name, namespace, {"metadata": {"annotations": {"sim.kimi-operator.io/hold": None}}}
+    )
+    wait_phase(api, namespace, "tune", "Succeeded")
+    loaded = wait_for(lambda: (s := support()) and s.get("state") == "Loaded" and s, 90, "support Loaded")
+    assert loaded["sha256"] == first
+    assert loaded["kind"] == "Shared"
+    assert engine.listed() == ["support"]
+    base, tuned = engine.chat("kimi-k2.5"), engine.chat("kimi-k2.5:support")
+    assert tuned != base
+    uid = serving.live_pods()[0].metadata.uid
+
+    # A newer export (other files, another digest) replaces it on the engine without a restart.
+    second = export(tiny / "adapters" / "a2")
+    replaced = wait_for(
+        lambda: (s := support()) and s.get("state") == "Loaded" and s.get("sha256") == second and s,
+        90,
+        "the newer export Loaded",
+    )
+    assert replaced["replicas"] == [engine.name]
+    assert engine.chat("kimi-k2.5:support") not in (tuned, base)
+    assert serving.live_pods()[0].metadata.uid == uid
