@@ -29,6 +29,10 @@ from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.devcluster.paths import repo_root
 
 E2E_DIR = repo_root() / ".cluster-e2e"
+DATASET = (
+    '{"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello."}]}\n'
+    '{"messages": [{"role": "user", "content": "Say bye."}, {"role": "assistant", "content": "Bye."}]}\n'
+)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -238,6 +242,8 @@ def namespace(request: pytest.FixtureRequest, cluster: Cluster, api: kubernetes.
     core.create_namespace({"metadata": {"name": name, "labels": {"kimi-operator.io/e2e": "true"}}})
     # Pods can be created once the ServiceAccount controller has made the default account.
     wait_for(lambda: bool(core.list_namespaced_service_account(name).items), 30, f"default ServiceAccount in {name}")
+    # The dataset the base FineTuneJob of e2e/manifests.py names (the operator checks it is there).
+    core.create_namespaced_config_map(name, {"metadata": {"name": "data"}, "data": {"train.jsonl": DATASET}})
     yield name
     report = getattr(request.node, "report_call", None)
     if report is not None and report.failed:

@@ -152,6 +152,12 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "expert adapters only",
     ),
     (
+        "lsrv-expert-no-digest",
+        vary(LORA_SERVER, "spec.adapters", [{"name": "a", "path": "/a", "expert": True}]),
+        "spec.adapters[0].sha256",
+        "set sha256",
+    ),
+    (
         "lsrv-too-many-pinned",
         vary(
             vary(LORA_SERVER, "spec.engine", {"maxLorasPerBatch": 2}),
@@ -227,11 +233,12 @@ def test_unknown_field_from_the_stale_guide_is_refused(api: kubernetes.client.Ap
     [
         (KIMI_MODEL, "spec.source.huggingFace.revision", "fedcba98", "spec.source.huggingFace.revision"),
         (KIMI_MODEL, "spec.source", {"path": {"path": "/models/kimi"}}, "spec.source"),
+        (KIMI_MODEL, "spec.storage", {"hostPath": "/mnt/other"}, "spec.storage"),
         (FINE_TUNE_JOB, "spec.lora", {"rank": 32}, "spec.lora"),
         (FINE_TUNE_JOB, "spec.model", {"name": "other"}, "spec.model"),
         (FINE_TUNE_JOB, "spec.dataset", {"hostPath": {"path": "/data/x.jsonl"}}, "spec.dataset"),
     ],
-    ids=["km-revision", "km-source", "ftj-lora", "ftj-model", "ftj-dataset"],
+    ids=["km-revision", "km-source", "km-storage", "ftj-lora", "ftj-model", "ftj-dataset"],
 )
 def test_immutable_fields_refuse_updates(
     api: kubernetes.client.ApiClient, namespace: str, base: dict[str, Any], path: str, value: Any, field: str

@@ -87,6 +87,17 @@ def test_a_child_the_apiserver_refuses_is_stalled_with_its_words_then_recovers(
     core.create_namespaced_resource_quota(
         namespace, {"metadata": {"name": "no-jobs"}, "spec": {"hard": {"count/jobs.batch": "0"}}}
     )
+    # Until the quota controller has counted the namespace, admission says "status unknown".
+    wait_for(
+        lambda: (
+            (
+                core.read_namespaced_resource_quota("no-jobs", namespace).status
+                or kubernetes.client.V1ResourceQuotaStatus()
+            ).hard
+        ),
+        60,
+        "the quota counted",
+    )
     custom(api).create_namespaced_custom_object(
         GROUP, VERSION, namespace, "finetunejobs", ftj("refused", podMetadata=HOLD, resources=SMALL)
     )
@@ -107,8 +118,60 @@ def test_a_child_the_apiserver_refuses_is_stalled_with_its_words_then_recovers(
     assert condition(obj, "Stalled") is None
 
 
+def test_an_empty_dataset_stops_before_any_pod_is_scheduled(
+    api: kubernetes.client.ApiClient, namespace: str, operator: OperatorProcess
+) -> None:
+    ready_model(api, namespace)
+    core = kubernetes.client.CoreV1Api(api)
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "empty"}, "data": {"train.jsonl": "\n \n"}})
+    dataset = {"configMap": {"name": "empty", "key": "train.jsonl"}}
+    custom(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "finetunejobs", ftj("empty", dataset=dataset)
+    )
+    obj = wait_phase(api, namespace, "empty", "Stalled")
+    stalled = condition(obj, "Stalled")
+    assert stalled is not None
+    assert stalled["reason"] == "InvalidDataset"
+    assert stalled["message"] == "ConfigMap empty key train.jsonl: no records: the dataset is empty"
+    jobs = kubernetes.client.BatchV1Api(api).list_namespaced_job(namespace).items
+    assert [j.metadata.name for j in jobs] == []
+
+
+def test_a_leftover_child_of_an_earlier_object_is_not_adopted(
+    api: kubernetes.client.ApiClient, namespace: str, operator: OperatorProcess
+) -> None:
+    ready_model(api, namespace)
+    custom(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "finetunejobs", ftj("again", podMetadata=HOLD, resources=SMALL)
+    )
+    wait_phase(api, namespace, "again", "Running")
+    old = job(api, namespace, "again")
+    # Deleted without its children: the Job is orphaned, then a new FineTuneJob takes the name.
+    custom(api).delete_namespaced_custom_object(
+        GROUP, VERSION, namespace, "finetunejobs", "again", propagation_policy="Orphan"
+    )
+    wait_for(
+        lambda: not custom(api).list_namespaced_custom_object(GROUP, VERSION, namespace, "finetunejobs")["items"],
+        60,
+        "the first FineTuneJob gone",
+    )
+    custom(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "finetunejobs", ftj("again", podMetadata=HOLD, resources=SMALL)
+    )
+    obj = wait_phase(api, namespace, "again", "Stalled")
+    stalled = condition(obj, "Stalled")
+    assert stalled is not None
+    assert stalled["reason"] == "ChildConflict"
+    assert "belongs to FineTuneJob uid" in stalled["message"]
+    assert job(api, namespace, "again").metadata.uid == old.metadata.uid
+    # The orphan goes: the new object creates its own.
+    kubernetes.client.BatchV1Api(api).delete_namespaced_job("again-train", namespace, propagation_policy="Background")
+    wait_phase(api, namespace, "again", "Running")
+    assert job(api, namespace, "again").metadata.uid != old.metadata.uid
+
+
 # What the operator writes: its own kinds (status included) and the children it creates.
-CHILDREN = {"serviceaccounts", "roles", "rolebindings", "configmaps", "jobs", "nodes"}
+CHILDREN = {"serviceaccounts", "roles", "rolebindings", "configmaps", "jobs", "nodes", "statefulsets", "services"}
 OWN = {"kimimodels", "finetunejobs", "loraservers"}
 WRITES = {"APPLY", "PATCH", "POST", "PUT", "DELETE", "DELETECOLLECTION"}
 _SAMPLE = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
@@ -128,6 +191,15 @@ def apiserver_writes(cluster: Cluster) -> Counter[str]:
         if ours and verb in WRITES:
             counts[f"{verb} {resource}{'/' + sub if sub else ''}"] += int(float(match["value"]))
     return counts
+
+
+def operator_errors(operator: OperatorProcess) -> float:
+    _, text = operator.get(operator.metrics_url)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("kimi_operator_reconcile_total{") and 'result="error"' in line
+    )
 
 
 def operator_passes(operator: OperatorProcess) -> float:
@@ -154,13 +226,32 @@ def test_an_idle_cluster_costs_no_writes(
         60,
         "idle-waiting observed",
     )
+    # A LoraServer whose simulated engine pods run no engine: it stays Progressing, and its every
+    # event (pods, status) runs a pass.
+    server = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "LoraServer",
+        "metadata": {"name": "idle-serving"},
+        "spec": {"model": {"name": "kimi"}, "replicas": 1, "resources": SMALL, "engine": {"ktMethod": "BF16"}},
+    }
+    custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "loraservers", server)
+    wait_for(
+        lambda: (get(api, namespace, "loraservers", "idle-serving").get("status") or {}).get("replicas") == 1,
+        60,
+        "the LoraServer's engine pod observed",
+    )
     # Namespaces of earlier tests still being emptied would count the garbage collector's writes.
     wait_earlier_namespaces_gone(api)
     # A pass of every object (at least the resync timer's) has run since they settled.
     settled = operator_passes(operator)
-    wait_for(lambda: operator_passes(operator) >= settled + 4, 90, "a resync pass of every object")
-    before, passes = apiserver_writes(cluster), operator_passes(operator)
+    wait_for(lambda: operator_passes(operator) >= settled + 6, 90, "a resync pass of every object")
+    before, passes, errors = apiserver_writes(cluster), operator_passes(operator), operator_errors(operator)
+    # The counters are the ones the operator's writes land in: this test's objects are there.
+    assert before["POST finetunejobs"] >= 3, before
+    assert before["APPLY statefulsets"] >= 1, before
     # The measurement itself: an idle minute, two resync periods of every object in the cluster.
-    wait_for(lambda: operator_passes(operator) >= passes + 8, 90, "two more resync passes of every object")
+    wait_for(lambda: operator_passes(operator) >= passes + 12, 90, "two more resync passes of every object")
     after = apiserver_writes(cluster)
     assert after - before == Counter(), f"writes during an idle minute: {dict(after - before)}"
+    # Passes that fail would write nothing either: none did.
+    assert operator_errors(operator) == errors

@@ -375,7 +375,7 @@ def test_a_real_training_run_reports_through_the_api(
     # The dataset the spec names (a ConfigMap), as the kubelet would mount it into the pod.
     records = {"train.jsonl": (tmp_path / "records.jsonl").read_text()}
     core = kubernetes.client.CoreV1Api(api)
-    core.create_namespaced_config_map(namespace, {"metadata": {"name": "data"}, "data": records})
+    core.replace_namespaced_config_map("data", namespace, {"metadata": {"name": "data"}, "data": records})
     data.write_text(core.read_namespaced_config_map("data", namespace).data["train.jsonl"])
     token = (
         kubernetes.client.CoreV1Api(api)

@@ -385,20 +385,26 @@ def test_shared_and_expert_adapters_are_served_where_the_engines_list_them(
         while not done.is_set():
             status = get(api, namespace, "loraservers", "serve").get("status") or {}
             report = next((e for e in status.get("engines") or [] if e["name"] == victim.name), {})
-            if report.get("engineUp") is False:
+            # From the first status the operator computed after the agent reported the engine down
+            # (fewer replicas serving), until the engine is started again, nothing may be on it.
+            if report.get("engineUp") is False and status.get("readyReplicas", 3) < 3:
                 seen_down.set()
             if seen_down.is_set() and not victim_up.is_set():
                 for a in status.get("adapters") or []:
                     if victim.name in a.get("replicas", []):
                         violations.append(f"{a['name']} on {victim.name} while its engine is down")
+            done.wait(0.1)
 
     victim_up = threading.Event()
     watcher = threading.Thread(target=watch_status)
     watcher.start()
     try:
-        wait_for(seen_down.is_set, 30, "the agent to report its engine down")
-        down = get(api, namespace, "loraservers", "serve")
-        assert condition(down, "Ready")["status"] == "False"  # type: ignore[index]
+        wait_for(seen_down.is_set, 30, "the agent to report its engine down and the operator to see it")
+        wait_for(
+            lambda: (c := condition(get(api, namespace, "loraservers", "serve"), "Ready")) and c["status"] == "False",
+            30,
+            "Ready False while an engine is down",
+        )
         victim_up.set()
         victim.start_engine()
         wait_for(all_loaded, 120, "adapters loaded again on the restarted engine")
@@ -441,8 +447,15 @@ def test_shared_and_expert_adapters_are_served_where_the_engines_list_them(
         return found if {found.get(n, {}).get("state") for n in ("corrupt", "wrong-rank")} == {"Failed"} else None
 
     found = wait_for(failed, 60, "the bad adapters Failed")
+    # The status carries the engine's own words: ask the engine the same question.
+    for name in ("corrupt", "wrong-rank"):
+        replica = found[name]["message"].split(":", 1)[0].removeprefix("replica ")
+        pod = serving.pods[replica]
+        cached = pod.node.storage / "adapter-cache" / sha256(tiny / "adapters" / name)
+        code, body = http(f"{pod.url}/load_lora_adapter", {"lora_name": name, "lora_path": str(cached)})
+        assert code == 400, body
+        assert found[name]["message"] == f"replica {replica}: {json.loads(body)['error_message']}"
     assert "rank" in found["wrong-rank"]["message"]
-    assert found["corrupt"]["message"]
     assert all(found[n]["state"] == "Loaded" for n in ("a1", "a2", "a3", "a4", "legal"))
     stalled = condition(get(api, namespace, "loraservers", "serve"), "Stalled")
     assert stalled is not None

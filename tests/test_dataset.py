@@ -171,7 +171,20 @@ KEYS: list[tuple[str, list[str], str | None, str | None, int | None, list[tuple[
         None,
         "conversations",
         5,
-        [(1, "invalid JSON"), (2, "no 'conversations' key"), (3, "record must be a JSON object")],
+        [
+            (1, "invalid JSON"),
+            (2, "no 'conversations' key"),
+            (3, "record must be a JSON object"),
+            (4, "has both 'messages' and 'conversations' keys"),
+        ],
+    ),
+    (
+        "detected-key-and-a-record-with-both",
+        [CONV, BOTH],
+        None,
+        "conversations",
+        1,
+        [(2, "has both 'messages' and 'conversations' keys: set spec.dataset.messagesKey")],
     ),
     (
         "no-record-decides",

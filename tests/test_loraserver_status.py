@@ -145,3 +145,26 @@ def test_loading_adapters_is_progressing() -> None:
         wanted=[shared("a", "r0")], desired_replicas=["r0"], replicas=ready("r0"), reports={"r0": report()}
     )
     assert result.verdict.reason == "LoadingAdapters"
+
+
+def test_a_report_of_an_earlier_pod_of_the_name_counts_for_nothing() -> None:
+    # The pod was replaced: its new agent has not reported yet, the old report still lists "a".
+    replicas = {"r0": Replica("r0", pod_ready=True, uid="new")}
+    stale = {"r0": {**report("a"), "podUid": "old"}}
+    entry = adapter_status(shared("a", "r0"), replicas, stale)
+    assert entry["state"] == "Pending"
+    assert entry["replicas"] == []
+    fresh = {"r0": {**report("a"), "podUid": "new"}}
+    assert adapter_status(shared("a", "r0"), replicas, fresh)["state"] == "Loaded"
+
+
+def test_files_out_of_reach_are_unavailable_not_failed() -> None:
+    errors = [{"name": "a", "reason": "Unavailable", "message": "not on this node (it is on node n2)"}]
+    entry = adapter_status(shared("a", "r0"), ready("r0"), {"r0": report(errors=errors)})
+    assert entry["state"] == "Unavailable"
+    assert entry["message"] == "replica r0: not on this node (it is on node n2)"
+
+
+def test_an_unplaced_shared_adapter_says_there_is_no_room() -> None:
+    entry = adapter_status(shared("a"), ready("r0"), {"r0": report()})
+    assert "no shared replica has room" in entry["message"]

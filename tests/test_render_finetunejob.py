@@ -178,13 +178,22 @@ def live_job(suspend: bool = False, queue: str | None = None) -> dict[str, Any]:
         (live_job(), live_job(queue="q"), {"metadata": {"labels": {QUEUE: "q"}}}),
         # A label the merge patch must remove is sent as null.
         (live_job(queue="q"), live_job(), {"metadata": {"labels": {QUEUE: None}}}),
-        (
-            live_job(queue="a"),
-            live_job(suspend=True, queue="b"),
-            {"spec": {"suspend": True}, "metadata": {"labels": {QUEUE: "b"}}},
-        ),
+        # Queued: Kueue owns suspend (its webhook suspended the Job): only the label is ours.
+        (live_job(queue="a"), live_job(suspend=True, queue="b"), {"metadata": {"labels": {QUEUE: "b"}}}),
+        (live_job(suspend=True, queue="q"), live_job(queue="q"), None),
+        (live_job(queue="q"), live_job(suspend=True, queue="q"), None),
     ],
-    ids=["same", "same-queue", "suspend", "resume", "queue-added", "queue-removed", "both"],
+    ids=[
+        "same",
+        "same-queue",
+        "suspend",
+        "resume",
+        "queue-added",
+        "queue-removed",
+        "queue-changed",
+        "kueue-suspended",
+        "kueue-admitted",
+    ],
 )
 def test_a_live_job_gets_only_the_changes_it_accepts(
     live: dict[str, Any], desired: dict[str, Any], patch: dict[str, Any] | None

@@ -226,7 +226,13 @@ class FineTuneJobSpec(ApiModel):
         json_schema_extra={"x-kubernetes-validations": [immutable("spec.resources")]},
     )
     output: Output = Field(default_factory=Output, description="Adapter export.")
-    suspend: bool = Field(default=False, description="Hold the training Job without running it.")
+    suspend: bool = Field(
+        default=False,
+        description=(
+            "Hold the training Job without running it. With queueName, Kueue decides when the Job runs "
+            "and this applies only when the Job is created."
+        ),
+    )
     queue_name: (
         Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")] | None
     ) = Field(default=None, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label on the Job.")

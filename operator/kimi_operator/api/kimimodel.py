@@ -149,10 +149,23 @@ class KimiModelSpec(ApiModel):
         ),
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
-    storage: Storage = Field(description="Node-local directory for the files.")
-    resources: PrepareResources = Field(default_factory=PrepareResources, description="Resources of the prepare Jobs.")
+    storage: Storage = Field(
+        description=(
+            "Node-local directory for the files. Immutable: training and serving pods mount it, and cleanup removes it."
+        ),
+        json_schema_extra={"x-kubernetes-validations": [immutable("spec.storage")]},
+    )
+    resources: PrepareResources = Field(
+        default_factory=PrepareResources,
+        description=(
+            "Resources of the prepare Jobs; a change applies to Jobs created after it (a Job is never changed)."
+        ),
+    )
     pod_metadata: PodMetadata = Field(
-        default_factory=PodMetadata, description="Labels and annotations for the prepare and cleanup pods."
+        default_factory=PodMetadata,
+        description=(
+            "Labels and annotations for the prepare and cleanup pods; a change applies to Jobs created after it."
+        ),
     )
 
 

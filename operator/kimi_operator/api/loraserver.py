@@ -74,9 +74,15 @@ class Adapter(ApiModel):
                     field_path=".pinned",
                 ),
                 cel(
-                    "!has(self.dedicatedReplicas) || !has(self.expert) || self.expert",
+                    "!has(self.dedicatedReplicas) || (has(self.expert) && self.expert) || has(self.fineTuneJob)",
                     "dedicatedReplicas applies to expert adapters only",
                     field_path=".dedicatedReplicas",
+                ),
+                cel(
+                    "!(has(self.expert) && self.expert) || has(self.sha256)",
+                    "an expert adapter's engine starts from its files in the node cache, found by their sha256: "
+                    "set sha256",
+                    field_path=".sha256",
                 ),
             ]
         }
@@ -328,17 +334,24 @@ class AdapterPlacement(ApiModel):
 
 
 class AdapterError(ApiModel):
-    """An adapter an engine refused, with the engine's own words."""
+    """An adapter a replica could not serve: refused by its engine, or its files out of reach."""
 
     name: Annotated[str, Field(max_length=63)] = Field(description="Adapter name.")
-    sha256: Annotated[str, Field(max_length=64)] | None = Field(default=None, description="Files that were refused.")
-    message: Annotated[str, Field(max_length=4096)] = Field(description="The engine's error message.")
+    reason: Literal["Refused", "Unavailable"] = Field(
+        description="Refused: the engine refused the files (its words). Unavailable: the agent could not get them."
+    )
+    sha256: Annotated[str, Field(max_length=64)] | None = Field(default=None, description="Files concerned.")
+    message: Annotated[str, Field(max_length=4096)] = Field(description="The engine's or the agent's message.")
 
 
 class EngineReport(ApiModel):
     """What one replica's adapter agent saw on its engine; written by that agent only."""
 
     name: Annotated[str, Field(max_length=253)] = Field(description="Replica (engine pod) name.")
+    pod_uid: Annotated[str, Field(max_length=64)] | None = Field(
+        default=None,
+        description="UID of the pod the agent runs in: a report of an earlier pod of the name counts for nothing.",
+    )
     engine_up: bool = Field(description="The engine answered its last /v1/models.")
     adapters: Annotated[list[Annotated[str, Field(max_length=63)]], Field(max_length=1024)] = Field(
         default_factory=list,

@@ -25,6 +25,7 @@ from kimi_operator.render.kimimodel import model_dir
 class FtjReason(Reason):
     WAITING_FOR_MODEL = "WaitingForModel"
     WAITING_FOR_WEIGHTS = "WaitingForWeights"
+    WAITING_FOR_DATASET = "WaitingForDataset"
     SUSPENDED = "Suspended"
     STARTING = "Starting"
     TRAINING = "Training"
@@ -101,6 +102,9 @@ def reconcile(
             reason=FtjReason.WAITING_FOR_MODEL,
             message=f"KimiModel {spec.model.name} does not exist in namespace {namespace}",
         ), {}
+    problem = _config_map_dataset_problem(kube, namespace, spec)
+    if problem is not None:
+        return problem, {}
     node = _bf16_node(model, status.get("node"))
     if node is None:
         return Verdict(
@@ -120,7 +124,9 @@ def reconcile(
         output_dir=output,
         config_dir=render.CONFIG_MOUNT,
     )
-    kube.apply(render.config_map(owner, files))
+    # Created with the Job and, like it, never changed: the pods of every attempt read the
+    # configuration their Job was made with, whatever a later operator version renders.
+    kube.create(render.config_map(owner, files))
     storage = model["spec"]["storage"]["hostPath"]
     desired = render.train_job(owner, spec, node, storage_path=storage, image=settings.trainer_image)
     # A Job's pod template cannot change: the Job is created once; later passes change only the
@@ -131,6 +137,27 @@ def reconcile(
         job = kube.merge_patch(job, update)
     node = _pinned_node(job) or node
     return _observe(kube, spec, namespace=namespace, job=job, node=node, status=status)
+
+
+def _config_map_dataset_problem(kube: Kube, namespace: str, spec: FineTuneJobSpec) -> Verdict | None:
+    """A dataset in a ConfigMap is at hand: one that is missing or has no records stops here, before
+    a training pod takes a node's GPUs (the pod checks every record again before training)."""
+    source = spec.dataset.config_map
+    if source is None:
+        return None
+    found = kube.get("v1", "ConfigMap", namespace, source.name)
+    if found is None:
+        message = f"ConfigMap {source.name} (spec.dataset.configMap) does not exist in namespace {namespace}"
+        return Verdict(state="progressing", reason=FtjReason.WAITING_FOR_DATASET, message=message)
+    data = found.get("data") or {}
+    if source.key not in data:
+        keys = ", ".join(sorted(data)) or "none"
+        message = f"ConfigMap {source.name} has no key {source.key} (spec.dataset.configMap.key); keys: {keys}"
+        return Verdict(state="stalled", reason=TrainExit.INVALID_DATASET.reason, message=message)
+    if not any(line.strip() for line in str(data[source.key]).split("\n")):
+        message = f"ConfigMap {source.name} key {source.key}: no records: the dataset is empty"
+        return Verdict(state="stalled", reason=TrainExit.INVALID_DATASET.reason, message=message)
+    return None
 
 
 def _pinned_node(job: Mapping[str, Any]) -> str | None:

@@ -20,13 +20,10 @@ from kimi_operator.api.base import GROUP, VERSION
 from kimi_operator.api.conditions import Reason, Verdict, now_rfc3339
 from kimi_operator.api.kinds import KINDS, Kind, by_kind
 from kimi_operator.controller import metrics
-from kimi_operator.controller.kube import Kube, Rejected
+from kimi_operator.controller.kube import Kube, NotOurs, Rejected
 from kimi_operator.controller.reconcile import PassResult, Work, evaluate, kept_status
 from kimi_operator.controller.registry import Controller
 from kimi_operator.render.labels import MANAGED_BY, OPERATOR
-
-# Long-running children (engine pods) name their owner in this label's kind-specific key.
-COMPONENT = "app.kubernetes.io/component"
 
 ANNOTATION_PREFIX = GROUP
 FINALIZER = f"{GROUP}/finalizer"
@@ -43,6 +40,8 @@ _locks: defaultdict[tuple[str, str, str], threading.Lock] = defaultdict(threadin
 class ChildReason(Reason):
     # The apiserver or an admission webhook refused a child the pass had to write.
     REJECTED = "ChildRejected"
+    # A child's name is taken by an object of another owner (an orphan of an earlier object).
+    CONFLICT = "ChildConflict"
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -70,10 +69,11 @@ class Reconciler:
         def work(spec: Any) -> tuple[Verdict, dict[str, Any]]:
             try:
                 return controller.reconcile(body, spec)
-            except Rejected as exc:
+            except (Rejected, NotOurs) as exc:
                 # Retrying the same write cannot succeed: say so in status, for this generation,
                 # and keep the rest of what the last pass observed. The next pass tries again.
-                verdict = Verdict(state="stalled", reason=ChildReason.REJECTED, message=str(exc))
+                reason = ChildReason.REJECTED if isinstance(exc, Rejected) else ChildReason.CONFLICT
+                verdict = Verdict(state="stalled", reason=reason, message=str(exc))
                 return verdict, kept_status(body.get("status") or {})
 
         return work
@@ -168,6 +168,19 @@ def register(registry: kopf.OperatorRegistry, kube: Kube, controllers: Mapping[s
 
         kopf.on.delete(*resource, registry=registry, id="finalize")(finalize)
 
+        if controller.watched_pods:
+            # Long-running pods of the kind (engines): a pod that starts, becomes ready or goes
+            # changes the owner's replicas.
+            def pod_changed(body: kopf.Body, kind: Kind = kind, controller: Controller = controller, **_: Any) -> None:
+                name = controller.owner_of(body)
+                owner = kube.get(kind.api_version, kind.kind, body["metadata"]["namespace"], name) if name else None
+                if owner is not None:
+                    reconciler.run(kind, owner)
+
+            kopf.on.event(
+                "", "v1", "pods", registry=registry, id=f"{kind.singular}-pods", labels=dict(controller.watched_pods)
+            )(pod_changed)
+
     @kopf.on.event("batch", "v1", "jobs", registry=registry, labels={MANAGED_BY: OPERATOR})
     def child_job_changed(body: kopf.Body, **_: Any) -> None:
         # A Job's status changed: run a pass of the object that owns it (its status follows the Job).
@@ -178,17 +191,6 @@ def register(registry: kopf.OperatorRegistry, kube: Kube, controllers: Mapping[s
             owner = kube.get(kind.api_version, kind.kind, body["metadata"]["namespace"], ref["name"])
             if owner is not None:
                 reconciler.run(kind, owner)
-
-    @kopf.on.event("", "v1", "pods", registry=registry, labels={MANAGED_BY: OPERATOR, COMPONENT: "engine"})
-    def engine_pod_changed(body: kopf.Body, **_: Any) -> None:
-        # An engine pod started, became ready or went: its LoraServer's replicas changed.
-        labels = body["metadata"].get("labels") or {}
-        for kind in KINDS:
-            owner_name = labels.get(f"{GROUP}/{kind.singular}")
-            if owner_name and kind.kind in controllers:
-                owner = kube.get(kind.api_version, kind.kind, body["metadata"]["namespace"], owner_name)
-                if owner is not None:
-                    reconciler.run(kind, owner)
 
 
 __all__ = ["FINALIZER", "ChildReason", "Reconciler", "configure", "register"]

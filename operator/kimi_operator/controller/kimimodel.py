@@ -13,7 +13,7 @@ from typing import Any
 from kimi_operator.api.conditions import Reason, Verdict
 from kimi_operator.api.exitcodes import PERMANENT, PrepareExit
 from kimi_operator.api.kimimodel import KimiModelSpec, NodeStatus
-from kimi_operator.controller.kube import Kube
+from kimi_operator.controller.kube import Kube, controlled_by
 from kimi_operator.render import kimimodel as render
 from kimi_operator.render.labels import common
 
@@ -108,7 +108,12 @@ def reconcile(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: Kim
 
     for obj in render.prepare_rbac(owner):
         kube.apply(obj)
-    jobs = {j["metadata"]["name"]: j for j in kube.list_jobs(namespace, _job_selector(name))}
+    # Jobs of an earlier KimiModel of the same name (not yet collected) say nothing about this one.
+    jobs = {
+        j["metadata"]["name"]: j
+        for j in kube.list_jobs(namespace, _job_selector(name))
+        if controlled_by(j, meta["uid"])
+    }
     nodes: list[NodeStatus] = []
     stalled: list[tuple[str, str]] = []
     for node in chosen:

@@ -21,13 +21,14 @@ from kubernetes.dynamic.exceptions import DynamicApiError, NotFoundError
 from kimi_operator.api.kinds import Kind
 from kimi_operator.kubeconfig import load_client as load_config
 
-__all__ = ["APPLIED_DIGEST", "FIELD_MANAGER", "Kube", "Rejected", "digest", "load_config"]
+__all__ = ["APPLIED_DIGEST", "FIELD_MANAGER", "Kube", "NotOurs", "Rejected", "controlled_by", "digest", "load_config"]
 
 FIELD_MANAGER = "kimi-operator"
 APPLIED_DIGEST = "kimi-operator.io/applied-digest"
-# Answers a later pass cannot change by itself are refusals of what we sent; the others (conflicts,
-# throttling, a missing namespace being created, server errors) are retried.
-_TRANSIENT = {404, 409, 429}
+# Refusals of what we sent, which sending it again cannot change: bad request, forbidden (RBAC,
+# quota, admission), too large, invalid. Everything else (conflicts, throttling, expired
+# credentials, timeouts, server errors) is retried.
+_PERMANENT = {400, 403, 413, 422}
 
 
 class Rejected(Exception):
@@ -50,7 +51,40 @@ def _message(exc: DynamicApiError) -> str:
 
 
 def _refused(obj: Mapping[str, Any], exc: DynamicApiError) -> Exception:
-    return Rejected(obj, exc) if 400 <= int(exc.status or 0) < 500 and exc.status not in _TRANSIENT else exc
+    return Rejected(obj, exc) if int(exc.status or 0) in _PERMANENT else exc
+
+
+class NotOurs(Exception):
+    """A child of ours exists under the name, but it belongs to another object (an earlier one of
+    the same name, orphaned or not yet collected): it is neither adopted nor overwritten."""
+
+    def __init__(self, live: Mapping[str, Any], owner_uid: str) -> None:
+        meta = live["metadata"]
+        refs = [r for r in meta.get("ownerReferences") or [] if r.get("controller")]
+        holder = f"{refs[0].get('kind')} uid {refs[0].get('uid')}" if refs else "no controller"
+        super().__init__(
+            f"{live.get('kind')} {meta.get('namespace')}/{meta['name']} exists but belongs to {holder}, not this "
+            f"object (uid {owner_uid}): delete it (an orphan of an earlier object of the same name), or wait for "
+            "the garbage collector to remove it"
+        )
+
+
+def controlled_by(live: Mapping[str, Any], owner_uid: str) -> bool:
+    refs = (live.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("controller") and r.get("uid") == owner_uid for r in refs)
+
+
+def _owner_uid(obj: Mapping[str, Any]) -> str | None:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((str(r["uid"]) for r in refs if r.get("controller") and r.get("uid")), None)
+
+
+def _version(live: Mapping[str, Any]) -> tuple[str, str]:
+    """What changes when someone changes the object: its generation where it has one (so status
+    writes of its own controller do not count), its resourceVersion otherwise."""
+    meta = live.get("metadata") or {}
+    generation = meta.get("generation")
+    return str(meta.get("uid")), f"g{generation}" if generation else f"r{meta.get('resourceVersion')}"
 
 
 def digest(obj: Mapping[str, Any]) -> str:
@@ -70,6 +104,10 @@ class Kube:
     def __init__(self, api: kubernetes.client.ApiClient) -> None:
         self.dynamic = DynamicClient(api)
         self._resources: dict[tuple[str, str], Any] = {}
+        # (apiVersion, kind, namespace, name) -> the version our last apply left it at. An object
+        # changed by someone else since then is applied again although its digest annotation still
+        # matches; after a restart the map is empty and the digest alone decides.
+        self._applied: dict[tuple[str, str, str, str], tuple[str, str]] = {}
 
     def _resource(self, api_version: str, kind: str) -> Any:
         key = (api_version, kind)
@@ -88,21 +126,37 @@ class Kube:
         Returns the live object. A refusal that a retry cannot fix raises :class:`Rejected`.
         """
         meta = obj["metadata"]
+        key = (obj["apiVersion"], obj["kind"], meta.get("namespace") or "", meta["name"])
         wanted = digest(obj)
         live = self.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
-        if live is not None and ((live["metadata"].get("annotations") or {}).get(APPLIED_DIGEST)) == wanted:
-            return live
-        return self._apply(_stamped(obj, wanted))
+        if live is not None:
+            self._check_owner(live, obj)
+            same = (live["metadata"].get("annotations") or {}).get(APPLIED_DIGEST) == wanted
+            if same and self._applied.get(key, _version(live)) == _version(live):
+                return live
+        applied = self._apply(_stamped(obj, wanted))
+        self._applied[key] = _version(applied)
+        return applied
 
     def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """The live object, created from ``obj`` only when it does not exist; never updated here.
 
-        For children whose spec cannot change once they exist (a Job's pod template): what a later
-        operator version or an edit would render differently is not forced onto them.
+        For children whose spec cannot change once they exist (a Job's pod template, the
+        configuration it reads): what a later operator version or an edit would render
+        differently is not forced onto them. A live object of another owner raises NotOurs.
         """
         meta = obj["metadata"]
         live = self.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
-        return live if live is not None else self._apply(_stamped(obj, digest(obj)))
+        if live is None:
+            return self._apply(_stamped(obj, digest(obj)))
+        self._check_owner(live, obj)
+        return live
+
+    @staticmethod
+    def _check_owner(live: Mapping[str, Any], obj: Mapping[str, Any]) -> None:
+        owner = _owner_uid(obj)
+        if owner is not None and not controlled_by(live, owner):
+            raise NotOurs(live, owner)
 
     def _apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         resource = self._resource(obj["apiVersion"], obj["kind"])

@@ -53,9 +53,12 @@ def _from_fine_tune_job(kube: Kube, namespace: str, model: Mapping[str, Any], ad
     ftj = kube.get(FINE_TUNE_JOB.api_version, FINE_TUNE_JOB.kind, namespace, ftj_name)
     if ftj is None:
         return Resolved(adapter, None, None, None, where, ("Pending", f"{where} does not exist"))
-    exported = (ftj.get("status") or {}).get("adapter")
-    if not exported:
-        message = f"waiting for {where} to export its adapter (phase {(ftj.get('status') or {}).get('phase')})"
+    ftj_status = ftj.get("status") or {}
+    exported = ftj_status.get("adapter")
+    succeeded = ftj_status.get("phase") == "Succeeded"
+    if not exported or not succeeded:
+        # Served once the job has succeeded: an export reported by a pod that then fails is not.
+        message = f"waiting for {where} to export its adapter (phase {ftj_status.get('phase')})"
         return Resolved(adapter, None, None, None, where, ("Pending", message))
     if ftj["spec"]["model"]["name"] != model["metadata"]["name"]:
         message = f"{where} trained on KimiModel {ftj['spec']['model']['name']}, not {model['metadata']['name']}"
@@ -200,7 +203,10 @@ def reconcile(
             # An expert adapter left the spec: its replicas go (shared ones are unloaded in place).
             kube.delete(live)
     pods = {p["metadata"]["name"]: p for p in kube.list_objects("v1", "Pod", namespace, selector)}
-    replicas = {n: Replica(n, _pod_ready(p), (p.get("spec") or {}).get("nodeName")) for n, p in pods.items()}
+    replicas = {
+        n: Replica(n, _pod_ready(p), (p.get("spec") or {}).get("nodeName"), p["metadata"].get("uid"))
+        for n, p in pods.items()
+    }
     reports = {e["name"]: e for e in status.get("engines") or [] if e.get("name")}
     ready_nodes = [n for n in (model.get("status") or {}).get("nodes") or [] if n.get("phase") == "Ready"]
     observed = observe(

@@ -43,6 +43,7 @@ class Replica:
     name: str
     pod_ready: bool
     node: str | None = None
+    uid: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,10 @@ class Observation:
 
 
 def _serving(replica: Replica, report: Mapping[str, Any] | None) -> bool:
-    return replica.pod_ready and bool(report and report.get("engineUp"))
+    if not (replica.pod_ready and report and report.get("engineUp")):
+        return False
+    # A report of an earlier pod of the same name says nothing about this one's engine.
+    return replica.uid is None or report.get("podUid") == replica.uid
 
 
 def _lists(report: Mapping[str, Any] | None, adapter: Wanted) -> bool:
@@ -63,13 +67,25 @@ def _lists(report: Mapping[str, Any] | None, adapter: Wanted) -> bool:
     return adapter.sha256 is None or loaded == adapter.sha256
 
 
-def _refusal(report: Mapping[str, Any] | None, adapter: Wanted) -> str | None:
+def _problem(report: Mapping[str, Any] | None, adapter: Wanted) -> tuple[str, str] | None:
+    """(state, message) of an adapter a replica reports it cannot serve: Failed when its engine
+    refused the files, Unavailable when the agent could not get them."""
     for error in (report or {}).get("errors") or []:
-        if error.get("name") == adapter.name and (
-            adapter.sha256 is None or error.get("sha256") in (None, adapter.sha256)
-        ):
-            return str(error.get("message") or "refused by the engine")
+        if error.get("name") != adapter.name:
+            continue
+        if adapter.sha256 is not None and error.get("sha256") not in (None, adapter.sha256):
+            continue  # about other files than the ones asked for now
+        state = "Unavailable" if error.get("reason") == "Unavailable" else "Failed"
+        return state, str(error.get("message") or "refused by the engine")
     return None
+
+
+def _current(replica: Replica, report: Mapping[str, Any] | None) -> bool:
+    return bool(report) and (replica.uid is None or (report or {}).get("podUid") == replica.uid)
+
+
+def _bounded(message: str, limit: int = 4000) -> str:
+    return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
 def adapter_status(
@@ -87,14 +103,24 @@ def adapter_status(
         entry["sha256"] = adapter.sha256
     if adapter.source:
         entry["source"] = adapter.source
-    refusals = [(n, m) for n in adapter.placed if (m := _refusal(reports.get(n), adapter))]
+    # Only the reports of this pod's agent count (serving or not: a refusal needs no engine up).
+    problems = [
+        (n, p)
+        for n in adapter.placed
+        if n in replicas and _current(replicas[n], reports.get(n)) and (p := _problem(reports.get(n), adapter))
+    ]
     if adapter.blocked is not None:
         entry["state"], entry["message"] = adapter.blocked
-    elif refusals:
-        name, message = refusals[0]
-        entry["state"], entry["message"] = "Failed", f"replica {name}: {message}"
+    elif problems:
+        name, (state, message) = problems[0]
+        entry["state"], entry["message"] = state, _bounded(f"replica {name}: {message}")
     elif not adapter.placed:
-        entry["state"], entry["message"] = "Pending", "placed on no replica yet"
+        entry["state"], entry["message"] = (
+            "Pending",
+            "placed on no replica: no shared replica has room for it (raise engine.maxLoadedLoras or replicas)"
+            if adapter.kind == "Shared"
+            else "placed on no replica yet",
+        )
     elif set(adapter.placed) <= set(listing):
         entry["state"] = "Loaded"
     else:

@@ -23,7 +23,8 @@ from kimi_operator.api.kinds import LORA_SERVER, Kind
 _PENDING_WORK = {LORA_SERVER.kind: "starting engine replicas and the router"}
 
 PHASES = {"ready": "Ready", "progressing": "Progressing", "stalled": "Stalled", "waiting": "Pending"}
-# Fields of status written by workload pods (progress, exported adapter, the agents' engine reports), not by the operator.
+# Fields of status written by workload pods (progress, the exported adapter, the agents' engine
+# reports), not by the operator.
 _POD_OWNED = ("progress", "adapter", "latestCheckpoint", "engines")
 
 # Given a valid spec, do the kind's work and return the verdict and the kind's own status fields.
@@ -71,7 +72,9 @@ def kept_status(status: Mapping[str, Any]) -> dict[str, Any]:
     """The kind's own status fields as the last pass wrote them, for a pass that could not observe
     anew (a refused write): re-applied as they are, so server-side apply does not drop them."""
     own = ("observedGeneration", "conditions", "phase", *_POD_OWNED)
-    return {k: v for k, v in status.items() if k not in own}
+    # Nested entries lose the pods' fields too (a node's progress), or the forced apply would take
+    # them over.
+    return {k: _operator_view(v) for k, v in status.items() if k not in own}
 
 
 def evaluate(kind: Kind, body: Mapping[str, Any], now: str, work: Work | None = None) -> PassResult:

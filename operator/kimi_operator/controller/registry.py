@@ -14,6 +14,8 @@ from kimi_operator.api.conditions import Verdict
 from kimi_operator.api.kinds import FINE_TUNE_JOB, KIMI_MODEL, LORA_SERVER, Kind
 from kimi_operator.controller import finetunejob, kimimodel, loraserver, metrics
 from kimi_operator.controller.kube import Kube
+from kimi_operator.render import loraserver as loraserver_render
+from kimi_operator.render.labels import MANAGED_BY, OPERATOR
 
 
 class Controller(Protocol):
@@ -41,6 +43,15 @@ class Controller(Protocol):
         """Export what the pods wrote into status as metrics (None: the object is gone)."""
         ...
 
+    @property
+    def watched_pods(self) -> Mapping[str, str] | None:
+        """Labels of the long-running pods whose changes run a pass of their owner (None: none)."""
+        ...
+
+    def owner_of(self, pod: Mapping[str, Any]) -> str | None:
+        """The name of the object of this kind a watched pod belongs to."""
+        ...
+
 
 @dataclasses.dataclass(frozen=True)
 class Images:
@@ -55,6 +66,10 @@ class KimiModelController:
     settings: kimimodel.Settings
     kind: Kind
     follows_status: bool = False
+    watched_pods: Mapping[str, str] | None = None
+
+    def owner_of(self, pod: Mapping[str, Any]) -> str | None:
+        return None
 
     def reconcile(self, body: Mapping[str, Any], spec: Any) -> tuple[Verdict, dict[str, Any]]:
         observed = kimimodel.reconcile(self.kube, self.settings, body, spec)
@@ -73,6 +88,10 @@ class FineTuneJobController:
     settings: finetunejob.Settings
     kind: Kind
     follows_status: bool = False
+    watched_pods: Mapping[str, str] | None = None
+
+    def owner_of(self, pod: Mapping[str, Any]) -> str | None:
+        return None
 
     def reconcile(self, body: Mapping[str, Any], spec: Any) -> tuple[Verdict, dict[str, Any]]:
         return finetunejob.reconcile(self.kube, self.settings, body, spec)
@@ -90,6 +109,13 @@ class LoraServerController:
     settings: loraserver.Settings
     kind: Kind
     follows_status: bool = True
+    watched_pods: Mapping[str, str] | None = dataclasses.field(
+        default_factory=lambda: {MANAGED_BY: OPERATOR, "app.kubernetes.io/component": loraserver_render.ENGINE}
+    )
+
+    def owner_of(self, pod: Mapping[str, Any]) -> str | None:
+        # Label values are bounded; the full name rides in an annotation.
+        return ((pod.get("metadata") or {}).get("annotations") or {}).get(loraserver_render.OWNER_ANNOTATION)
 
     def reconcile(self, body: Mapping[str, Any], spec: Any) -> tuple[Verdict, dict[str, Any]]:
         return loraserver.reconcile(self.kube, self.settings, body, spec)

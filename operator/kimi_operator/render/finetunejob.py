@@ -158,12 +158,16 @@ def job_update(live: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str,
     """The merge patch that brings a live training Job's changeable fields to ``desired``: suspend
     and the Kueue queue label. Nothing else of a live Job is touched (its template is immutable, and
     an operator upgrade that renders it differently must not fight a running Job). None when equal.
+
+    A queued Job's suspend belongs to Kueue (its webhook suspends the Job, admission resumes it):
+    it is never patched while the Job carries a queue label, or the two would fight.
     """
     patch: dict[str, Any] = {}
-    want_suspend = bool((desired.get("spec") or {}).get("suspend"))
-    if bool((live.get("spec") or {}).get("suspend")) != want_suspend:
-        patch["spec"] = {"suspend": want_suspend}
+    live_queue = ((live.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE_LABEL)
     want_queue = ((desired.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE_LABEL)
-    if ((live.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE_LABEL) != want_queue:
+    want_suspend = bool((desired.get("spec") or {}).get("suspend"))
+    if not live_queue and not want_queue and bool((live.get("spec") or {}).get("suspend")) != want_suspend:
+        patch["spec"] = {"suspend": want_suspend}
+    if live_queue != want_queue:
         patch["metadata"] = {"labels": {KUEUE_QUEUE_LABEL: want_queue}}
     return patch or None

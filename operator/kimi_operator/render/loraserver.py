@@ -10,7 +10,9 @@ loads expert LoRA only at start.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,6 +34,7 @@ CACHE_DIR = "adapter-cache"
 SOURCE_MOUNT = "/source"
 REPLICA_KIND_LABEL = f"{GROUP}/replica-kind"
 ADAPTER_LABEL = f"{GROUP}/adapter"
+OWNER_ANNOTATION = f"{GROUP}/loraserver"
 # StatefulSet pods are named <set>-<ordinal> and carry a controller-revision-hash label
 # "<set>-<hash>": the set's name must leave room for both within 63 characters.
 _MAX_SET_NAME = 52
@@ -50,7 +53,12 @@ def shared_set_name(owner: str) -> str:
 
 
 def expert_set_name(owner: str, adapter: str) -> str:
-    return _name(owner, f"x-{adapter}", _MAX_SET_NAME)
+    """A DNS label: adapter names may hold '_' and '.', which pod hostnames may not; a name that had
+    to change gets a digest of the original, so two adapters never share a set."""
+    safe = re.sub(r"[^a-z0-9-]", "-", adapter)
+    if safe != adapter:
+        safe = f"{safe}-{hashlib.sha256(adapter.encode()).hexdigest()[:6]}"
+    return _name(owner, f"x-{safe}", _MAX_SET_NAME)
 
 
 def replica_names(set_name: str, replicas: int) -> list[str]:
@@ -121,7 +129,8 @@ def plan_config_map(owner: Owner, plan: ServingPlan) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": owner.metadata(plan_name(owner.name), ENGINE),
-        "data": {PLAN_KEY: json.dumps(plan.to_wire(), indent=1, sort_keys=True) + "\n"},
+        # Compact: a plan of many replicas and adapters must stay under a ConfigMap's 1 MiB.
+        "data": {PLAN_KEY: json.dumps(plan.to_wire(), separators=(",", ":"), sort_keys=True)},
     }
 
 
@@ -158,6 +167,7 @@ def _agent_args(owner: Owner, *, once: bool = False) -> list[str]:
         f"--report={owner.namespace}/{owner.name}",
         f"--plan={plan_name(owner.name)}",
         "--replica=$(POD_NAME)",
+        "--pod-uid=$(POD_UID)",
         f"--engine=http://$(POD_IP):{sglang.ENGINE_PORT}",
         f"--models-dir={MOUNT}",
         f"--cache-dir={CACHE_MOUNT}",
@@ -188,10 +198,16 @@ def engine_set(
     env = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
     ]
     mounts = [
         {"name": "models", "mountPath": MOUNT, "readOnly": True},
         {"name": "cache", "mountPath": CACHE_MOUNT},
+    ]
+    # The engine only reads the cache; the agent fills it.
+    engine_mounts = [
+        {"name": "models", "mountPath": MOUNT, "readOnly": True},
+        {"name": "cache", "mountPath": CACHE_MOUNT, "readOnly": True},
     ]
     volumes: list[dict[str, Any]] = [
         {"name": "models", "hostPath": {"path": model.storage_path, "type": "Directory"}},
@@ -200,7 +216,7 @@ def engine_set(
     ]
     if model.source_path:
         volumes.append({"name": "source", "hostPath": {"path": model.source_path, "type": "Directory"}})
-        mounts.append({"name": "source", "mountPath": SOURCE_MOUNT, "readOnly": True})
+        engine_mounts.append({"name": "source", "mountPath": SOURCE_MOUNT, "readOnly": True})
     engine_args = sglang.launch_args(spec, model_paths(owner.namespace, model), host="$(POD_IP)", expert=expert)
     engine = {
         "name": ENGINE,
@@ -210,7 +226,7 @@ def engine_set(
         "env": env,
         "ports": [{"name": "http", "containerPort": sglang.ENGINE_PORT}],
         "resources": {"requests": resources, "limits": resources},
-        "volumeMounts": [*mounts, {"name": "dshm", "mountPath": "/dev/shm"}],  # noqa: S108 (shared memory)
+        "volumeMounts": [*engine_mounts, {"name": "dshm", "mountPath": "/dev/shm"}],  # noqa: S108 (shared memory)
         **_probes(),
     }
     agent_resources = {"cpu": "500m", "memory": "512Mi"}
@@ -258,9 +274,17 @@ def engine_set(
             "podManagementPolicy": "Parallel",
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
             "selector": {"matchLabels": {k: labels[k] for k in sorted(labels)}},
-            "template": {"metadata": template_metadata(spec.pod_metadata, labels), "spec": pod_spec},
+            "template": {"metadata": _pod_metadata(owner, spec, labels), "spec": pod_spec},
         },
     }
+
+
+def _pod_metadata(owner: Owner, spec: LoraServerSpec, labels: Mapping[str, str]) -> dict[str, Any]:
+    meta = template_metadata(spec.pod_metadata, labels)
+    # Label values are bounded (a long name is hashed): the owner's full name rides in an annotation,
+    # so a pod event finds its LoraServer.
+    meta["annotations"] = {**meta["annotations"], OWNER_ANNOTATION: owner.name}
+    return meta
 
 
 def secrets_of(plan: ServingPlan) -> list[str]:

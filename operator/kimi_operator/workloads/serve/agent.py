@@ -36,6 +36,14 @@ PlanSource = Callable[[], ServingPlan | None]
 SecretSource = Callable[[str, str], str]
 
 
+MAX_MESSAGE = 2000
+
+
+def _short(message: str) -> str:
+    """Messages go into status, whose fields are bounded: keep the start and the end."""
+    return message if len(message) <= MAX_MESSAGE else f"{message[:1400]} ... {message[-500:]}"
+
+
 class Agent:
     def __init__(
         self,
@@ -46,11 +54,13 @@ class Agent:
         models_dir: Path,
         cache_dir: Path,
         secret: SecretSource | None = None,
+        pod_uid: str | None = None,
     ) -> None:
         self.replica, self.engine, self.plan = replica, engine, plan
-        self.models_dir, self.cache_dir, self.secret = models_dir, cache_dir, secret
-        # (name, path) -> the engine's refusal; forgotten when the engine restarts.
-        self.refused: dict[tuple[str, str], str] = {}
+        self.models_dir, self.cache_dir, self.secret, self.pod_uid = models_dir, cache_dir, secret, pod_uid
+        # name -> (path, the engine's words): files the engine refused, not sent again until they
+        # change or the engine restarts.
+        self.refused: dict[str, tuple[str, str]] = {}
         self.unavailable: dict[str, tuple[str | None, str]] = {}
         self.engine_was_up = False
 
@@ -90,10 +100,10 @@ class Agent:
             try:
                 path = cache.materialise(self.cache_dir, adapter.sha256, self._fetch(adapter))
             except (cache.Unavailable, OSError) as exc:
-                self.unavailable[adapter.name] = (adapter.sha256, str(exc))
+                self.unavailable[adapter.name] = (adapter.sha256, _short(str(exc)))
                 continue
             except Exception as exc:  # a hub error of any kind is this adapter's, not the agent's
-                self.unavailable[adapter.name] = (adapter.sha256, f"download failed: {exc}")
+                self.unavailable[adapter.name] = (adapter.sha256, _short(f"download failed: {exc}"))
                 continue
             desired[adapter.name] = Want(str(path), adapter.pinned)
         return desired
@@ -104,19 +114,31 @@ class Agent:
         mine = plan.for_replica(self.replica) if plan else None
         planned = mine.adapters if mine else []
         desired = self.materialise(planned)
+        served = plan.served_model_name if plan else ""
         try:
-            listed = self.engine.models(plan.served_model_name if plan else "")
-            if not self.engine_was_up:
-                self.refused.clear()  # a (re)started engine gets another chance at everything
-            self.engine_was_up = True
-            if mine is None or not mine.expert:
-                for action in actions(desired, listed, set(self.refused)):
-                    self._apply(action)
-                listed = self.engine.models(plan.served_model_name if plan else "")
+            listed = self.engine.models(served)
         except EngineDown as exc:
             log.info("engine not answering: %s", exc)
             self.engine_was_up = False
             return self.report(up=False, listed={}, planned=planned)
+        if not self.engine_was_up:
+            self.refused.clear()  # a (re)started engine gets another chance at everything
+        self.engine_was_up = True
+        # No plan for this replica (the ConfigMap is being recreated, or the replica was just
+        # added): change nothing rather than unload everything. Expert replicas load at start only.
+        if mine is not None and not mine.expert:
+            refused = {(n, p) for n, (p, _) in self.refused.items()}
+            changes = actions(desired, listed, refused)
+            for action in changes:
+                self._apply(action)
+            if changes:
+                try:
+                    listed = self.engine.models(served)
+                except EngineDown:
+                    self.engine_was_up = False
+                    return self.report(up=False, listed={}, planned=planned)
+        # Refusals of files no longer wanted are forgotten.
+        self.refused = {n: r for n, r in self.refused.items() if n in desired and desired[n].path == r[0]}
         return self.report(up=True, listed=listed, planned=planned)
 
     def _apply(self, action: Load | Unload) -> None:
@@ -126,27 +148,35 @@ class Agent:
             return
         answer = self.engine.load(action.name, action.path, pinned=action.pinned)
         log.info("load %s from %s: %s", action.name, action.path, answer)
-        if not answer.ok:
-            self.refused[(action.name, action.path)] = answer.message
+        # A name the engine already holds (it reloaded it for a request between our unload and
+        # load) is not a verdict on the files: the next step unloads and loads again.
+        if answer.refused and "already" not in answer.message.lower():
+            self.refused[action.name] = (action.path, _short(answer.message))
 
     def report(self, *, up: bool, listed: dict[str, str], planned: Sequence[PlannedAdapter]) -> dict[str, Any]:
         names = {a.name for a in planned}
         loaded = {n: Path(p).name for n, p in listed.items() if Path(p).parent == self.cache_dir}
-        errors = [
-            {"name": n, "sha256": Path(p).name, "message": m}
-            for (n, p), m in sorted(self.refused.items())
-            if n in names
-        ]
-        errors += [
-            {"name": n, "message": m, **({"sha256": s} if s else {})} for n, (s, m) in sorted(self.unavailable.items())
-        ]
-        return {
+        errors: dict[str, dict[str, Any]] = {}
+        for name, (path, message) in sorted(self.refused.items()):
+            if name in names:
+                errors[name] = {"name": name, "reason": "Refused", "sha256": Path(path).name, "message": message}
+        for name, (sha, message) in sorted(self.unavailable.items()):
+            errors[name] = {
+                "name": name,
+                "reason": "Unavailable",
+                "message": message,
+                **({"sha256": sha} if sha else {}),
+            }
+        report: dict[str, Any] = {
             "name": self.replica,
             "engineUp": up,
             "adapters": sorted(listed),
             "loadedSha256": loaded,
-            "errors": errors,
+            "errors": [errors[n] for n in sorted(errors)],
         }
+        if self.pod_uid:
+            report["podUid"] = self.pod_uid
+        return report
 
 
 def _kube_sources(namespace: str, plan_name: str) -> tuple[Any, PlanSource, SecretSource]:
@@ -183,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, required=True, help="the node's adapter cache as mounted here")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between comparisons")
     parser.add_argument("--once", action="store_true", help="fill the cache for this replica and exit")
+    parser.add_argument("--pod-uid", default="", help="this pod's UID, so reports of an earlier pod are told apart")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     namespace, name = args.report.split("/", 1)
@@ -199,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         models_dir=args.models_dir,
         cache_dir=args.cache_dir,
         secret=secret,
+        pod_uid=args.pod_uid or None,
     )
     if args.once:
         current = plan()
@@ -210,11 +242,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"event": "unavailable", "adapters": agent.unavailable}), file=sys.stderr)
             return 1
         return 0
-    last: dict[str, Any] | None = None
+    # Before anything slow (a download): whatever an earlier pod of this name reported is void now.
+    first = agent.report(up=False, listed={}, planned=[])
+    own.apply({"engines": [{**first, "lastSyncTime": now_rfc3339()}]})
+    last = first
     while True:
-        report = agent.step()
-        # Written only when it changed: an idle replica costs the apiserver nothing.
-        if report != last:
-            own.apply({"engines": [{**report, "lastSyncTime": now_rfc3339()}]})
-            last = report
+        try:
+            report = agent.step()
+            # Written only when it changed: an idle replica costs the apiserver nothing.
+            if report != last:
+                own.apply({"engines": [{**report, "lastSyncTime": now_rfc3339()}]})
+                last = report
+        except Exception:  # the apiserver or the plan failing now may not fail next time
+            log.exception("step failed; trying again")
         time.sleep(args.interval)

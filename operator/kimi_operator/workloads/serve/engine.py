@@ -11,29 +11,36 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+# Loading reads the adapter into the LoRA pool; unloading waits for the adapter's requests in
+# flight, which can be long generations: neither is a sign of a dead engine.
+LIST_TIMEOUT = 10.0
+CHANGE_TIMEOUT = 600.0
+
 
 class EngineDown(Exception):
-    """The engine did not answer (starting, restarting, or gone)."""
+    """The engine did not answer its listing (starting, restarting, or gone)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Answer:
     ok: bool
     message: str
+    # True when the engine judged these files and said no (HTTP 400): sending them again will not
+    # help. Anything else (starting, 5xx, no answer in time) may succeed on a later try.
+    refused: bool = False
 
 
 class Engine:
-    def __init__(self, url: str, timeout: float = 30.0) -> None:
+    def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
-        self.timeout = timeout
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    def _call(self, method: str, path: str, body: dict[str, Any] | None, timeout: float) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(  # noqa: S310 (the engine beside us, an http URL we were given)
+        request = urllib.request.Request(  # noqa: S310 (the engine beside us, at the http URL we were given)
             self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as resp:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310
                 return int(resp.status), json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
             raw = exc.read()
@@ -41,30 +48,35 @@ class Engine:
                 return exc.code, json.loads(raw or b"null")
             except ValueError:
                 return exc.code, {"error_message": raw.decode(errors="replace")}
-        except (OSError, ValueError) as exc:
-            raise EngineDown(f"{self.url}{path}: {exc}") from exc
 
     def models(self, served: str) -> dict[str, str]:
         """Adapter name -> the path it was loaded from, as /v1/models lists them (the base excluded)."""
-        code, body = self._call("GET", "/v1/models")
+        try:
+            code, body = self._call("GET", "/v1/models", None, LIST_TIMEOUT)
+        except (OSError, ValueError) as exc:
+            raise EngineDown(f"{self.url}/v1/models: {exc}") from exc
         if code != 200 or not isinstance(body, dict):
             raise EngineDown(f"/v1/models answered {code}")
         cards = body.get("data") or []
+        # The base model's card has no parent; each adapter's names the base as its parent.
         return {str(c["id"]): str(c.get("root") or "") for c in cards if c.get("id") != served and c.get("parent")}
 
-    def _adapter_call(self, path: str, body: dict[str, Any]) -> Answer:
-        code, answer = self._call("POST", path, body)
+    def _change(self, path: str, body: dict[str, Any]) -> Answer:
+        try:
+            code, answer = self._call("POST", path, body, CHANGE_TIMEOUT)
+        except (OSError, ValueError) as exc:
+            return Answer(False, f"{path}: {exc}")
         if not isinstance(answer, dict):
             return Answer(False, f"HTTP {code}")
         ok = code == 200 and bool(answer.get("success"))
         message = str(answer.get("error_message") or answer.get("message") or ("" if ok else f"HTTP {code}"))
-        return Answer(ok, message)
+        return Answer(ok, message, refused=not ok and code == 400)
 
     def load(self, name: str, path: str, *, pinned: bool = False) -> Answer:
         body: dict[str, Any] = {"lora_name": name, "lora_path": path}
         if pinned:
             body["pinned"] = True
-        return self._adapter_call("/load_lora_adapter", body)
+        return self._change("/load_lora_adapter", body)
 
     def unload(self, name: str) -> Answer:
-        return self._adapter_call("/unload_lora_adapter", {"lora_name": name})
+        return self._change("/unload_lora_adapter", {"lora_name": name})

@@ -151,9 +151,12 @@ def _key_problem(record: dict[str, Any], key: str | None, key_line: int | None) 
         if all(k in record for k in KEYS):
             return f"has both {KEYS[0]!r} and {KEYS[1]!r} keys: set spec.dataset.messagesKey to the one to train on"
         return f"no {KEYS[0]!r} or {KEYS[1]!r} key"
+    other = "conversations" if key == "messages" else "messages"
+    if key in record and other in record and key_line is not None:
+        # Detected, not given: a record with both keys is as ambiguous as it is with no key given.
+        return f"has both {KEYS[0]!r} and {KEYS[1]!r} keys: set spec.dataset.messagesKey to the one to train on"
     if key in record:
         return None
-    other = "conversations" if key == "messages" else "messages"
     if other in record and key_line is not None:
         return f"uses {other!r} but earlier records (from line {key_line}) use {key!r}"
     hint = f" (found {other!r}: set spec.dataset.messagesKey)" if other in record else ""
