@@ -75,19 +75,29 @@ def test_health_of_real_objects(api: kubernetes.client.ApiClient, namespace: str
         "message": "InvalidDataset: line 3: bad JSON",
     }
 
-    server = copy.deepcopy(LORA_SERVER)
-    custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "loraservers", server)
+    # A LoraServer whose engines are starting (the model holds the BF16 variant it serves from) is
+    # Progressing; one whose kt method needs a variant the model does not prepare is Degraded.
+    for name, method in (("serving", "BF16"), ("no-variant", "AMXINT8")):
+        server = copy.deepcopy(LORA_SERVER)
+        server["metadata"]["name"] = name
+        server["spec"]["engine"] = {"ktMethod": method}
+        server["spec"]["resources"] = {"gpus": 1, "cpu": "4", "memory": "16Gi"}
+        custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "loraservers", server)
     served = wait_for(
-        lambda: (
-            (o := get(api, namespace, "loraservers", server["metadata"]["name"]))
-            .get("status", {})
-            .get("observedGeneration")
-            and o
-        ),
+        lambda: (o := get(api, namespace, "loraservers", "serving")).get("status", {}).get("observedGeneration") and o,
         60,
         "LoraServer observed",
     )
     assert health(served)["status"] == "Progressing"
+    refused = wait_for(
+        lambda: (
+            (o := get(api, namespace, "loraservers", "no-variant")).get("status", {}).get("observedGeneration") and o
+        ),
+        60,
+        "LoraServer observed",
+    )
+    assert health(refused)["status"] == "Degraded"
+    assert health(refused)["message"].startswith("VariantMissing: engine.ktMethod AMXINT8 serves from the cpu-int8")
 
     # The same healthy model while it is deleted, and after a spec change the operator has not seen.
     deleting = {**model, "metadata": {**model["metadata"], "deletionTimestamp": "2026-01-01T00:00:00Z"}}

@@ -86,8 +86,10 @@ def test_engine_pods_are_pinned_to_nodes_holding_the_model_and_probed_cheaply() 
     assert term["matchExpressions"] == [{"key": model_label("ml", "kimi"), "operator": "In", "values": ["ready"]}]
     engine, agent = pod["containers"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        # /health runs a generation; probes use /ready.
-        assert engine[probe]["httpGet"]["path"] == "/ready"
+        # /health, told not to generate (SGLang has no /ready).
+        assert engine[probe]["httpGet"]["path"] == "/health"
+    env = {e["name"]: e.get("value") for e in engine["env"]}
+    assert env["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] == "false"
     assert engine["startupProbe"]["periodSeconds"] * engine["startupProbe"]["failureThreshold"] >= 3600
     assert engine["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert "--kt-weight-path" in engine["args"]

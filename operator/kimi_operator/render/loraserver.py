@@ -150,10 +150,12 @@ def service(owner: Owner) -> dict[str, Any]:
 
 
 def _probes() -> dict[str, Any]:
-    # /ready is cheap; /health and /health_generate run a generation (REFERENCE.md), which a probe
-    # every few seconds must not do. Loading a 600 GB base takes many minutes: the startup probe
-    # allows an hour before the kubelet gives up.
-    probe = {"httpGet": {"path": "/ready", "port": sglang.ENGINE_PORT}, "timeoutSeconds": 5}
+    # SGLang's /health runs a one-token generation unless SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION
+    # is false (set on the engine): then it answers 503 while the engine starts and 200 once it
+    # serves, without generating, so probing it every few seconds costs nothing. (SGLang has no
+    # /ready: a real 0.5.16 engine answers it 404.) Loading a 600 GB base takes many minutes: the
+    # startup probe allows an hour before the kubelet gives up.
+    probe = {"httpGet": {"path": "/health", "port": sglang.ENGINE_PORT}, "timeoutSeconds": 5}
     return {
         "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": 360},
         "readinessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
@@ -223,7 +225,7 @@ def engine_set(
         "image": image,
         "command": ["python", "-m", "sglang.launch_server"],
         "args": engine_args,
-        "env": env,
+        "env": [*env, {"name": "SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION", "value": "false"}],
         "ports": [{"name": "http", "containerPort": sglang.ENGINE_PORT}],
         "resources": {"requests": resources, "limits": resources},
         "volumeMounts": [*engine_mounts, {"name": "dshm", "mountPath": "/dev/shm"}],  # noqa: S108 (shared memory)
