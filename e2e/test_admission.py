@@ -7,7 +7,7 @@ from typing import Any
 import kubernetes
 import pytest
 
-from e2e.helpers import api_error
+from e2e.helpers import api_error, wait_for
 from e2e.manifests import FINE_TUNE_JOB, GROUP, KIMI_MODEL, LORA_SERVER, PLURALS, VERSION, vary, without
 
 pytestmark = pytest.mark.e2e
@@ -168,6 +168,18 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "at most engine.maxLorasPerBatch - 1 adapters can be pinned",
     ),
     (
+        "lsrv-all-and-more",
+        vary(LORA_SERVER, "spec.engine", {"loraTargetModules": ["all", "q_proj"]}),
+        "spec.engine.loraTargetModules",
+        "`all` must be the only entry",
+    ),
+    (
+        "lsrv-extra-arg-overrides",
+        vary(LORA_SERVER, "spec.engine", {"extraArgs": ["--kt-num-gpu-experts=30"]}),
+        "spec.engine.extraArgs",
+        "may not repeat a flag the operator renders",
+    ),
+    (
         "lsrv-method-without-variant",
         vary(LORA_SERVER, "spec.engine", {"ktMethod": "FP8"}),
         "spec.engine.ktMethod",
@@ -243,23 +255,31 @@ def test_unknown_field_from_the_stale_guide_is_refused(api: kubernetes.client.Ap
 def test_immutable_fields_refuse_updates(
     api: kubernetes.client.ApiClient, namespace: str, base: dict[str, Any], path: str, value: Any, field: str
 ) -> None:
-    created = create(api, namespace, base)
-    changed = vary(created, path, value)
+    create(api, namespace, base)
     custom = kubernetes.client.CustomObjectsApi(api)
-    with pytest.raises(kubernetes.client.ApiException) as info:
-        custom.replace_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURALS[base["kind"]], base["metadata"]["name"], changed
-        )
-    assert info.value.status == 422, info.value.body
-    message, fields = api_error(info.value)
+    plural, name = PLURALS[base["kind"]], base["metadata"]["name"]
+
+    def replace() -> kubernetes.client.ApiException | None:
+        # The operator writes the object too (finalizer, status): a conflict is tried again.
+        current = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+        try:
+            custom.replace_namespaced_custom_object(GROUP, VERSION, namespace, plural, name, vary(current, path, value))
+        except kubernetes.client.ApiException as exc:
+            return None if exc.status == 409 else exc
+        raise AssertionError(f"{path} was changed")
+
+    error = wait_for(replace, 30, f"an answer other than a conflict to a change of {path}")
+    assert error.status == 422, error.body
+    message, fields = api_error(error)
     assert field in fields or f"{field}:" in message, (field, fields, message)
     assert "is immutable" in message
 
 
 def test_mutable_fields_accept_updates(api: kubernetes.client.ApiClient, namespace: str) -> None:
-    created = create(api, namespace, FINE_TUNE_JOB)
-    changed = vary(vary(created, "spec.suspend", True), "spec.queueName", "gpu-queue")
+    create(api, namespace, FINE_TUNE_JOB)
     custom = kubernetes.client.CustomObjectsApi(api)
-    updated = custom.replace_namespaced_custom_object(GROUP, VERSION, namespace, "finetunejobs", "tune", changed)
+    # A merge patch: no resourceVersion to conflict with the operator's own writes.
+    changes = {"spec": {"suspend": True, "queueName": "gpu-queue", "output": {"reclaimPolicy": "Delete"}}}
+    updated = custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "finetunejobs", "tune", changes)
     assert updated["spec"]["suspend"] is True
     assert updated["metadata"]["generation"] == 2

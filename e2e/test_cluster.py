@@ -40,7 +40,7 @@ def test_explain_teaches_the_fields(cluster: Cluster) -> None:
 
 def test_examples_pass_server_side_dry_run(cluster: Cluster) -> None:
     out = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-f", str(repo_root() / "examples"))
-    assert out.count("serverside-applied (server dry run)") == 3, out
+    assert out.count("serverside-applied (server dry run)") == 4, out
 
 
 def test_gpu_nodes_have_capacity_and_labels(api: kubernetes.client.ApiClient) -> None:

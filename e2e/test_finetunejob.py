@@ -19,7 +19,7 @@ from typing import Any
 import kubernetes
 import pytest
 
-from e2e.conftest import OperatorProcess, PrometheusProcess
+from e2e.conftest import DATASET, OperatorProcess, PrometheusProcess
 from e2e.helpers import wait_for, write_token_kubeconfig
 from e2e.manifests import FINE_TUNE_JOB, GROUP, KIMI_MODEL, VERSION
 from e2e.test_kimimodel import _token_kubeconfig, condition
@@ -503,6 +503,7 @@ def test_deleting_the_namespace_of_a_running_training_releases_everything(
     core.create_namespace({"metadata": {"name": namespace, "labels": {"kimi-operator.io/e2e": "true"}}})
     wait_for(lambda: bool(core.list_namespaced_service_account(namespace).items), 30, "default ServiceAccount")
     ready_model(api, namespace, node="gpu-4090-b")
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "data"}, "data": {"train.jsonl": DATASET}})
     custom(api).create_namespaced_custom_object(
         GROUP, VERSION, namespace, "finetunejobs", ftj("doomed", podMetadata=HOLD, resources=SMALL)
     )

@@ -112,13 +112,22 @@ def test_an_expert_replica_fetches_its_adapter_before_the_engine_starts_with_it(
     assert template["metadata"]["labels"][render.REPLICA_KIND_LABEL] == "expert"
 
 
-def test_the_agents_may_read_the_plan_and_the_named_secrets_only() -> None:
-    _, role, _ = render.rbac(OWNER, ["hf-b", "hf-a", "hf-a"])
+def test_the_agents_may_read_the_plan_and_report_and_nothing_else() -> None:
+    _, role, _ = render.rbac(OWNER)
     rules = {tuple(r["resources"]): r for r in role["rules"]}
+    assert set(rules) == {("configmaps",), ("loraservers/status",)}
     assert rules[("configmaps",)]["resourceNames"] == ["serve-plan"]
-    assert rules[("secrets",)]["resourceNames"] == ["hf-a", "hf-b"]
+    assert rules[("configmaps",)]["verbs"] == ["get"]
     assert rules[("loraservers/status",)]["resourceNames"] == ["serve"]
-    assert rules[("secrets",)]["verbs"] == ["get"]
+
+
+def test_the_hub_token_reaches_the_agent_as_an_environment_variable() -> None:
+    s = spec(hubTokenSecretRef={"name": "hf", "key": "token"})
+    pod = render.engine_set(OWNER, s, MODEL, name="serve-shared", replicas=1, image="engine:1")["spec"]["template"]
+    engine, agent = pod["spec"]["containers"]
+    token = next(e for e in agent["env"] if e["name"] == "HF_TOKEN")
+    assert token["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    assert all(e["name"] != "HF_TOKEN" for e in engine["env"])
 
 
 def test_set_names_leave_room_for_pod_ordinals_and_revision_hashes() -> None:

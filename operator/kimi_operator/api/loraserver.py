@@ -20,6 +20,33 @@ AdapterName = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0
 KtMethod = Literal["AMXINT4", "AMXINT8", "RAWINT4", "BF16"]
 
 
+# Flags rendered from the spec (render/sglang.py), or that would break what the operator relies on
+# (the probes' and the agent's address, run-time LoRA loading which needs one data-parallel rank).
+RESERVED_FLAGS = (
+    "--model-path",
+    "--served-model-name",
+    "--host",
+    "--port",
+    "--tp-size",
+    "--tensor-parallel-size",
+    "--dp-size",
+    "--data-parallel-size",
+    "--pp-size",
+    "--kt-method",
+    "--kt-weight-path",
+    "--kt-num-gpu-experts",
+    "--kt-gpu-prefill-token-threshold",
+    "--enable-lora",
+    "--lora-paths",
+    "--max-lora-rank",
+    "--lora-target-modules",
+    "--max-loras-per-batch",
+    "--max-loaded-loras",
+    "--lora-backend",
+    "--max-running-requests",
+)
+
+
 class HubAdapter(ApiModel):
     """A PEFT adapter in a hub repository, pinned to one revision."""
 
@@ -33,7 +60,6 @@ class HubAdapter(ApiModel):
     subfolder: Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[^/\x00][^\x00]*$")] | None = Field(
         default=None, description="Directory of the adapter within the repository; the root when unset."
     )
-    token_secret_ref: SecretKeyRef | None = Field(default=None, description="Secret key holding a hub token.")
     endpoint: Annotated[str, Field(max_length=2048, pattern=r"^https?://[^\s]+$")] | None = Field(
         default=None, description="Hub endpoint, for a mirror; defaults to the public hub."
     )
@@ -285,6 +311,19 @@ class LoraServerSpec(ApiModel):
                     field_path=".maxLoadedLoras",
                 ),
                 cel(
+                    "!('all' in self.loraTargetModules) || size(self.loraTargetModules) == 1",
+                    "`all` must be the only entry of loraTargetModules (SGLang refuses it with others)",
+                    field_path=".loraTargetModules",
+                ),
+                cel(
+                    "self.extraArgs.all(a, !("
+                    + " || ".join(f"a == '{f}' || a.startsWith('{f}=')" for f in RESERVED_FLAGS)
+                    + "))",
+                    "extraArgs may not repeat a flag the operator renders from the spec (set the field instead): "
+                    + ", ".join(RESERVED_FLAGS),
+                    field_path=".extraArgs",
+                ),
+                cel(
                     "!has(self.ktGpuPrefillTokenThreshold) || self.ktMethod == 'RAWINT4'",
                     "ktGpuPrefillTokenThreshold applies only to the RAWINT4 method",
                     field_path=".ktGpuPrefillTokenThreshold",
@@ -297,6 +336,13 @@ class LoraServerSpec(ApiModel):
     router: Router = Field(default_factory=Router, description="The OpenAI-compatible router.")
     pod_metadata: PodMetadata = Field(
         default_factory=PodMetadata, description="Labels and annotations for the engine pods."
+    )
+    hub_token_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description=(
+            "Secret key holding the hub token the adapter agents use for every huggingFace adapter; given "
+            "to the agent containers as an environment variable (a change restarts the engine pods)."
+        ),
     )
 
 

@@ -29,8 +29,6 @@ class AdapterFiles(ApiModel):
     revision: str | None = Field(default=None, description="hub: commit sha or tag.")
     subfolder: str | None = Field(default=None, description="hub: directory of the adapter in the repository.")
     endpoint: str | None = Field(default=None, description="hub: endpoint (mirror).")
-    token_secret: str | None = Field(default=None, description="hub: Secret holding the token.")
-    token_key: str | None = Field(default=None, description="hub: key of the token in that Secret.")
 
 
 class PlannedAdapter(ApiModel):

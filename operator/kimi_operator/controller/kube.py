@@ -130,7 +130,10 @@ class Kube:
         wanted = digest(obj)
         live = self.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
         if live is not None:
-            self._check_owner(live, obj)
+            # An orphan (no controller: its owner was deleted with --cascade=orphan) is adopted: its
+            # whole content is ours to declare. One controlled by another object is not.
+            if _owner_uid(live) is not None:
+                self._check_owner(live, obj)
             same = (live["metadata"].get("annotations") or {}).get(APPLIED_DIGEST) == wanted
             if same and self._applied.get(key, _version(live)) == _version(live):
                 return live

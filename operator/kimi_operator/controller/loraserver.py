@@ -94,8 +94,6 @@ def resolve(kube: Kube, namespace: str, model: Mapping[str, Any], adapter: Adapt
         revision=hub.revision,
         subfolder=hub.subfolder,
         endpoint=hub.endpoint,
-        token_secret=hub.token_secret_ref.name if hub.token_secret_ref else None,
-        token_key=hub.token_secret_ref.key if hub.token_secret_ref else None,
     )
     return Resolved(adapter, adapter.expert, files, adapter.sha256, f"hub {hub.repo}@{hub.revision}")
 
@@ -185,7 +183,7 @@ def reconcile(
     facts = render.ModelFacts(
         name=spec.model.name, storage_path=model["spec"]["storage"]["hostPath"], source_path=(source or {}).get("path")
     )
-    for obj in render.rbac(owner, render.secrets_of(plan_layout.plan)):
+    for obj in render.rbac(owner):
         kube.apply(obj)
     kube.apply(render.plan_config_map(owner, plan_layout.plan))
     kube.apply(render.service(owner))

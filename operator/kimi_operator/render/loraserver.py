@@ -93,9 +93,9 @@ def model_paths(namespace: str, model: ModelFacts) -> sglang.ModelPaths:
     return sglang.ModelPaths(checkpoint=checkpoint, root=root)
 
 
-def rbac(owner: Owner, secrets: Sequence[str]) -> list[dict[str, Any]]:
-    """The agents may read the plan and the hub-token Secrets the plan names, and report into this
-    LoraServer's status; nothing else."""
+def rbac(owner: Owner) -> list[dict[str, Any]]:
+    """The agents may read the plan and report into this LoraServer's status; nothing else (a hub
+    token reaches them as an environment variable, so neither they nor the operator read Secrets)."""
     name = service_account_name(owner.name)
     meta = owner.metadata(name, ENGINE)
     rules: list[dict[str, Any]] = [
@@ -107,10 +107,6 @@ def rbac(owner: Owner, secrets: Sequence[str]) -> list[dict[str, Any]]:
         },
         {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [plan_name(owner.name)], "verbs": ["get"]},
     ]
-    if secrets:
-        rules.append(
-            {"apiGroups": [""], "resources": ["secrets"], "resourceNames": sorted(set(secrets)), "verbs": ["get"]}
-        )
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta, "rules": rules},
@@ -232,12 +228,16 @@ def engine_set(
         **_probes(),
     }
     agent_resources = {"cpu": "500m", "memory": "512Mi"}
+    agent_env = list(env)
+    if spec.hub_token_secret_ref is not None:
+        token = spec.hub_token_secret_ref
+        agent_env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
     agent = {
         "name": "adapter-agent",
         "image": image,
         "command": ["kimi-operator"],
         "args": _agent_args(owner),
-        "env": env,
+        "env": agent_env,
         "resources": {"requests": agent_resources, "limits": agent_resources},
         "volumeMounts": mounts,
     }
@@ -287,10 +287,6 @@ def _pod_metadata(owner: Owner, spec: LoraServerSpec, labels: Mapping[str, str])
     # so a pod event finds its LoraServer.
     meta["annotations"] = {**meta["annotations"], OWNER_ANNOTATION: owner.name}
     return meta
-
-
-def secrets_of(plan: ServingPlan) -> list[str]:
-    return sorted({a.files.token_secret for r in plan.replicas for a in r.adapters if a.files.token_secret})
 
 
 def owned_sets(sets: Mapping[str, Mapping[str, Any]], wanted: Sequence[str]) -> list[str]:

@@ -81,7 +81,7 @@ def launch_args(
         "--port",
         str(port),
         "--trust-remote-code",
-        "--tp",
+        "--tp-size",
         str(engine.tensor_parallel_size),
         "--kt-method",
         engine.kt_method,

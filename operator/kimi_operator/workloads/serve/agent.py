@@ -12,9 +12,9 @@ With ``--once`` (the expert replicas' init container) it only fills the cache an
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -33,7 +33,6 @@ from kimi_operator.workloads.serve.sync import Load, Unload, Want, actions
 log = logging.getLogger(__name__)
 
 PlanSource = Callable[[], ServingPlan | None]
-SecretSource = Callable[[str, str], str]
 
 
 MAX_MESSAGE = 2000
@@ -53,11 +52,10 @@ class Agent:
         plan: PlanSource,
         models_dir: Path,
         cache_dir: Path,
-        secret: SecretSource | None = None,
         pod_uid: str | None = None,
     ) -> None:
         self.replica, self.engine, self.plan = replica, engine, plan
-        self.models_dir, self.cache_dir, self.secret, self.pod_uid = models_dir, cache_dir, secret, pod_uid
+        self.models_dir, self.cache_dir, self.pod_uid = models_dir, cache_dir, pod_uid
         # name -> (path, the engine's words): files the engine refused, not sent again until they
         # change or the engine restarts.
         self.refused: dict[str, tuple[str, str]] = {}
@@ -72,9 +70,9 @@ class Agent:
         def from_hub(target: Path) -> None:
             from huggingface_hub import snapshot_download  # noqa: PLC0415 (only hub sources need it)
 
-            token = None
-            if files.token_secret and files.token_key and self.secret is not None:
-                token = self.secret(files.token_secret, files.token_key)
+            # The LoraServer's hub token, given to this container by the kubelet (never read here
+            # from a Secret: the agent's Role has no right to Secrets).
+            token = os.environ.get("HF_TOKEN") or None
             patterns = [f"{files.subfolder.strip('/')}/*"] if files.subfolder else None
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 snapshot_download(
@@ -179,7 +177,7 @@ class Agent:
         return report
 
 
-def _kube_sources(namespace: str, plan_name: str) -> tuple[Any, PlanSource, SecretSource]:
+def _kube_sources(namespace: str, plan_name: str) -> tuple[Any, PlanSource]:
     import kubernetes  # noqa: PLC0415 (only the pod's entry needs the client)
 
     from kimi_operator.kubeconfig import load_client  # noqa: PLC0415
@@ -196,11 +194,7 @@ def _kube_sources(namespace: str, plan_name: str) -> tuple[Any, PlanSource, Secr
             raise
         return ServingPlan.model_validate(json.loads((found.data or {})[PLAN_KEY]))
 
-    def secret(name: str, key: str) -> str:
-        found = core.read_namespaced_secret(name, namespace)
-        return base64.b64decode((found.data or {})[key]).decode().strip()
-
-    return api, plan, secret
+    return api, plan
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -217,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     namespace, name = args.report.split("/", 1)
-    api, plan, secret = _kube_sources(namespace, args.plan)
+    api, plan = _kube_sources(namespace, args.plan)
     from kimi_operator.workloads.report import OwnStatus  # noqa: PLC0415
 
     own = OwnStatus(
@@ -229,7 +223,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan=plan,
         models_dir=args.models_dir,
         cache_dir=args.cache_dir,
-        secret=secret,
         pod_uid=args.pod_uid or None,
     )
     if args.once:
