@@ -61,13 +61,16 @@ $(TRAIN_VENV)/.complete:
 
 train-env: $(TRAIN_VENV)/.complete
 
-# The KTransformers training environment (kt-kernel, transformers-kt, accelerate-kt on torch 2.9.1),
-# for the tests of the use_kt configuration and of the expert-LoRA export.
-# Two layers, in the order KTransformers' SFT guide installs them (see requirements/kt.lock).
-KT_KEY := $(shell cat requirements/kt.lock requirements/kt-overlay.lock | sha256sum | cut -c1-12)
+# The KTransformers environment (kt-kernel, transformers-kt, accelerate-kt on torch 2.9.1), for the
+# tests of the use_kt configuration and of the expert-LoRA export, and sglang-kt's argument parser for
+# the tests of the rendered launch commands.
+# Two layers in the order KTransformers' SFT guide installs them (see requirements/kt.lock), then
+# sglang-kt without its dependencies (see requirements/sglang-kt.lock).
+KT_LOCKS := requirements/kt.lock requirements/kt-overlay.lock requirements/sglang-kt.lock
+KT_KEY := $(shell cat $(KT_LOCKS) | sha256sum | cut -c1-12)
 KT_VENV := $(CACHE)/venv/kt-$(KT_KEY)
 $(KT_VENV)/.complete:
-	$(call venv_from_lock,$(KT_VENV),requirements/kt.lock requirements/kt-overlay.lock)
+	$(call venv_from_lock,$(KT_VENV),$(KT_LOCKS))
 
 kt-env: $(KT_VENV)/.complete
 

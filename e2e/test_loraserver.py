@@ -102,6 +102,7 @@ class EnginePod:
         self.node, self.python, self.kubeconfig, self.logs = node, python, kubeconfig, logs
         containers = {c.name: c for c in pod.spec.containers}
         self.engine_args = [self._subst(a) for a in containers["engine"].args]
+        self.engine_env = containers["engine"].env or []
         self.agent_args = [self._subst(a) for a in containers["adapter-agent"].args]
         self.init_args = (
             [self._subst(a) for a in (pod.spec.init_containers or [])[0].args] if pod.spec.init_containers else None
@@ -132,6 +133,8 @@ class EnginePod:
     def start_engine(self) -> None:
         log = (self.logs / f"{self.name}.engine.log").open("ab")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+        # The engine container's own environment (the probe's /health generates nothing).
+        env.update({e.name: e.value for e in self.engine_env if e.value is not None})
         self.engine = subprocess.Popen(
             [self.python, str(ENGINES / "sglang_standin.py"), *self.engine_args],
             stdout=log,
@@ -140,7 +143,9 @@ class EnginePod:
         )
         log.close()
         wait_for(
-            lambda: self.engine is not None and (self.engine.poll() is not None or http(f"{self.url}/ready")[0] == 200),
+            lambda: (
+                self.engine is not None and (self.engine.poll() is not None or http(f"{self.url}/health")[0] == 200)
+            ),
             180,
             f"{self.name} engine",
         )
