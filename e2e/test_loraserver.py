@@ -111,7 +111,9 @@ class EnginePod:
         self.agent: subprocess.Popen[bytes] | None = None
 
     def _subst(self, arg: str) -> str:
-        return self.node.local(arg.replace("$(POD_IP)", self.ip).replace("$(POD_NAME)", self.name))
+        for var, value in (("$(POD_IP)", self.ip), ("$(POD_NAME)", self.name), ("$(POD_UID)", self.uid)):
+            arg = arg.replace(var, value)
+        return self.node.local(arg)
 
     @property
     def url(self) -> str:
@@ -539,3 +541,44 @@ def test_a_finished_fine_tune_is_served_and_a_newer_export_replaces_it_in_place(
     assert replaced["replicas"] == [engine.name]
     assert engine.chat("kimi-k2.5:support") not in (tuned, base)
     assert serving.live_pods()[0].metadata.uid == uid
+
+
+def test_an_engine_setting_change_rolls_one_replica_at_a_time(
+    api: kubernetes.client.ApiClient, namespace: str, operator: OperatorProcess
+) -> None:
+    """The StatefulSet controller replaces the replicas with the new engine command one at a time,
+    never leaving fewer than replicas - 1 ready (KWOK makes a started pod ready)."""
+    model_on(api, namespace, NODES)
+    custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "loraservers", lsrv("roll", replicas=3))
+    apps, core = kubernetes.client.AppsV1Api(api), kubernetes.client.CoreV1Api(api)
+    selector = "kimi-operator.io/loraserver=roll,app.kubernetes.io/component=engine"
+
+    def ready_pods() -> list[Any]:
+        pods = core.list_namespaced_pod(namespace, label_selector=selector).items
+        return [
+            p
+            for p in pods
+            if not p.metadata.deletion_timestamp
+            and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+        ]
+
+    wait_for(lambda: len(ready_pods()) == 3, 90, "three ready engine pods")
+    before = apps.read_namespaced_stateful_set("roll-shared", namespace).status.update_revision
+    custom(api).patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, "loraservers", "roll", {"spec": {"engine": {"maxLoraRank": 32}}}
+    )
+    fewest = 3
+
+    def rolled() -> bool:
+        nonlocal fewest
+        pods = ready_pods()
+        fewest = min(fewest, len(pods))
+        status = apps.read_namespaced_stateful_set("roll-shared", namespace).status
+        revisions = {p.metadata.labels.get("controller-revision-hash") for p in pods}
+        return bool(status.update_revision != before and len(pods) == 3 and revisions == {status.update_revision})
+
+    wait_for(rolled, 180, "every replica on the new engine command", interval=0.05)
+    assert fewest >= 2
+    (pod,) = [p for p in ready_pods() if p.metadata.name == "roll-shared-0"]
+    engine = next(c for c in pod.spec.containers if c.name == "engine")
+    assert engine.args[engine.args.index("--max-lora-rank") + 1] == "32"
