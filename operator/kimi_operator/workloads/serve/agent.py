@@ -68,25 +68,26 @@ class Agent:
             return cache.copy_from(self.models_dir / (files.path or ""), node_hint=files.node)
 
         def from_hub(target: Path) -> None:
-            from huggingface_hub import snapshot_download  # noqa: PLC0415 (only hub sources need it)
+            # The same client as the prepare and training pods: the revision resolved to a commit,
+            # every file checked against the hub's own checksums.
+            from kimi_operator.workloads import hub  # noqa: PLC0415 (only hub sources need it)
 
             # The LoraServer's hub token, given to this container by the kubelet (never read here
             # from a Secret: the agent's Role has no right to Secrets).
             token = os.environ.get("HF_TOKEN") or None
-            patterns = [f"{files.subfolder.strip('/')}/*"] if files.subfolder else None
+            repo, revision = files.repo or "", files.revision or "main"
+            prefix = f"{files.subfolder.strip('/')}/" if files.subfolder else ""
+            sha, listed = hub.resolve(repo, revision, token=token, endpoint=files.endpoint)
+            wanted = [f for f in listed if f.path.startswith(prefix) and "/" not in f.path[len(prefix) :]]
+            if not wanted:
+                raise cache.Unavailable(f"{repo}@{sha} has no files under {prefix or 'its root'}")
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                snapshot_download(
-                    repo_id=files.repo or "",
-                    revision=files.revision,
-                    allow_patterns=patterns,
-                    local_dir=tmp,
-                    token=token,
-                    endpoint=files.endpoint,
-                )
-                root = Path(tmp) / files.subfolder.strip("/") if files.subfolder else Path(tmp)
-                for item in root.iterdir():
-                    if item.is_file():
-                        shutil.copyfile(item, target / item.name)
+                hub.download(repo, sha, Path(tmp), wanted, token=token, endpoint=files.endpoint, max_workers=2)
+                problems = hub.verify(Path(tmp), wanted)
+                if problems:
+                    raise cache.Unavailable("; ".join(problems))
+                for item in wanted:
+                    shutil.copyfile(Path(tmp) / item.path, target / item.path[len(prefix) :])
 
         return from_hub
 

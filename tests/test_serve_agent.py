@@ -1,0 +1,117 @@
+"""The adapter agent's node cache: adapters from a node path or from the hub (the real
+huggingface_hub client against the fake hub), checked against their sha256 before any engine
+could see them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kimi_operator.api.serving import AdapterFiles, PlannedAdapter
+from kimi_operator.workloads.serve.agent import Agent
+from kimi_operator.workloads.serve.engine import Engine
+from tests.fakehub import FakeHub
+
+CONFIG = json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}).encode()
+WEIGHTS = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + b"\x00" * 64
+SHA = hashlib.sha256(WEIGHTS).hexdigest()
+TOKEN = "hf_secret_token"
+
+
+@pytest.fixture
+def hub() -> Iterator[FakeHub]:
+    with FakeHub(token=TOKEN) as server:
+        yield server
+
+
+def agent(tmp_path: Path) -> Agent:
+    # No engine is asked anything here: materialising only fills the cache.
+    return Agent(
+        replica="r0",
+        engine=Engine("http://127.0.0.1:9"),
+        plan=lambda: None,
+        models_dir=tmp_path / "models",
+        cache_dir=tmp_path / "cache",
+    )
+
+
+def from_hub(hub: FakeHub, sha: str | None, revision: str, subfolder: str | None = "lora") -> PlannedAdapter:
+    files = AdapterFiles(
+        kind="hub", repo="acme/kimi-lora", revision=revision, subfolder=subfolder, endpoint=hub.endpoint
+    )
+    return PlannedAdapter(name="sql", sha256=sha, files=files)
+
+
+def test_a_hub_adapter_lands_in_the_cache_under_its_digest(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commit = hub.add_commit(
+        "acme/kimi-lora",
+        {"lora/adapter_config.json": CONFIG, "lora/adapter_model.safetensors": WEIGHTS, "README.md": b"x"},
+    )
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    a = agent(tmp_path)
+    desired = a.materialise([from_hub(hub, SHA, commit)])
+    assert a.unavailable == {}
+    assert desired["sql"].path == str(tmp_path / "cache" / SHA)
+    assert sorted(p.name for p in (tmp_path / "cache" / SHA).iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    # No partial directory is left behind.
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [SHA]
+    # Cached: a second step does not go to the hub again.
+    before = len(hub.seen)
+    a.materialise([from_hub(hub, SHA, commit)])
+    assert len(hub.seen) == before
+
+
+def test_files_that_do_not_match_their_digest_never_reach_the_cache(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commit = hub.add_commit(
+        "acme/kimi-lora", {"lora/adapter_config.json": CONFIG, "lora/adapter_model.safetensors": WEIGHTS + b"x"}
+    )
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    a = agent(tmp_path)
+    assert a.materialise([from_hub(hub, SHA, commit)]) == {}
+    sha, message = a.unavailable["sql"]
+    assert sha == SHA
+    assert f"expected {SHA}" in message
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_without_the_token_a_private_adapter_is_unavailable_with_the_hubs_answer(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commit = hub.add_commit(
+        "acme/kimi-lora", {"lora/adapter_config.json": CONFIG, "lora/adapter_model.safetensors": WEIGHTS}
+    )
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    a = agent(tmp_path)
+    assert a.materialise([from_hub(hub, SHA, commit)]) == {}
+    assert a.unavailable["sql"][1].startswith("download failed:")
+
+
+def test_a_node_adapter_missing_here_names_the_node_that_holds_it(tmp_path: Path) -> None:
+    files = AdapterFiles(kind="node", path="ml/kimi/finetune/tune/adapter", node="gpu-a")
+    a = agent(tmp_path)
+    assert a.materialise([PlannedAdapter(name="tune", sha256=SHA, files=files)]) == {}
+    message = a.unavailable["tune"][1]
+    assert "is not on this node (it is on node gpu-a)" in message
+
+
+def test_a_node_adapter_is_copied_then_served_from_the_cache(tmp_path: Path) -> None:
+    source = tmp_path / "models" / "adapters" / "legal"
+    source.mkdir(parents=True)
+    (source / "adapter_config.json").write_bytes(CONFIG)
+    (source / "adapter_model.safetensors").write_bytes(WEIGHTS)
+    a = agent(tmp_path)
+    desired = a.materialise(
+        [PlannedAdapter(name="legal", sha256=SHA, files=AdapterFiles(kind="node", path="adapters/legal"))]
+    )
+    assert desired["legal"].path == str(tmp_path / "cache" / SHA)
