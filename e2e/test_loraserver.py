@@ -34,6 +34,7 @@ from e2e.test_kimimodel import condition
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.devcluster.paths import repo_root
 from kimi_operator.render.kimimodel import model_label
+from kimi_operator.workloads.train.adapter import publish
 
 pytestmark = pytest.mark.e2e
 
@@ -77,6 +78,8 @@ class Node:
 
     def __init__(self, root: Path, namespace: str, tiny: Path) -> None:
         self.storage = root / STORAGE.lstrip("/")
+        # A ReadWriteMany volume: the same directory on every node.
+        self.store = root.parent / "shared-store"
         checkpoint = self.storage / namespace / "kimi" / "int4"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         checkpoint.symlink_to(tiny / "model")
@@ -89,8 +92,10 @@ class Node:
         return f"{STORAGE}/adapters/{name}"
 
     def local(self, arg: str) -> str:
-        """A container argument with the pod's mounts replaced by this node's directories."""
+        """A container argument with the pod's mounts replaced by this node's directories (and the
+        shared adapter store by the one directory every node sees)."""
         arg = re.sub(r"(^|=)/adapter-cache(?=/|$)", lambda m: f"{m[1]}{self.storage / 'adapter-cache'}", arg)
+        arg = re.sub(r"(^|=)/adapter-store(?=/|$)", lambda m: f"{m[1]}{self.store}", arg)
         return re.sub(r"(^|=)/models(?=/|$)", lambda m: f"{m[1]}{self.storage}", arg)
 
 
@@ -582,3 +587,124 @@ def test_an_engine_setting_change_rolls_one_replica_at_a_time(
     (pod,) = [p for p in ready_pods() if p.metadata.name == "roll-shared-0"]
     engine = next(c for c in pod.spec.containers if c.name == "engine")
     assert engine.args[engine.args.index("--max-lora-rank") + 1] == "32"
+
+
+def shared_volume(api: kubernetes.client.ApiClient, namespace: str, claim: str) -> None:
+    """A ReadWriteMany PersistentVolume bound to a claim (nothing mounts it in the simulation: the
+    programs run here see it as one directory)."""
+    core = kubernetes.client.CoreV1Api(api)
+    volume = f"{namespace}-{claim}"[:63]
+    core.create_persistent_volume(
+        {
+            "metadata": {"name": volume},
+            "spec": {
+                "capacity": {"storage": "10Gi"},
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "hostPath": {"path": f"/srv/{volume}"},
+                "claimRef": {"namespace": namespace, "name": claim},
+            },
+        }
+    )
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": claim},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "volumeName": volume,
+                "resources": {"requests": {"storage": "10Gi"}},
+            },
+        },
+    )
+
+
+@pytest.mark.timeout(600)
+def test_an_adapter_reaches_another_node_through_the_shared_store(
+    cluster: Cluster,
+    api: kubernetes.client.ApiClient,
+    namespace: str,
+    operator: OperatorProcess,
+    tiny: Path,
+    nodes: dict[str, Node],
+    serving: Serving,
+) -> None:
+    """Two FineTuneJobs train on gpu-4090-a; one publishes its adapter to the shared store. A replica
+    on each node: the published adapter is loaded on both; the other is loaded where it was trained
+    and Unavailable on the other node, its status saying where it is and what to do."""
+    model_on(api, namespace, NODES)
+    shared_volume(api, namespace, "adapters")
+    hold = {"annotations": {"sim.kimi-operator.io/hold": "true"}}
+    one_gpu = {"gpus": 1, "cpu": "4", "memory": "16Gi"}
+    for name, output in (("shared", {"publish": {"persistentVolumeClaim": {"claimName": "adapters"}}}), ("local", {})):
+        job = ftj(name, podMetadata=hold, resources=one_gpu, output=output)
+        custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "finetunejobs", job)
+    train_node = {}
+    for name in ("shared", "local"):
+        train_node[name] = wait_phase(api, namespace, name, "Running")["status"]["node"]
+    # What each training pod does at its end: export on its node, publish when asked, report.
+    store = nodes[NODES[0]].store
+    for name, source in (("shared", tiny / "adapters" / "a1"), ("local", tiny / "adapters" / "a2")):
+        node = train_node[name]
+        final = nodes[node].storage / namespace / "kimi" / "finetune" / name / "adapter"
+        shutil.copytree(source, final)
+        report: dict[str, Any] = {
+            "name": name,
+            "node": node,
+            "path": f"/models/{namespace}/kimi/finetune/{name}/adapter",
+            "sizeBytes": 1,
+            "sha256": sha256(source),
+            "baseModel": "kimi",
+            "rank": 8,
+            "expertLora": False,
+        }
+        if name == "shared":
+            report["published"] = {
+                "claimName": "adapters",
+                "path": publish(final, store, namespace=namespace, name=name),
+            }
+        training_pod_status(cluster, api, namespace, name).apply({"adapter": report})
+        (pod,) = (
+            kubernetes.client.CoreV1Api(api)
+            .list_namespaced_pod(namespace, label_selector=f"job-name={name}-train")
+            .items
+        )
+        kubernetes.client.CoreV1Api(api).patch_namespaced_pod(
+            pod.metadata.name, namespace, {"metadata": {"annotations": {"sim.kimi-operator.io/hold": None}}}
+        )
+        wait_phase(api, namespace, name, "Succeeded")
+    # Two GPUs a replica: one replica on each node.
+    spec = {
+        "replicas": 2,
+        "resources": {**SMALL, "gpus": 2},
+        "adapterStore": {"persistentVolumeClaim": {"name": "adapters"}},
+        "adapters": [
+            {"name": "shared", "fineTuneJob": {"name": "shared"}},
+            {"name": "local", "fineTuneJob": {"name": "local"}},
+        ],
+    }
+    custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "loraservers", lsrv("serve", **spec))
+    serving.start(2)
+    assert {p.spec.node_name for p in serving.live_pods()} == set(NODES)
+    on = {p.spec.node_name: p.metadata.name for p in serving.live_pods()}
+    trained, other = train_node["local"], next(n for n in NODES if n != train_node["local"])
+
+    def settled() -> dict[str, dict[str, Any]] | None:
+        found = adapters_by_name(get(api, namespace, "loraservers", "serve"))
+        states = {n: found.get(n, {}).get("state") for n in ("shared", "local")}
+        return found if states == {"shared": "Loaded", "local": "Unavailable"} else None
+
+    found = wait_for(settled, 120, "shared Loaded everywhere, local Unavailable on the other node")
+    assert found["shared"]["replicas"] == sorted(on.values())
+    assert (
+        found["shared"]["source"]
+        == f"FineTuneJob shared: {namespace}/shared/{sha256(tiny / 'adapters' / 'a1')} on volume adapters"
+    )
+    assert found["local"]["replicas"] == [on[trained]]
+    message = found["local"]["message"]
+    assert message.startswith(f"replica {on[other]}: ")
+    assert f"is not on this node (it is on node {trained})" in message
+    assert "spec.output.publish" in message
+    assert serving.pods[on[other]].listed() == ["shared"]
+    assert serving.pods[on[trained]].listed() == ["local", "shared"]

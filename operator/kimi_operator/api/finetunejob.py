@@ -137,6 +137,23 @@ class TrainResources(ApiModel):
     shared_memory: Quantity = Field(default="64Gi", description="Size of the /dev/shm memory volume.")
 
 
+class PublishVolume(ApiModel):
+    """A volume every serving node can mount (ReadWriteMany: NFS, CephFS, a cloud file share)."""
+
+    claim_name: ObjectName = Field(description="PersistentVolumeClaim in the same namespace.")
+
+
+class Publish(ApiModel):
+    """Where the exported adapter is copied so that replicas on other nodes can have it."""
+
+    persistent_volume_claim: PublishVolume = Field(
+        description=(
+            "Copied to <claim>/<namespace>/<adapter name>/<sha256>/ (whole, then renamed); a LoraServer whose "
+            "spec.adapterStore names the same claim serves it on any node."
+        )
+    )
+
+
 class Output(ApiModel):
     """Where the adapter goes and what happens to it."""
 
@@ -146,6 +163,13 @@ class Output(ApiModel):
     reclaim_policy: Literal["Retain", "Delete"] = Field(
         default="Retain",
         description="Retain keeps checkpoints and the adapter when the FineTuneJob is deleted.",
+    )
+    publish: Publish | None = Field(
+        default=None,
+        description=(
+            "Also copy the adapter to a shared volume. Without it the adapter stays on the training node "
+            "and only replicas there can load it. Immutable."
+        ),
     )
 
 
@@ -175,6 +199,7 @@ _SPEC_RULES: list[Any] = [
     _same("backoffLimit", "it is the training Job's backoffLimit"),
     _same("podMetadata", "it is part of the training pod's template"),
     _same("output.adapterName", "it is an argument of the training pod"),
+    _same("output.publish", "the training pod mounts that volume"),
 ]
 
 
@@ -263,6 +288,15 @@ class Progress(ApiModel):
     )
 
 
+class PublishedAdapter(ApiModel):
+    """Where the adapter was copied."""
+
+    claim_name: Annotated[str, Field(max_length=253)] = Field(description="PersistentVolumeClaim holding it.")
+    path: Annotated[str, Field(max_length=4096)] = Field(
+        description="Directory of the adapter, relative to the volume."
+    )
+
+
 class AdapterStatus(ApiModel):
     """The exported adapter."""
 
@@ -274,6 +308,9 @@ class AdapterStatus(ApiModel):
     base_model: Annotated[str, Field(max_length=253)] = Field(description="KimiModel the adapter was trained on.")
     rank: Annotated[int, Field(ge=1)] = Field(description="LoRA rank.")
     expert_lora: bool = Field(default=False, description="The adapter carries LoRA of the routed experts.")
+    published: PublishedAdapter | None = Field(
+        default=None, description="The copy on the shared volume of spec.output.publish."
+    )
 
 
 class FineTuneJobStatus(BaseStatus):

@@ -47,6 +47,14 @@ RESERVED_FLAGS = (
 )
 
 
+class AdapterStore(ApiModel):
+    """The shared volume adapters are published to."""
+
+    persistent_volume_claim: ObjectRef = Field(
+        description="PersistentVolumeClaim (ReadWriteMany) in the same namespace."
+    )
+
+
 class HubAdapter(ApiModel):
     """A PEFT adapter in a hub repository, pinned to one revision."""
 
@@ -336,6 +344,14 @@ class LoraServerSpec(ApiModel):
     router: Router = Field(default_factory=Router, description="The OpenAI-compatible router.")
     pod_metadata: PodMetadata = Field(
         default_factory=PodMetadata, description="Labels and annotations for the engine pods."
+    )
+    adapter_store: AdapterStore | None = Field(
+        default=None,
+        description=(
+            "A shared volume FineTuneJobs publish adapters to (their spec.output.publish): engine pods on any "
+            "node mount it read-only and load those adapters from it. Without it a FineTuneJob's adapter "
+            "reaches only replicas on the node it trained on."
+        ),
     )
     hub_token_secret_ref: SecretKeyRef | None = Field(
         default=None,

@@ -22,8 +22,12 @@ AGENT_FIELD_MANAGER_PREFIX = "kimi-agent-"
 class AdapterFiles(ApiModel):
     """Where an adapter's files are, as the agent can reach them."""
 
-    kind: Literal["node", "hub"] = Field(description="node: a directory on the node; hub: a hub repository.")
-    path: str | None = Field(default=None, description="node: the directory as mounted in the engine pod.")
+    kind: Literal["node", "store", "hub"] = Field(
+        description="node: a directory on the node; store: on the shared adapter store; hub: a hub repository."
+    )
+    path: str | None = Field(
+        default=None, description="node: relative to the model storage; store: relative to the adapter store."
+    )
     node: str | None = Field(default=None, description="node: the only node holding it, when not every node does.")
     repo: str | None = Field(default=None, description="hub: owner/name.")
     revision: str | None = Field(default=None, description="hub: commit sha or tag.")

@@ -46,7 +46,9 @@ def _under(path: str, root: str) -> str | None:
     return path[len(root) + 1 :] if path.startswith(root + "/") and len(path) > len(root) + 1 else None
 
 
-def _from_fine_tune_job(kube: Kube, namespace: str, model: Mapping[str, Any], adapter: Adapter) -> Resolved:
+def _from_fine_tune_job(
+    kube: Kube, namespace: str, model: Mapping[str, Any], adapter: Adapter, store: str | None
+) -> Resolved:
     assert adapter.fine_tune_job is not None
     ftj_name = adapter.fine_tune_job.name
     where = f"FineTuneJob {ftj_name}"
@@ -63,6 +65,12 @@ def _from_fine_tune_job(kube: Kube, namespace: str, model: Mapping[str, Any], ad
     if ftj["spec"]["model"]["name"] != model["metadata"]["name"]:
         message = f"{where} trained on KimiModel {ftj['spec']['model']['name']}, not {model['metadata']['name']}"
         return Resolved(adapter, None, None, None, where, ("Unavailable", message))
+    published = exported.get("published") or {}
+    if store is not None and published.get("claimName") == store:
+        # On the shared store: every replica can have it, whatever node it runs on.
+        files = AdapterFiles(kind="store", path=str(published["path"]), node=exported["node"])
+        source = f"{where}: {published['path']} on volume {store}"
+        return Resolved(adapter, bool(exported.get("expertLora")), files, exported.get("sha256"), source)
     # The trainer saw the model storage at the same mount as the engine pods do.
     relative = _under(str(exported["path"]), MOUNT)
     source = f"{where}: {exported['path']} on node {exported['node']}"
@@ -72,9 +80,11 @@ def _from_fine_tune_job(kube: Kube, namespace: str, model: Mapping[str, Any], ad
     return Resolved(adapter, bool(exported.get("expertLora")), files, exported.get("sha256"), source)
 
 
-def resolve(kube: Kube, namespace: str, model: Mapping[str, Any], adapter: Adapter) -> Resolved:
+def resolve(
+    kube: Kube, namespace: str, model: Mapping[str, Any], adapter: Adapter, store: str | None = None
+) -> Resolved:
     if adapter.fine_tune_job is not None:
-        return _from_fine_tune_job(kube, namespace, model, adapter)
+        return _from_fine_tune_job(kube, namespace, model, adapter, store)
     storage = model["spec"]["storage"]["hostPath"]
     if adapter.path is not None:
         relative = _under(adapter.path, storage)
@@ -177,7 +187,8 @@ def reconcile(
         )
         return Verdict(state="stalled", reason=LsReason.VARIANT_MISSING, message=message), {}
     owner = render.owner(namespace, name, meta["uid"])
-    resolved = [resolve(kube, namespace, model, a) for a in spec.adapters]
+    store = spec.adapter_store.persistent_volume_claim.name if spec.adapter_store else None
+    resolved = [resolve(kube, namespace, model, a, store) for a in spec.adapters]
     plan_layout = layout(name, int(meta.get("generation") or 0), spec, resolved, render.CACHE_MOUNT)
     source = (model["spec"].get("source") or {}).get("path")
     facts = render.ModelFacts(

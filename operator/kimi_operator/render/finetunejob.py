@@ -15,6 +15,7 @@ from kimi_operator.render.owner import Owner, status_rbac
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONFIG_MOUNT = "/etc/kimi-train"
 DATA_MOUNT = "/data"
+PUBLISH_MOUNT = "/publish"
 COMPONENT = "train"
 
 
@@ -118,6 +119,11 @@ def train_job(owner: Owner, spec: FineTuneJobSpec, node: str, *, storage_path: s
         args.append(f"--messages-key={spec.dataset.messages_key}")
     if spec.lora.experts:
         args.append("--lora-experts")
+    if spec.output.publish is not None:
+        claim = spec.output.publish.persistent_volume_claim.claim_name
+        volumes.append({"name": "publish", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": "publish", "mountPath": PUBLISH_MOUNT})
+        args += [f"--publish-dir={PUBLISH_MOUNT}", f"--publish-claim={claim}", f"--publish-namespace={owner.namespace}"]
     env: list[dict[str, Any]] = [
         {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         # kt-kernel sizes its CPU expert thread pool from the host's cores unless told: the pod's

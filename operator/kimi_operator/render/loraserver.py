@@ -31,6 +31,7 @@ CACHE_MOUNT = "/adapter-cache"
 # Node-local adapter cache under the model storage, keyed by sha256: shared by every LoraServer
 # whose model lives on that storage.
 CACHE_DIR = "adapter-cache"
+STORE_MOUNT = "/adapter-store"
 SOURCE_MOUNT = "/source"
 REPLICA_KIND_LABEL = f"{GROUP}/replica-kind"
 ADAPTER_LABEL = f"{GROUP}/adapter"
@@ -159,7 +160,7 @@ def _probes() -> dict[str, Any]:
     }
 
 
-def _agent_args(owner: Owner, *, once: bool = False) -> list[str]:
+def _agent_args(owner: Owner, spec: LoraServerSpec, *, once: bool = False) -> list[str]:
     args = [
         "serve-agent",
         f"--report={owner.namespace}/{owner.name}",
@@ -170,6 +171,8 @@ def _agent_args(owner: Owner, *, once: bool = False) -> list[str]:
         f"--models-dir={MOUNT}",
         f"--cache-dir={CACHE_MOUNT}",
     ]
+    if spec.adapter_store is not None:
+        args.append(f"--store-dir={STORE_MOUNT}")
     return [*args, "--once"] if once else args
 
 
@@ -212,6 +215,11 @@ def engine_set(
         {"name": "cache", "hostPath": {"path": f"{model.storage_path}/{CACHE_DIR}", "type": "DirectoryOrCreate"}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.resources.shared_memory)}},
     ]
+    agent_mounts = list(mounts)
+    if spec.adapter_store is not None:
+        claim = spec.adapter_store.persistent_volume_claim.name
+        volumes.append({"name": "adapter-store", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        agent_mounts.append({"name": "adapter-store", "mountPath": STORE_MOUNT, "readOnly": True})
     if model.source_path:
         volumes.append({"name": "source", "hostPath": {"path": model.source_path, "type": "Directory"}})
         engine_mounts.append({"name": "source", "mountPath": SOURCE_MOUNT, "readOnly": True})
@@ -236,10 +244,10 @@ def engine_set(
         "name": "adapter-agent",
         "image": image,
         "command": ["kimi-operator"],
-        "args": _agent_args(owner),
+        "args": _agent_args(owner, spec),
         "env": agent_env,
         "resources": {"requests": agent_resources, "limits": agent_resources},
-        "volumeMounts": mounts,
+        "volumeMounts": agent_mounts,
     }
     pod_spec: dict[str, Any] = {
         "serviceAccountName": service_account_name(owner.name),
@@ -263,7 +271,7 @@ def engine_set(
     }
     if expert:
         # The expert adapter must be on the node before the engine starts with it.
-        pod_spec["initContainers"] = [{**agent, "name": "fetch-adapter", "args": _agent_args(owner, once=True)}]
+        pod_spec["initContainers"] = [{**agent, "name": "fetch-adapter", "args": _agent_args(owner, spec, once=True)}]
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",

@@ -53,7 +53,9 @@ class Agent:
         models_dir: Path,
         cache_dir: Path,
         pod_uid: str | None = None,
+        store_dir: Path | None = None,
     ) -> None:
+        self.store_dir = store_dir
         self.replica, self.engine, self.plan = replica, engine, plan
         self.models_dir, self.cache_dir, self.pod_uid = models_dir, cache_dir, pod_uid
         # name -> (path, the engine's words): files the engine refused, not sent again until they
@@ -66,6 +68,10 @@ class Agent:
         files = adapter.files
         if files.kind == "node":
             return cache.copy_from(self.models_dir / (files.path or ""), node_hint=files.node)
+        if files.kind == "store":
+            if self.store_dir is None:
+                return cache.unavailable("the plan names the adapter store, but this pod does not mount it")
+            return cache.copy_from(self.store_dir / (files.path or ""), node_hint=None)
 
         def from_hub(target: Path) -> None:
             # The same client as the prepare and training pods: the revision resolved to a commit,
@@ -209,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between comparisons")
     parser.add_argument("--once", action="store_true", help="fill the cache for this replica and exit")
     parser.add_argument("--pod-uid", default="", help="this pod's UID, so reports of an earlier pod are told apart")
+    parser.add_argument("--store-dir", type=Path, help="the shared adapter store as mounted here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     namespace, name = args.report.split("/", 1)
@@ -225,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         models_dir=args.models_dir,
         cache_dir=args.cache_dir,
         pod_uid=args.pod_uid or None,
+        store_dir=args.store_dir,
     )
     if args.once:
         current = plan()

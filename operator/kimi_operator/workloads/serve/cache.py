@@ -54,15 +54,26 @@ def materialise(cache: Path, expected: str | None, fetch: Callable[[Path], None]
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def unavailable(message: str) -> Callable[[Path], None]:
+    """A fetch that cannot succeed, with why."""
+
+    def fetch(target: Path) -> None:
+        raise Unavailable(message)
+
+    return fetch
+
+
 def copy_from(source: Path, *, node_hint: str | None) -> Callable[[Path], None]:
     """A fetch that copies an adapter directory present on this node."""
 
     def fetch(target: Path) -> None:
         if not source.is_dir():
-            where = f" (it is on node {node_hint})" if node_hint else ""
+            if node_hint is None:
+                raise Unavailable(f"{source} does not exist")
             raise Unavailable(
-                f"{source} is not on this node{where}: run the replica on that node, or publish the adapter "
-                "to a hub repository and name it with huggingFace"
+                f"{source} is not on this node (it is on node {node_hint}): publish it to a shared volume (the "
+                "FineTuneJob's spec.output.publish, named in this LoraServer's spec.adapterStore) or to a hub "
+                "repository (huggingFace)"
             )
         for item in source.iterdir():
             if item.is_file():

@@ -206,6 +206,31 @@ def export(output_dir: Path, *, experts: bool, base_model: str) -> tuple[Path, C
     return final, checked
 
 
+def publish(final: Path, root: Path, *, namespace: str, name: str) -> str:
+    """Copy the exported adapter to the shared store: ``<root>/<namespace>/<name>/<sha256>/``, built
+    under a temporary name and renamed, so a reader sees it whole or not at all. Returns the path
+    relative to ``root``. A copy already there (the same digest) is kept as it is."""
+    digest = manifest.sha256_file(final / WEIGHTS)
+    relative = f"{namespace}/{name}/{digest}"
+    target = root / relative
+    if (target / WEIGHTS).is_file():
+        return relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{digest}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    for item in final.iterdir():
+        if item.is_file():
+            shutil.copyfile(item, staging / item.name)
+            with (staging / item.name).open("rb") as fh:
+                os.fsync(fh.fileno())
+    if manifest.sha256_file(staging / WEIGHTS) != digest:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ExportError(f"{staging / WEIGHTS}: the copy on the shared volume does not match the adapter")
+    staging.rename(target)
+    return relative
+
+
 def status(final: Path, checked: Checked, *, name: str, node: str, base_model: str) -> dict[str, Any]:
     """``status.adapter`` of the FineTuneJob."""
     return {

@@ -173,6 +173,14 @@ def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
     except adapter.ExportError as exc:
         raise WorkloadError(TrainExit.EXPORT_FAILED, str(exc)) from exc
     published = adapter.status(final, checked, name=opts.adapter_name, node=opts.node, base_model=opts.base_model)
+    if opts.publish_dir is not None:
+        try:
+            relative = adapter.publish(
+                final, opts.publish_dir, namespace=opts.publish_namespace, name=opts.adapter_name
+            )
+        except (adapter.ExportError, OSError) as exc:
+            raise WorkloadError(TrainExit.EXPORT_FAILED, f"publishing the adapter: {exc}") from exc
+        published["published"] = {"claimName": opts.publish_claim, "path": relative}
     if own is not None:
         # One field manager owns exactly what its last apply listed: the adapter goes with the last
         # progress, or server-side apply would remove the progress this pod wrote.
@@ -206,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="publish the merged expert LoRA (lora.experts), not the non-expert part",
     )
+    parser.add_argument("--publish-dir", type=Path, help="the shared volume the adapter is copied to")
+    parser.add_argument("--publish-claim", default="", help="the PersistentVolumeClaim of --publish-dir")
+    parser.add_argument("--publish-namespace", default="", help="the FineTuneJob's namespace (a directory there)")
     parser.add_argument("--report-interval", type=float, default=5.0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="override a training argument")
     opts = parser.parse_args(argv)
