@@ -7,7 +7,7 @@ line in :func:`build`, and no branch anywhere else (Kueue's jobframework interfa
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from kimi_operator.api.conditions import Verdict
@@ -60,79 +60,81 @@ class Images:
     engine: str
 
 
+Reconcile = Callable[[Mapping[str, Any], Any], tuple[Verdict, dict[str, Any]]]
+Finalize = Callable[[Mapping[str, Any], Any], list[str]]
+Record = Callable[[Mapping[str, Any] | None, str, str], None]
+
+
+def _no_owner(pod: Mapping[str, Any]) -> str | None:
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
-class KimiModelController:
-    kube: Kube
-    settings: kimimodel.Settings
+class KindController:
+    """A kind's controller assembled from its module's functions (the protocol above)."""
+
     kind: Kind
+    reconcile_fn: Reconcile
+    finalize_fn: Finalize
+    record_fn: Record
     follows_status: bool = False
     watched_pods: Mapping[str, str] | None = None
-
-    def owner_of(self, pod: Mapping[str, Any]) -> str | None:
-        return None
+    owner_fn: Callable[[Mapping[str, Any]], str | None] = _no_owner
 
     def reconcile(self, body: Mapping[str, Any], spec: Any) -> tuple[Verdict, dict[str, Any]]:
-        observed = kimimodel.reconcile(self.kube, self.settings, body, spec)
-        return observed.verdict, observed.status
+        return self.reconcile_fn(body, spec)
 
     def finalize(self, body: Mapping[str, Any], spec: Any | None) -> list[str]:
-        return kimimodel.finalize(self.kube, self.settings, body, spec)
+        return self.finalize_fn(body, spec)
 
     def record(self, body: Mapping[str, Any] | None, namespace: str, name: str) -> None:
-        metrics.record_model(namespace, name, None if body is None else (body.get("status") or {}).get("nodes"))
-
-
-@dataclasses.dataclass(frozen=True)
-class FineTuneJobController:
-    kube: Kube
-    settings: finetunejob.Settings
-    kind: Kind
-    follows_status: bool = False
-    watched_pods: Mapping[str, str] | None = None
+        self.record_fn(body, namespace, name)
 
     def owner_of(self, pod: Mapping[str, Any]) -> str | None:
-        return None
-
-    def reconcile(self, body: Mapping[str, Any], spec: Any) -> tuple[Verdict, dict[str, Any]]:
-        return finetunejob.reconcile(self.kube, self.settings, body, spec)
-
-    def finalize(self, body: Mapping[str, Any], spec: Any | None) -> list[str]:
-        return finetunejob.finalize(self.kube, self.settings, body, spec)
-
-    def record(self, body: Mapping[str, Any] | None, namespace: str, name: str) -> None:
-        metrics.record_training(namespace, name, None if body is None else (body.get("status") or {}).get("progress"))
+        return self.owner_fn(pod)
 
 
-@dataclasses.dataclass(frozen=True)
-class LoraServerController:
-    kube: Kube
-    settings: loraserver.Settings
-    kind: Kind
-    follows_status: bool = True
-    watched_pods: Mapping[str, str] | None = dataclasses.field(
-        default_factory=lambda: {MANAGED_BY: OPERATOR, "app.kubernetes.io/component": loraserver_render.ENGINE}
-    )
+def _status_field(body: Mapping[str, Any] | None, field: str) -> Any:
+    return None if body is None else (body.get("status") or {}).get(field)
 
-    def owner_of(self, pod: Mapping[str, Any]) -> str | None:
-        # Label values are bounded; the full name rides in an annotation.
-        return ((pod.get("metadata") or {}).get("annotations") or {}).get(loraserver_render.OWNER_ANNOTATION)
 
-    def reconcile(self, body: Mapping[str, Any], spec: Any) -> tuple[Verdict, dict[str, Any]]:
-        return loraserver.reconcile(self.kube, self.settings, body, spec)
+def _pair(observed: kimimodel.Observed) -> tuple[Verdict, dict[str, Any]]:
+    return observed.verdict, observed.status
 
-    def finalize(self, body: Mapping[str, Any], spec: Any | None) -> list[str]:
-        return loraserver.finalize(self.kube, self.settings, body, spec)
 
-    def record(self, body: Mapping[str, Any] | None, namespace: str, name: str) -> None:
-        return None
+def _engine_owner(pod: Mapping[str, Any]) -> str | None:
+    # Label values are bounded; the full name rides in an annotation.
+    return ((pod.get("metadata") or {}).get("annotations") or {}).get(loraserver_render.OWNER_ANNOTATION)
 
 
 def build(kube: Kube, images: Images) -> dict[str, Controller]:
     """The controllers of this operator version, by kind name. A kind without one is accepted and
     validated but reported as awaiting its reconciler."""
+    km = kimimodel.Settings(prepare_image=images.prepare)
+    ftj = finetunejob.Settings(trainer_image=images.trainer)
+    ls = loraserver.Settings(engine_image=images.engine)
     controllers: list[Controller] = [
-        KimiModelController(kube, kimimodel.Settings(prepare_image=images.prepare), KIMI_MODEL),
-        FineTuneJobController(kube, finetunejob.Settings(trainer_image=images.trainer), FINE_TUNE_JOB),
-        LoraServerController(kube, loraserver.Settings(engine_image=images.engine), LORA_SERVER),
+        KindController(
+            KIMI_MODEL,
+            lambda body, spec: _pair(kimimodel.reconcile(kube, km, body, spec)),
+            lambda body, spec: kimimodel.finalize(kube, km, body, spec),
+            lambda body, ns, name: metrics.record_model(ns, name, _status_field(body, "nodes")),
+        ),
+        KindController(
+            FINE_TUNE_JOB,
+            lambda body, spec: finetunejob.reconcile(kube, ftj, body, spec),
+            lambda body, spec: finetunejob.finalize(kube, ftj, body, spec),
+            lambda body, ns, name: metrics.record_training(ns, name, _status_field(body, "progress")),
+        ),
+        KindController(
+            LORA_SERVER,
+            lambda body, spec: loraserver.reconcile(kube, ls, body, spec),
+            lambda body, spec: loraserver.finalize(kube, ls, body, spec),
+            lambda body, ns, name: None,
+            # The agents' engine reports are the facts its conditions follow.
+            follows_status=True,
+            watched_pods={MANAGED_BY: OPERATOR, "app.kubernetes.io/component": loraserver_render.ENGINE},
+            owner_fn=_engine_owner,
+        ),
     ]
     return {c.kind.kind: c for c in controllers}
