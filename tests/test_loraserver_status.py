@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from kimi_operator.controller.loraserver_status import Replica, Wanted, adapter_status, observe
+from kimi_operator.controller.loraserver_status import ModelState, Replica, Wanted, adapter_status, observe
 
 SHA1, SHA2 = "1" * 64, "2" * 64
 
@@ -168,3 +168,47 @@ def test_files_out_of_reach_are_unavailable_not_failed() -> None:
 def test_an_unplaced_shared_adapter_says_there_is_no_room() -> None:
     entry = adapter_status(shared("a"), ready("r0"), {"r0": report()})
     assert "no shared replica has room" in entry["message"]
+
+
+@pytest.mark.parametrize(
+    ("replicas", "model", "state", "reason", "words"),
+    [
+        # The model is still being prepared: nothing is wrong yet.
+        (
+            not_ready("r0"),
+            ModelState("kimi", ready_nodes=0),
+            "progressing",
+            "NoEligibleNode",
+            "no node holds KimiModel kimi",
+        ),
+        # Its preparation failed: the LoraServer cannot serve until the user acts.
+        (
+            not_ready("r0"),
+            ModelState("kimi", stalled="InsufficientDisk: node n1: 2 TB needed"),
+            "stalled",
+            "ModelNotReady",
+            "InsufficientDisk",
+        ),
+        # On nodes, but the scheduler has no room for the replica.
+        (
+            {
+                "r0": Replica(
+                    "r0", pod_ready=False, unschedulable="0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+                )
+            },
+            ModelState("kimi"),
+            "stalled",
+            "NoEligibleNode",
+            "replica r0 cannot be scheduled: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+        ),
+        # Scheduled, starting.
+        (not_ready("r0"), ModelState("kimi"), "progressing", "StartingReplicas", "0/1 replicas serving"),
+    ],
+    ids=["model-preparing", "model-stalled", "no-room", "starting"],
+)
+def test_the_model_and_the_scheduler_say_why_replicas_do_not_serve(
+    replicas: dict[str, Replica], model: ModelState, state: str, reason: str, words: str
+) -> None:
+    result = observe(wanted=[], desired_replicas=["r0"], replicas=replicas, reports={}, model=model)
+    assert (result.verdict.state, result.verdict.reason) == (state, reason)
+    assert words in result.verdict.message

@@ -16,7 +16,7 @@ from kimi_operator.api.kinds import FINE_TUNE_JOB, KIMI_MODEL
 from kimi_operator.api.loraserver import Adapter, LoraServerSpec
 from kimi_operator.api.serving import AdapterFiles, PlannedAdapter, ReplicaPlan, ServingPlan
 from kimi_operator.controller.kube import Kube
-from kimi_operator.controller.loraserver_status import LsReason, Replica, Wanted, observe
+from kimi_operator.controller.loraserver_status import LsReason, ModelState, Replica, Wanted, observe
 from kimi_operator.render import loraserver as render
 from kimi_operator.render import placement, sglang
 from kimi_operator.render.kimimodel_paths import MOUNT
@@ -208,23 +208,36 @@ def reconcile(
         f"{k}={v}" for k, v in {**common("LoraServer", name), "app.kubernetes.io/component": render.ENGINE}.items()
     )
     for live in kube.list_objects("apps/v1", "StatefulSet", namespace, selector):
-        if live["metadata"]["name"] not in plan_layout.sets:
+        if live["metadata"]["name"] not in plan_layout.sets and not live["metadata"].get("deletionTimestamp"):
             # An expert adapter left the spec: its replicas go (shared ones are unloaded in place).
             kube.delete(live)
     pods = {p["metadata"]["name"]: p for p in kube.list_objects("v1", "Pod", namespace, selector)}
     replicas = {
-        n: Replica(n, _pod_ready(p), (p.get("spec") or {}).get("nodeName"), p["metadata"].get("uid"))
+        n: Replica(n, _pod_ready(p), (p.get("spec") or {}).get("nodeName"), p["metadata"].get("uid"), _unschedulable(p))
         for n, p in pods.items()
     }
     reports = {e["name"]: e for e in status.get("engines") or [] if e.get("name")}
-    ready_nodes = [n for n in (model.get("status") or {}).get("nodes") or [] if n.get("phase") == "Ready"]
-    observed = observe(
-        wanted=plan_layout.wanted, desired_replicas=plan_layout.desired, replicas=replicas, reports=reports
+    model_status = model.get("status") or {}
+    stalled = next(
+        (c for c in model_status.get("conditions") or [] if c.get("type") == "Stalled" and c.get("status") == "True"),
+        None,
     )
-    if not ready_nodes and observed.verdict.state != "stalled":
-        message = f"no node holds KimiModel {spec.model.name} yet; replicas wait for its ready label"
-        return Verdict(state="progressing", reason=LsReason.NO_ELIGIBLE_NODE, message=message), observed.status
+    state = ModelState(
+        name=spec.model.name,
+        ready_nodes=sum(n.get("phase") == "Ready" for n in model_status.get("nodes") or []),
+        stalled=f"{stalled.get('reason')}: {stalled.get('message')}" if stalled else None,
+    )
+    observed = observe(
+        wanted=plan_layout.wanted, desired_replicas=plan_layout.desired, replicas=replicas, reports=reports, model=state
+    )
     return observed.verdict, observed.status
+
+
+def _unschedulable(pod: Mapping[str, Any]) -> str | None:
+    for c in (pod.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+            return str(c.get("message") or "Unschedulable")
+    return None
 
 
 def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: LoraServerSpec | None) -> list[str]:

@@ -16,6 +16,7 @@ from kimi_operator.api.conditions import Reason, Verdict
 
 class LsReason(Reason):
     WAITING_FOR_MODEL = "WaitingForModel"
+    MODEL_NOT_READY = "ModelNotReady"
     VARIANT_MISSING = "VariantMissing"
     NO_ELIGIBLE_NODE = "NoEligibleNode"
     STARTING = "StartingReplicas"
@@ -44,6 +45,8 @@ class Replica:
     pod_ready: bool
     node: str | None = None
     uid: str | None = None
+    # The scheduler's word on a pod it cannot place (Insufficient nvidia.com/gpu, affinity, ...).
+    unschedulable: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,12 +136,23 @@ def adapter_status(
     return entry
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelState:
+    """What the LoraServer's KimiModel says of itself."""
+
+    name: str
+    ready_nodes: int = 1
+    # The KimiModel's own Stalled message: preparation failed and will not finish by itself.
+    stalled: str | None = None
+
+
 def observe(
     *,
     wanted: Sequence[Wanted],
     desired_replicas: Sequence[str],
     replicas: Mapping[str, Replica],
     reports: Mapping[str, Mapping[str, Any]],
+    model: ModelState | None = None,
 ) -> Observation:
     """The verdict and the operator's status fields of a LoraServer whose children exist."""
     adapters = [adapter_status(a, replicas, reports) for a in wanted]
@@ -152,17 +166,63 @@ def observe(
         "adaptersTotal": len(adapters),
         "adapters": adapters,
     }
+    return Observation(_verdict(adapters, serving, desired_replicas, replicas, model or ModelState(name="")), status)
+
+
+def _verdict(
+    adapters: Sequence[Mapping[str, Any]],
+    serving: Sequence[str],
+    desired: Sequence[str],
+    replicas: Mapping[str, Replica],
+    model: ModelState,
+) -> Verdict:
+    """The first that holds, in order: what will not get better by itself (Stalled), then what is
+    still on its way (Progressing), then Ready."""
     failed = [a for a in adapters if a["state"] in ("Failed", "Unavailable")]
-    if failed:
-        message = "; ".join(f"{a['name']}: {a['message']}" for a in failed)
-        return Observation(Verdict(state="stalled", reason=LsReason.ADAPTER_FAILED, message=message), status)
-    if len(serving) < len(desired_replicas):
-        waiting = [n for n in desired_replicas if n not in serving]
-        message = f"{len(serving)}/{len(desired_replicas)} replicas serving; waiting for {', '.join(waiting)}"
-        return Observation(Verdict(state="progressing", reason=LsReason.STARTING, message=message), status)
-    if loaded < len(adapters):
-        pending = [a["name"] for a in adapters if a["state"] != "Loaded"]
-        message = f"{loaded}/{len(adapters)} adapters loaded; pending: {', '.join(pending)}"
-        return Observation(Verdict(state="progressing", reason=LsReason.LOADING, message=message), status)
-    message = f"{len(serving)} replicas serving the base model and {loaded} adapters"
-    return Observation(Verdict(state="ready", reason=LsReason.SERVING, message=message), status)
+    unplaced = [(n, replicas[n].unschedulable) for n in desired if n in replicas and replicas[n].unschedulable]
+    waiting = [n for n in desired if n not in serving]
+    pending = [a["name"] for a in adapters if a["state"] != "Loaded"]
+    checks: list[tuple[bool, str, str, str]] = [
+        (
+            bool(failed),
+            "stalled",
+            LsReason.ADAPTER_FAILED,
+            "; ".join(f"{a['name']}: {a['message']}" for a in failed),
+        ),
+        (
+            model.stalled is not None,
+            "stalled",
+            LsReason.MODEL_NOT_READY,
+            f"KimiModel {model.name} is stalled: {model.stalled}",
+        ),
+        (
+            bool(waiting) and model.ready_nodes == 0,
+            "progressing",
+            LsReason.NO_ELIGIBLE_NODE,
+            f"no node holds KimiModel {model.name} yet; {len(desired)} replicas wait for its ready label",
+        ),
+        (
+            # The model is on nodes, but none of them can take these replicas (GPUs, memory taken).
+            bool(unplaced),
+            "stalled",
+            LsReason.NO_ELIGIBLE_NODE,
+            "; ".join(f"replica {n} cannot be scheduled: {why}" for n, why in unplaced),
+        ),
+        (
+            bool(waiting),
+            "progressing",
+            LsReason.STARTING,
+            f"{len(serving)}/{len(desired)} replicas serving; waiting for {', '.join(waiting)}",
+        ),
+        (
+            bool(pending),
+            "progressing",
+            LsReason.LOADING,
+            f"{len(adapters) - len(pending)}/{len(adapters)} adapters loaded; pending: {', '.join(pending)}",
+        ),
+    ]
+    for holds, state, reason, message in checks:
+        if holds:
+            return Verdict(state=state, reason=reason, message=message)
+    message = f"{len(serving)} replicas serving the base model and {len(adapters)} adapters"
+    return Verdict(state="ready", reason=LsReason.SERVING, message=message)
