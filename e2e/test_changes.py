@@ -37,8 +37,9 @@ def patch_ftj(api: kubernetes.client.ApiClient, namespace: str, name: str, patch
         ({"spec": {"podMetadata": {"labels": {"team": "legal"}}}}, "spec.podMetadata"),
         ({"spec": {"backoffLimit": 7}}, "spec.backoffLimit"),
         ({"spec": {"output": {"adapterName": "renamed"}}}, "spec.output.adapterName"),
+        ({"spec": {"output": {"publish": {"persistentVolumeClaim": {"claimName": "a"}}}}}, "spec.output.publish"),
     ],
-    ids=["podMetadata", "backoffLimit", "adapterName"],
+    ids=["podMetadata", "backoffLimit", "adapterName", "publish"],
 )
 def test_an_edit_of_what_shapes_the_pod_is_refused_at_admission(
     api: kubernetes.client.ApiClient, namespace: str, patch: dict[str, Any], field: str

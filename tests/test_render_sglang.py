@@ -126,10 +126,10 @@ def test_lora_target_modules_and_rank_are_explicit(modules: list[str] | None, wa
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_extra_args_are_appended_last_verbatim(kind: str) -> None:
+def test_extra_args_come_first_so_rendered_flags_win(kind: str) -> None:
     extra = ["--mem-fraction-static", "0.9", "--enable-mixed-chunk"]
     args = launch_args(spec(extraArgs=extra), PATHS, host=HOST, expert=KINDS[kind])
-    assert args[-3:] == extra
+    assert args[:3] == extra
 
 
 def test_the_kimi_parsers_and_metrics_are_always_on() -> None:

@@ -54,6 +54,7 @@ def test_a_hub_adapter_lands_in_the_cache_under_its_digest(
         {"lora/adapter_config.json": CONFIG, "lora/adapter_model.safetensors": WEIGHTS, "README.md": b"x"},
     )
     monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
     a = agent(tmp_path)
     desired = a.materialise([from_hub(hub, SHA, commit)])
     assert a.unavailable == {}
@@ -77,6 +78,7 @@ def test_files_that_do_not_match_their_digest_never_reach_the_cache(
         "acme/kimi-lora", {"lora/adapter_config.json": CONFIG, "lora/adapter_model.safetensors": WEIGHTS + b"x"}
     )
     monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
     a = agent(tmp_path)
     assert a.materialise([from_hub(hub, SHA, commit)]) == {}
     sha, message = a.unavailable["sql"]
@@ -115,3 +117,42 @@ def test_a_node_adapter_is_copied_then_served_from_the_cache(tmp_path: Path) -> 
         [PlannedAdapter(name="legal", sha256=SHA, files=AdapterFiles(kind="node", path="adapters/legal"))]
     )
     assert desired["legal"].path == str(tmp_path / "cache" / SHA)
+
+
+def test_an_adapter_without_a_digest_is_fetched_once_until_its_files_change(tmp_path: Path) -> None:
+    source = tmp_path / "models" / "adapters" / "legal"
+    source.mkdir(parents=True)
+    (source / "adapter_config.json").write_bytes(CONFIG)
+    (source / "adapter_model.safetensors").write_bytes(WEIGHTS)
+    a = agent(tmp_path)
+    planned = [PlannedAdapter(name="legal", files=AdapterFiles(kind="node", path="adapters/legal"))]
+    first = a.materialise(planned)["legal"].path
+    (source / "adapter_config.json").unlink()  # a fetch now would fail: it must not happen
+    assert a.materialise(planned)["legal"].path == first
+    assert a.unavailable == {}
+    # New files (another size): fetched again, and the missing config is reported.
+    (source / "adapter_model.safetensors").write_bytes(WEIGHTS + b"more")
+    assert a.materialise(planned) == {}
+    assert "no adapter_config.json" in a.unavailable["legal"][1]
+
+
+@pytest.mark.parametrize("path", ["../../etc", "/etc", "adapters/../../.."])
+def test_a_path_from_status_cannot_leave_its_volume(tmp_path: Path, path: str) -> None:
+    (tmp_path / "models").mkdir()
+    a = agent(tmp_path)
+    assert a.materialise([PlannedAdapter(name="x", files=AdapterFiles(kind="node", path=path))]) == {}
+    assert "is not a path inside" in a.unavailable["x"][1]
+
+
+def test_the_token_goes_only_to_the_hub_it_is_for(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commit = hub.add_commit(
+        "acme/kimi-lora", {"lora/adapter_config.json": CONFIG, "lora/adapter_model.safetensors": WEIGHTS}
+    )
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example")
+    a = agent(tmp_path)
+    assert a.materialise([from_hub(hub, SHA, commit)]) == {}
+    assert hub.seen
+    assert all(seen.token is None for seen in hub.seen)

@@ -311,6 +311,10 @@ class AdapterStatus(ApiModel):
     published: PublishedAdapter | None = Field(
         default=None, description="The copy on the shared volume of spec.output.publish."
     )
+    publish_error: Annotated[str, Field(max_length=4096)] | None = Field(
+        default=None,
+        description="Why the copy to spec.output.publish failed; the adapter is then on its node only.",
+    )
 
 
 class FineTuneJobStatus(BaseStatus):

@@ -353,6 +353,13 @@ class LoraServerSpec(ApiModel):
             "reaches only replicas on the node it trained on."
         ),
     )
+    hub_endpoint: Annotated[str, Field(max_length=2048, pattern=r"^https?://[^\s]+$")] | None = Field(
+        default=None,
+        description=(
+            "The hub hubTokenSecretRef is a token for (default: the public hub). The token is sent to this "
+            "endpoint only: a huggingFace adapter naming another endpoint is fetched without it."
+        ),
+    )
     hub_token_secret_ref: SecretKeyRef | None = Field(
         default=None,
         description=(

@@ -79,6 +79,13 @@ def _owner_uid(obj: Mapping[str, Any]) -> str | None:
     return next((str(r["uid"]) for r in refs if r.get("controller") and r.get("uid")), None)
 
 
+def _labelled_ours(live: Mapping[str, Any], obj: Mapping[str, Any]) -> bool:
+    """The live object carries the labels we render on this child (managed-by and its owner)."""
+    want = (obj.get("metadata") or {}).get("labels") or {}
+    have = (live.get("metadata") or {}).get("labels") or {}
+    return bool(want) and all(have.get(k) == v for k, v in want.items())
+
+
 def _version(live: Mapping[str, Any]) -> tuple[str, str]:
     """What changes when someone changes the object: its generation where it has one (so status
     writes of its own controller do not count), its resourceVersion otherwise."""
@@ -130,9 +137,10 @@ class Kube:
         wanted = digest(obj)
         live = self.get(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
         if live is not None:
-            # An orphan (no controller: its owner was deleted with --cascade=orphan) is adopted: its
-            # whole content is ours to declare. One controlled by another object is not.
-            if _owner_uid(live) is not None:
+            # An orphan of ours (no controller: its owner was deleted with --cascade=orphan, but it
+            # carries our labels) is adopted: its whole content is ours to declare. Anything else of
+            # that name (another controller's, or a user's own object) is never taken over.
+            if _owner_uid(live) is not None or not _labelled_ours(live, obj):
                 self._check_owner(live, obj)
             same = (live["metadata"].get("annotations") or {}).get(APPLIED_DIGEST) == wanted
             if same and self._applied.get(key, _version(live)) == _version(live):

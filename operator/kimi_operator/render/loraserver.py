@@ -237,6 +237,8 @@ def engine_set(
     }
     agent_resources = {"cpu": "500m", "memory": "512Mi"}
     agent_env = list(env)
+    if spec.hub_endpoint is not None:
+        agent_env.append({"name": "HF_ENDPOINT", "value": spec.hub_endpoint})
     if spec.hub_token_secret_ref is not None:
         token = spec.hub_token_secret_ref
         agent_env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})

@@ -71,7 +71,10 @@ def launch_args(
     """Arguments of ``python -m sglang.launch_server`` for a shared replica (``expert`` None) or the
     dedicated replica of one expert adapter."""
     engine = spec.engine
+    # The user's extra arguments come first: argparse keeps the last value of an option, so no
+    # alias or abbreviation among them (--model, --tp, --max-lora-r) can override what follows.
     args = [
+        *engine.extra_args,
         "--model-path",
         paths.checkpoint,
         "--served-model-name",
@@ -137,6 +140,5 @@ def launch_args(
         "kimi_k2",
         "--reasoning-parser",
         "kimi_k2",
-        *engine.extra_args,
     ]
     return args

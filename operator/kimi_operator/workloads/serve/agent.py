@@ -56,6 +56,8 @@ class Agent:
         store_dir: Path | None = None,
     ) -> None:
         self.store_dir = store_dir
+        # source key -> the digest its files had (adapters declared without a sha256).
+        self.digests: dict[str, str] = {}
         self.replica, self.engine, self.plan = replica, engine, plan
         self.models_dir, self.cache_dir, self.pod_uid = models_dir, cache_dir, pod_uid
         # name -> (path, the engine's words): files the engine refused, not sent again until they
@@ -67,11 +69,11 @@ class Agent:
     def _fetch(self, adapter: PlannedAdapter) -> Callable[[Path], None]:
         files = adapter.files
         if files.kind == "node":
-            return cache.copy_from(self.models_dir / (files.path or ""), node_hint=files.node)
+            return cache.copy_from(cache.within(self.models_dir, files.path or ""), node_hint=files.node)
         if files.kind == "store":
             if self.store_dir is None:
                 return cache.unavailable("the plan names the adapter store, but this pod does not mount it")
-            return cache.copy_from(self.store_dir / (files.path or ""), node_hint=None)
+            return cache.copy_from(cache.within(self.store_dir, files.path or ""), node_hint=None)
 
         def from_hub(target: Path) -> None:
             # The same client as the prepare and training pods: the revision resolved to a commit,
@@ -79,8 +81,12 @@ class Agent:
             from kimi_operator.workloads import hub  # noqa: PLC0415 (only hub sources need it)
 
             # The LoraServer's hub token, given to this container by the kubelet (never read here
-            # from a Secret: the agent's Role has no right to Secrets).
+            # from a Secret: the agent's Role has no right to Secrets). It goes to the hub the
+            # LoraServer names for it, never to another endpoint an adapter names.
             token = os.environ.get("HF_TOKEN") or None
+            token_hub = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+            if files.endpoint and files.endpoint.rstrip("/") != token_hub:
+                token = None
             repo, revision = files.repo or "", files.revision or "main"
             prefix = f"{files.subfolder.strip('/')}/" if files.subfolder else ""
             sha, listed = hub.resolve(repo, revision, token=token, endpoint=files.endpoint)
@@ -97,19 +103,43 @@ class Agent:
 
         return from_hub
 
+    def _known(self, adapter: PlannedAdapter) -> str | None:
+        """The digest this source gave last time, so an adapter without a declared sha256 is not
+        fetched again at every step (a node directory by its weights' size and time, a hub source
+        by repository and revision)."""
+        if adapter.sha256:
+            return adapter.sha256
+        key = self._source_key(adapter)
+        return self.digests.get(key) if key else None
+
+    def _source_key(self, adapter: PlannedAdapter) -> str | None:
+        files = adapter.files
+        if files.kind == "hub":
+            return f"hub:{files.endpoint}:{files.repo}@{files.revision}/{files.subfolder}"
+        root = self.models_dir if files.kind == "node" else self.store_dir
+        try:
+            weights = cache.within(root or Path("/nonexistent"), files.path or "") / cache.WEIGHTS
+            stat = weights.stat()
+        except (cache.Unavailable, OSError):
+            return None
+        return f"{files.kind}:{files.path}:{stat.st_size}:{stat.st_mtime_ns}"
+
     def materialise(self, adapters: Sequence[PlannedAdapter]) -> dict[str, Want]:
         """Cache path of every adapter that could be had; the others are remembered as unavailable."""
         desired: dict[str, Want] = {}
         self.unavailable = {}
         for adapter in adapters:
+            key = self._source_key(adapter)
             try:
-                path = cache.materialise(self.cache_dir, adapter.sha256, self._fetch(adapter))
+                path = cache.materialise(self.cache_dir, self._known(adapter), self._fetch(adapter))
             except (cache.Unavailable, OSError) as exc:
                 self.unavailable[adapter.name] = (adapter.sha256, _short(str(exc)))
                 continue
             except Exception as exc:  # a hub error of any kind is this adapter's, not the agent's
                 self.unavailable[adapter.name] = (adapter.sha256, _short(f"download failed: {exc}"))
                 continue
+            if key and not adapter.sha256:
+                self.digests[key] = path.name
             desired[adapter.name] = Want(str(path), adapter.pinned)
         return desired
 
@@ -129,6 +159,12 @@ class Agent:
         if not self.engine_was_up:
             self.refused.clear()  # a (re)started engine gets another chance at everything
         self.engine_was_up = True
+        # An adapter the engine serves whose source failed this time (a hub hiccup) stays loaded
+        # from the files the engine has; the failure is logged, not turned into an unload.
+        for name in [n for n in self.unavailable if n in listed and n not in desired]:
+            log.warning("keeping %s loaded from %s: %s", name, listed[name], self.unavailable.pop(name)[1])
+            pinned = next((a.pinned for a in planned if a.name == name), False)
+            desired[name] = Want(listed[name], pinned)
         # No plan for this replica (the ConfigMap is being recreated, or the replica was just
         # added): change nothing rather than unload everything. Expert replicas load at start only.
         if mine is not None and not mine.expert:

@@ -47,7 +47,12 @@ def materialise(cache: Path, expected: str | None, fetch: Callable[[Path], None]
         final = cache / found
         if final.exists():
             return final
-        os.replace(staging, final)
+        try:
+            os.replace(staging, final)
+        except OSError:
+            # Another agent on the node put the same files there first.
+            if not (final / WEIGHTS).is_file():
+                raise
         return final
     finally:
         if staging.exists():
@@ -61,6 +66,15 @@ def unavailable(message: str) -> Callable[[Path], None]:
         raise Unavailable(message)
 
     return fetch
+
+
+def within(root: Path, relative: str) -> Path:
+    """``root / relative``, refusing a path that would leave ``root`` (absolute, or with '..'):
+    the path comes from status that a workload pod writes."""
+    target = (root / relative).resolve()
+    if not relative or relative.startswith("/") or not target.is_relative_to(root.resolve()):
+        raise Unavailable(f"{relative!r} is not a path inside {root}")
+    return target
 
 
 def copy_from(source: Path, *, node_hint: str | None) -> Callable[[Path], None]:

@@ -179,8 +179,12 @@ def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
                 final, opts.publish_dir, namespace=opts.publish_namespace, name=opts.adapter_name
             )
         except (adapter.ExportError, OSError) as exc:
-            raise WorkloadError(TrainExit.EXPORT_FAILED, f"publishing the adapter: {exc}") from exc
-        published["published"] = {"claimName": opts.publish_claim, "path": relative}
+            # The run and its export are good: a shared volume that failed costs the copy, not the
+            # training. Status says the adapter is on this node only, and why.
+            published["publishError"] = f"copying to volume {opts.publish_claim}: {exc}"[:4000]
+            print(json.dumps({"event": "warning", "message": published["publishError"]}), flush=True)
+        else:
+            published["published"] = {"claimName": opts.publish_claim, "path": relative}
     if own is not None:
         # One field manager owns exactly what its last apply listed: the adapter goes with the last
         # progress, or server-side apply would remove the progress this pod wrote.
