@@ -51,3 +51,20 @@ def test_actions(
     desired: dict[str, Want], listed: dict[str, str], refused: set[tuple[str, str]], expected: list[Action]
 ) -> None:
     assert actions(desired, listed, refused) == expected
+
+
+@pytest.mark.parametrize(
+    ("want", "pinned_as", "expected"),
+    [
+        (Want(f"{C}/1", pinned=True), {"a": False}, [Unload("a"), Load("a", f"{C}/1", True)]),
+        (Want(f"{C}/1", pinned=False), {"a": True}, [Unload("a"), Load("a", f"{C}/1", False)]),
+        (Want(f"{C}/1", pinned=True), {"a": True}, []),
+        # Loaded before this agent started: how is unknown, and taken to be as wanted.
+        (Want(f"{C}/1", pinned=True), {}, []),
+    ],
+    ids=["pinned-since", "unpinned-since", "same", "unknown"],
+)
+def test_a_change_of_pinned_loads_the_adapter_again(
+    want: Want, pinned_as: dict[str, bool], expected: list[Action]
+) -> None:
+    assert actions({"a": want}, {"a": f"{C}/1"}, set(), pinned_as) == expected

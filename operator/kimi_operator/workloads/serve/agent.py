@@ -58,6 +58,8 @@ class Agent:
         self.store_dir = store_dir
         # source key -> the digest its files had (adapters declared without a sha256).
         self.digests: dict[str, str] = {}
+        # adapter -> whether this agent loaded it pinned.
+        self.pinned_as: dict[str, bool] = {}
         self.replica, self.engine, self.plan = replica, engine, plan
         self.models_dir, self.cache_dir, self.pod_uid = models_dir, cache_dir, pod_uid
         # name -> (path, the engine's words): files the engine refused, not sent again until they
@@ -169,7 +171,7 @@ class Agent:
         # added): change nothing rather than unload everything. Expert replicas load at start only.
         if mine is not None and not mine.expert:
             refused = {(n, p) for n, (p, _) in self.refused.items()}
-            changes = actions(desired, listed, refused)
+            changes = actions(desired, listed, refused, self.pinned_as)
             for action in changes:
                 self._apply(action)
             if changes:
@@ -189,6 +191,8 @@ class Agent:
             return
         answer = self.engine.load(action.name, action.path, pinned=action.pinned)
         log.info("load %s from %s: %s", action.name, action.path, answer)
+        if answer.ok:
+            self.pinned_as[action.name] = action.pinned
         # A name the engine already holds (it reloaded it for a request between our unload and
         # load) is not a verdict on the files: the next step unloads and loads again.
         if answer.refused and "already" not in answer.message.lower():

@@ -34,13 +34,19 @@ Action = Load | Unload
 
 
 def actions(
-    desired: Mapping[str, Want], listed: Mapping[str, str], refused: Set[tuple[str, str]] = frozenset()
+    desired: Mapping[str, Want],
+    listed: Mapping[str, str],
+    refused: Set[tuple[str, str]] = frozenset(),
+    pinned_as: Mapping[str, bool] | None = None,
 ) -> list[Action]:
+    """``pinned_as``: how this agent loaded each adapter (the engine's listing does not say): an
+    adapter pinned or unpinned since is loaded again with the new setting."""
+    pinned_as = pinned_as or {}
     unloads: list[Action] = [Unload(n) for n in sorted(listed) if n not in desired]
     loads: list[Action] = []
     for name in sorted(desired):
         want = desired[name]
-        if listed.get(name) == want.path:
+        if listed.get(name) == want.path and pinned_as.get(name, want.pinned) == want.pinned:
             continue
         if name in listed:
             unloads.append(Unload(name))
