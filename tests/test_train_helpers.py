@@ -252,3 +252,42 @@ def test_a_missing_file_in_the_hub_dataset_is_named(
         )
     assert code == TrainExit.INVALID_DATASET
     assert f"acme/chats@{sha} has no file train.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("writable", [True, False], ids=["published", "volume-fails"])
+def test_the_pod_publishes_its_adapter_to_the_shared_volume_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], writable: bool
+) -> None:
+    from tests.test_adapter import peft_output  # noqa: PLC0415 (the adapter LLaMA-Factory leaves)
+
+    turns = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"}]
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"messages": turns}) + "\n")
+    out, store = tmp_path / "out", tmp_path / "store"
+    if writable:
+        store.mkdir()
+    else:
+        store.write_text("not a directory")  # the volume is not what it should be
+    fake_llamafactory(monkeypatch, lambda args: peft_output(out))
+    code = train.main(
+        [
+            f"--config-dir={tmp_path / 'config'}",
+            f"--dataset={data}",
+            f"--output-dir={out}",
+            "--adapter-name=support",
+            f"--publish-dir={store}",
+            "--publish-claim=adapters",
+            "--publish-namespace=ml",
+        ]
+    )
+    # A volume that fails costs the copy, not the run.
+    assert code == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    (reported,) = [e for e in events if e["event"] == "adapter"]
+    if writable:
+        assert reported["published"] == {"claimName": "adapters", "path": f"ml/support/{reported['sha256']}"}
+        assert (store / reported["published"]["path"] / "adapter_model.safetensors").is_file()
+        assert "publishError" not in reported
+    else:
+        assert "published" not in reported
+        assert reported["publishError"].startswith("copying to volume adapters: ")
