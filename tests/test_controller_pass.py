@@ -126,3 +126,24 @@ def test_the_applied_digest_ignores_key_order_and_sees_any_change() -> None:
     b = {"data": {"b": "2", "a": "1"}, "metadata": {"namespace": "n", "name": "x"}, "kind": "ConfigMap"}
     assert digest(a) == digest(b)
     assert digest(a) != digest({**a, "data": {"a": "1", "b": "3"}})
+
+
+@pytest.mark.parametrize(
+    ("live", "wanted", "expected"),
+    [
+        ({"spec": {"replicas": 2, "serviceName": "x"}}, {"spec": {"replicas": 2}}, True),
+        # Scaled by hand while the operator was down.
+        ({"spec": {"replicas": 0}}, {"spec": {"replicas": 2}}, False),
+        # Defaults the apiserver adds inside list items are not ours.
+        ({"c": [{"name": "a", "terminationMessagePath": "/dev/x"}]}, {"c": [{"name": "a"}]}, True),
+        ({"c": [{"name": "a"}, {"name": "b"}]}, {"c": [{"name": "a"}]}, False),
+        # A Role's rules edited.
+        ({"rules": [{"verbs": ["get", "list"]}]}, {"rules": [{"verbs": ["get"]}]}, False),
+        ({"port": 30000}, {"port": 30000}, True),
+        ({"cpu": "4"}, {"cpu": 4}, True),
+        ({"suspend": "True"}, {"suspend": True}, False),
+    ],
+    ids=["same", "scaled", "defaults", "extra-item", "rules", "int", "int-or-string", "bool"],
+)
+def test_what_a_child_must_still_hold(live: dict[str, Any], wanted: dict[str, Any], expected: bool) -> None:
+    assert kube_module.holds(live, wanted) is expected

@@ -79,6 +79,16 @@ def _owner_uid(obj: Mapping[str, Any]) -> str | None:
     return next((str(r["uid"]) for r in refs if r.get("controller") and r.get("uid")), None)
 
 
+def holds(live: Any, wanted: Any) -> bool:
+    """Whether ``live`` has every field of ``wanted`` with the same value (fields the apiserver
+    defaults are not ours and are ignored; lists must match item by item)."""
+    if isinstance(wanted, Mapping):
+        return isinstance(live, Mapping) and all(k in live and holds(live[k], v) for k, v in wanted.items())
+    if isinstance(wanted, list):
+        return isinstance(live, list) and len(live) == len(wanted) and all(map(holds, live, wanted))
+    return bool(live == wanted or (str(live) == str(wanted) and not isinstance(wanted, bool)))
+
+
 def _labelled_ours(live: Mapping[str, Any], obj: Mapping[str, Any]) -> bool:
     """The live object carries the labels we render on this child (managed-by and its owner)."""
     want = (obj.get("metadata") or {}).get("labels") or {}
@@ -143,7 +153,12 @@ class Kube:
             if _owner_uid(live) is not None or not _labelled_ours(live, obj):
                 self._check_owner(live, obj)
             same = (live["metadata"].get("annotations") or {}).get(APPLIED_DIGEST) == wanted
-            if same and self._applied.get(key, _version(live)) == _version(live):
+            seen = self._applied.get(key)
+            # Known since our last apply: unchanged if its version is. First seen since this
+            # process started: unchanged if it still holds everything we declare (an edit made
+            # while the operator was down leaves the digest annotation as it was).
+            if same and (seen == _version(live) if seen is not None else holds(live, obj)):
+                self._applied[key] = _version(live)
                 return live
         applied = self._apply(_stamped(obj, wanted))
         self._applied[key] = _version(applied)
