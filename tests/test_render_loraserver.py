@@ -133,3 +133,13 @@ def test_the_hub_token_reaches_the_agent_as_an_environment_variable() -> None:
 def test_set_names_leave_room_for_pod_ordinals_and_revision_hashes() -> None:
     name = render.expert_set_name("s" * 63, "adapter-with-a-long-name")
     assert len(name) <= 52
+
+
+def test_an_expert_replicas_pool_takes_its_adapters_rank() -> None:
+    s = spec(adapters=adapters("x"), engine={"maxLoraRank": 16})
+    big = render.sglang.StartAdapter("x", f"/adapter-cache/{SHA}", rank=64)
+    args = render.sglang.launch_args(s, render.model_paths("ml", MODEL), host="h", expert=big)
+    assert args[args.index("--max-lora-rank") + 1] == "64"
+    small = render.sglang.StartAdapter("x", f"/adapter-cache/{SHA}", rank=8)
+    args = render.sglang.launch_args(s, render.model_paths("ml", MODEL), host="h", expert=small)
+    assert args[args.index("--max-lora-rank") + 1] == "16"

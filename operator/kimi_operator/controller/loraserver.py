@@ -38,6 +38,7 @@ class Resolved:
     sha256: str | None
     source: str
     blocked: tuple[str, str] | None = None
+    rank: int | None = None
 
 
 def _under(path: str, root: str) -> str | None:
@@ -70,14 +71,18 @@ def _from_fine_tune_job(
         # On the shared store: every replica can have it, whatever node it runs on.
         files = AdapterFiles(kind="store", path=str(published["path"]), node=exported["node"])
         source = f"{where}: {published['path']} on volume {store}"
-        return Resolved(adapter, bool(exported.get("expertLora")), files, exported.get("sha256"), source)
+        return Resolved(
+            adapter, bool(exported.get("expertLora")), files, exported.get("sha256"), source, rank=exported.get("rank")
+        )
     # The trainer saw the model storage at the same mount as the engine pods do.
     relative = _under(str(exported["path"]), MOUNT)
     source = f"{where}: {exported['path']} on node {exported['node']}"
     if relative is None:
         return Resolved(adapter, None, None, None, source, ("Unavailable", f"{source} is outside the model storage"))
     files = AdapterFiles(kind="node", path=relative, node=exported["node"])
-    return Resolved(adapter, bool(exported.get("expertLora")), files, exported.get("sha256"), source)
+    return Resolved(
+        adapter, bool(exported.get("expertLora")), files, exported.get("sha256"), source, rank=exported.get("rank")
+    )
 
 
 def resolve(
@@ -149,7 +154,7 @@ def layout(name: str, generation: int, spec: LoraServerSpec, resolved: list[Reso
             set_name = render.expert_set_name(name, r.spec.name)
             count = r.spec.dedicated_replicas or 1
             # The engine starts with the adapter from the node cache, where the agent put it.
-            start = sglang.StartAdapter(r.spec.name, f"{cache}/{r.sha256 or 'unverified-' + r.spec.name}")
+            start = sglang.StartAdapter(r.spec.name, f"{cache}/{r.sha256 or 'unverified-' + r.spec.name}", r.rank)
             sets[set_name] = (count, start)
             names = render.replica_names(set_name, count)
             for replica in names:

@@ -58,6 +58,8 @@ class StartAdapter:
 
     name: str
     path: str
+    # Its LoRA rank when its source says (a FineTuneJob's export): the pool must take it.
+    rank: int | None = None
 
 
 def launch_args(
@@ -108,7 +110,7 @@ def launch_args(
     args += [
         "--enable-lora",
         "--max-lora-rank",
-        str(engine.max_lora_rank),
+        str(max(engine.max_lora_rank, (expert.rank or 0) if expert else 0)),
         "--lora-target-modules",
         *engine.lora_target_modules,
         "--lora-backend",
