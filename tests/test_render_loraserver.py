@@ -85,9 +85,12 @@ def test_engine_pods_are_pinned_to_nodes_holding_the_model_and_probed_cheaply() 
     (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert term["matchExpressions"] == [{"key": model_label("ml", "kimi"), "operator": "In", "values": ["ready"]}]
     engine, agent = pod["containers"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         # /health, told not to generate (SGLang has no /ready).
         assert engine[probe]["httpGet"]["path"] == "/health"
+    # A hung scheduler leaves /health at 200: liveness generates one token, once a minute.
+    assert engine["livenessProbe"]["httpGet"]["path"] == "/health_generate"
+    assert engine["livenessProbe"]["periodSeconds"] >= 60
     env = {e["name"]: e.get("value") for e in engine["env"]}
     assert env["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] == "false"
     assert engine["startupProbe"]["periodSeconds"] * engine["startupProbe"]["failureThreshold"] >= 3600

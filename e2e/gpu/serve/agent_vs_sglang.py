@@ -6,9 +6,12 @@ the agent's own assumptions can be checked against it.
 
 DIR holds what make_tiny.py built (DIR/model, DIR/models/adapters/...). The engine is started here
 with SITE as its only extra PYTHONPATH and no adapters, killed by its PID, and started again with the
-same argv. The agent is ``kimi_operator.workloads.serve.agent.Agent`` with a plan given in code;
-``step()`` returns the report it would write into the LoraServer's status. Everything goes into
-OUT/results.json, rewritten after each section, so a run cut short still leaves what it saw.
+same argv. Its environment has SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=false, as the operator's engine
+pods do (``--health-generation on`` leaves SGLang's default), and a thread polls ``GET /health`` every
+2 s (5 s timeout, as the pods' probes) from each start on, recording every code and latency. The
+agent is ``kimi_operator.workloads.serve.agent.Agent`` with a plan given in code; ``step()`` returns
+the report it would write into the LoraServer's status. Everything goes into OUT/results.json,
+rewritten after each section, so a run cut short still leaves what it saw.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import urllib.error
@@ -170,9 +174,69 @@ def group_members(pgid: int) -> list[dict[str, Any]]:
     return found
 
 
+class HealthPoller(threading.Thread):
+    """``GET /health`` every ``every`` seconds with a 5 s timeout (the engine pods' probe), each answer
+    kept with the phase it fell in ("start 1", "killed 1", ...) and the seconds since that phase began."""
+
+    def __init__(self, url: str, every: float = 2.0) -> None:
+        super().__init__(daemon=True)
+        self.url, self.every = url, every
+        self.samples: list[dict[str, Any]] = []
+        self.phase: str | None = None
+        self.phase_t0 = 0.0
+        self.halt = threading.Event()
+        self.lock = threading.Lock()
+
+    def mark(self, phase: str) -> None:
+        with self.lock:
+            self.phase, self.phase_t0 = phase, time.monotonic()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            t0 = time.monotonic()
+            with self.lock:
+                phase, since = self.phase, self.phase_t0
+            if phase is not None:
+                r = http(self.url + "/health", timeout=5)
+                sample = {"phase": phase, "t": round(t0 - since, 1), "status": r["status"], "seconds": r["seconds"]}
+                if r.get("error"):
+                    sample["error"] = r["error"][:100]
+                with self.lock:
+                    self.samples.append(sample)
+            self.halt.wait(max(0.0, self.every - (time.monotonic() - t0)) if phase is not None else 0.1)
+
+    def summary(self) -> dict[str, Any]:
+        """Per phase: runs of the same outcome (code, or the error's kind) with their first and last
+        times, and the latencies of the 200s."""
+        with self.lock:
+            samples = list(self.samples)
+        out: dict[str, Any] = {}
+        for phase in dict.fromkeys(s["phase"] for s in samples):
+            mine = [s for s in samples if s["phase"] == phase]
+            runs: list[dict[str, Any]] = []
+            for s in mine:
+                outcome = s["status"] if s["status"] is not None else s.get("error", "")[:70]
+                if runs and runs[-1]["outcome"] == outcome:
+                    runs[-1].update(last_t=s["t"], n=runs[-1]["n"] + 1)
+                    runs[-1]["max_seconds"] = max(runs[-1]["max_seconds"], s["seconds"])
+                else:
+                    runs.append(
+                        {"outcome": outcome, "first_t": s["t"], "last_t": s["t"], "n": 1, "max_seconds": s["seconds"]}
+                    )
+            ok = sorted(s["seconds"] for s in mine if s["status"] == 200)
+            out[phase] = {
+                "runs": runs,
+                "first_200_t": next((s["t"] for s in mine if s["status"] == 200), None),
+                "latency_200": {"n": len(ok), "min": ok[0], "median": ok[len(ok) // 2], "max": ok[-1]} if ok else None,
+            }
+        return out
+
+
 class EngineProcess:
-    def __init__(self, argv: list[str], env: dict[str, str], url: str, log_dir: Path) -> None:
-        self.argv, self.env, self.url, self.log_dir = argv, env, url, log_dir
+    def __init__(
+        self, argv: list[str], env: dict[str, str], url: str, log_dir: Path, poller: HealthPoller | None = None
+    ) -> None:
+        self.argv, self.env, self.url, self.log_dir, self.poller = argv, env, url, log_dir, poller
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -182,6 +246,8 @@ class EngineProcess:
         self.proc = subprocess.Popen(
             self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
+        if self.poller is not None:
+            self.poller.mark(f"start {self.starts}")
         return self.proc.pid
 
     def alive(self) -> bool:
@@ -220,6 +286,8 @@ class EngineProcess:
         pid = self.proc.pid
         rec: dict[str, Any] = {"pid": pid, "signal": signal.Signals(sig).name, "group_before": group_members(pid)}
         os.kill(pid, sig)
+        if self.poller is not None:
+            self.poller.mark(f"{signal.Signals(sig).name} {self.starts}")
         self.proc.wait(timeout=30)
         rec["returncode"] = self.proc.returncode
         deadline = time.monotonic() + 15
@@ -248,6 +316,12 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting new sections after this")
     parser.add_argument("--engine-cmd", default=None, help="JSON argv replacing SGLang's (local dry runs)")
+    parser.add_argument(
+        "--health-generation",
+        choices=["off", "on"],
+        default="off",
+        help="off: SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=false in the engine's env (as the operator sets it)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -270,7 +344,14 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": args.site}
     for key in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
         env[key] = {"NCCL_NVLS_ENABLE": "0"}.get(key, "1")
-    res.put("setup", {"argv": argv, "served": SERVED, "adapters_sha256": sha, "cache_paths": cached})
+    env.pop("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION", None)
+    if args.health_generation == "off":
+        env["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] = "false"
+    engine_env = {k: v for k, v in env.items() if k.startswith(("SGLANG_", "NCCL_", "TORCH_SYMM", "NVSHMEM_"))}
+    res.put(
+        "setup",
+        {"argv": argv, "engine_env": engine_env, "served": SERVED, "adapters_sha256": sha, "cache_paths": cached},
+    )
 
     state: dict[str, Any] = {"names": list(GOOD)}
 
@@ -339,12 +420,30 @@ def main() -> int:
             value["_section_seconds"] = round(time.monotonic() - t0, 2)
             value["_at_s"] = res.elapsed()
             value["_engine_alive"] = proc.alive()
+        res.data["health_poll"] = poller.summary()
         res.put(name, value)
         print(f"[{res.elapsed()}s] {name}: done", file=sys.stderr, flush=True)
         return value
 
-    proc = EngineProcess(argv, env, url, args.out)
+    poller = HealthPoller(url)
+    poller.start()
+    proc = EngineProcess(argv, env, url, args.out, poller)
     texts: dict[str, Any] = {}
+
+    def server_log_counts(start: int) -> dict[str, int]:
+        """What the engine's log shows of health checks: one-token prefills of an uncached prompt are
+        what a health check's generation (input_ids [0], one new token) looks like."""
+        path = args.out / f"server-{start}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        lines = text.splitlines()
+        return {
+            "prefill_batches": sum("Prefill batch" in ln for ln in lines),
+            "one_token_uncached_prefills": sum("#new-token: 1, #cached-token: 0," in ln for ln in lines),
+            "get_health_200": sum('"GET /health HTTP/1.1" 200' in ln for ln in lines),
+            "get_health_503": sum('"GET /health HTTP/1.1" 503' in ln for ln in lines),
+            "get_health_generate": sum('"GET /health_generate HTTP/1.1"' in ln for ln in lines),
+            "health_check_failed": sum("Health check failed" in ln for ln in lines),
+        }
 
     # 1. start, no adapters
     def launch() -> dict[str, Any]:
@@ -368,6 +467,8 @@ def main() -> int:
         listed = [c["id"] for c in m["body"]["data"]] if m["status"] == 200 else []
         s["all_four_loaded"] = all(n in listed for n in GOOD)
         s["loadedSha256_as_expected"] = s["report"]["loadedSha256"] == {n: sha[n] for n in GOOD}
+        s["report_keys"] = sorted(s["report"])
+        s["podUid_absent"] = "podUid" not in s["report"]
         s["second_step_calls"] = step("again, nothing to do")["engine_calls"]
         return s
 
@@ -394,6 +495,15 @@ def main() -> int:
         s["models"] = models()
         s["health_after"] = http(url + "/health", timeout=30)["status"]
         s["next_step"] = step("again: refusals are not retried")
+        errors = s["report"]["errors"]
+        s["error_reasons"] = {e["name"]: e["reason"] for e in errors}
+        s["both_refused"] = s["error_reasons"] == dict.fromkeys(sorted(BAD), "Refused")
+        s["loads_sent"] = [c["request"]["lora_name"] for c in s["engine_calls"] if c["path"] == "/load_lora_adapter"]
+        s["next_step_loads_sent"] = [
+            c["request"]["lora_name"] for c in s["next_step"]["engine_calls"] if c["path"] == "/load_lora_adapter"
+        ]
+        s["next_step_errors_kept"] = s["next_step"]["report"]["errors"] == errors
+        s["podUid_absent"] = "podUid" not in s["report"]
         return s
 
     section("step2_bad_adapters", step2)
@@ -421,6 +531,9 @@ def main() -> int:
         m = models()
         s["models"] = m
         s["a0_unloaded"] = m["status"] == 200 and "a0" not in [c["id"] for c in m["body"]["data"]]
+        s["calls_sent"] = [
+            (c["path"], (c.get("request") or {}).get("lora_name")) for c in s["engine_calls"] if c["method"] == "POST"
+        ]
         return s
 
     section("step3_remove_a0", step3)
@@ -523,6 +636,28 @@ def main() -> int:
 
     section("metrics", metrics)
 
+    def health_idle() -> dict[str, Any]:
+        """Does /health generate? The engine's log before and after five sequential /health calls,
+        then after two /health_generate calls (which always generate)."""
+        time.sleep(1)
+        before = server_log_counts(proc.starts)
+        health = [http(url + "/health", timeout=30) for _ in range(5)]
+        time.sleep(1.5)
+        after_health = server_log_counts(proc.starts)
+        generate = [http(url + "/health_generate", timeout=30) for _ in range(2)]
+        time.sleep(1.5)
+        after_generate = server_log_counts(proc.starts)
+        return {
+            "health": [{k: r.get(k) for k in ("status", "body", "content_type", "seconds")} for r in health],
+            "health_generate": [{k: r.get(k) for k in ("status", "seconds")} for r in generate],
+            "log_before": before,
+            "log_after_5_health": after_health,
+            "log_after_2_health_generate": after_generate,
+            "note": "the poller's /health calls fall in these windows too",
+        }
+
+    section("health_idle", health_idle)
+
     # 5. the engine dies and comes back with the same argv
     def restart() -> dict[str, Any]:
         out: dict[str, Any] = {"before": step("before the kill"), "models_before": models()}
@@ -538,7 +673,15 @@ def main() -> int:
             if now - last[0] >= 2.0:
                 last[0] = now
                 s = step("engine starting")
-                calls = [(c["path"], c.get("status"), c.get("engine_down", "")[:80]) for c in s["engine_calls"]]
+                calls = [
+                    (
+                        c["path"],
+                        (c.get("request") or {}).get("lora_name"),
+                        c.get("status"),
+                        c.get("engine_down", "")[:80],
+                    )
+                    for c in s["engine_calls"]
+                ]
                 report = s["report"]
                 ticks.append(
                     {
@@ -562,6 +705,17 @@ def main() -> int:
         out["outputs_equal_before"] = {
             n: out["outputs_after"][n]["text"] == texts.get(f"{SERVED}:{n}") for n in GOOD[1:]
         }
+        first_up = next((t for t in ticks if t["engineUp"]), None)
+        out["first_agent_step_engine_up"] = first_up
+        # every load the agent sent to the new engine, by name (each refused file should be tried once)
+        sent = [c[1] for t in ticks for c in t["calls"] if c[0] == "/load_lora_adapter"]
+        sent += [
+            (c.get("request") or {}).get("lora_name")
+            for c in out["after"]["engine_calls"]
+            if c["path"] == "/load_lora_adapter"
+        ]
+        out["loads_sent_to_new_engine"] = {n: sent.count(n) for n in sorted(set(sent), key=str)}
+        out["after_error_reasons"] = {e["name"]: e["reason"] for e in out["after"]["report"]["errors"]}
         return out
 
     section("restart", restart, min_left=100)
@@ -595,14 +749,53 @@ def main() -> int:
 
     section("pinned", pinned)
 
+    def scheduler_stopped() -> dict[str, Any]:
+        """The scheduler process stopped (SIGSTOP), as a hung engine: what /health, /v1/models, the
+        agent and /health_generate say, then the same after SIGCONT."""
+        assert proc.proc is not None
+        members = group_members(proc.proc.pid)
+        sched = [m for m in members if "scheduler" in m["cmdline"]]
+        if not sched:
+            return {"skipped": "no scheduler process in the engine's group", "group": members}
+        pid = sched[0]["pid"]
+        out: dict[str, Any] = {"scheduler_pid": pid, "before": server_log_counts(proc.starts)}
+        keep = ("status", "seconds", "error")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            out["health_while_stopped"] = [
+                {k: v for k, v in http(url + "/health", timeout=5).items() if k in keep} for _ in range(3)
+            ]
+            out["models_while_stopped"] = {k: v for k, v in models().items() if k in keep}
+            out["agent_step_while_stopped"] = step("scheduler stopped")["report"]
+            out["health_generate_while_stopped"] = http(url + "/health_generate", timeout=40)
+            out["health_after_failed_generate"] = [
+                {k: v for k, v in http(url + "/health", timeout=5).items() if k in keep} for _ in range(2)
+            ]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        out["health_generate_after_cont"] = {
+            k: v for k, v in http(url + "/health_generate", timeout=40).items() if k in keep
+        }
+        out["health_after_cont"] = {k: v for k, v in http(url + "/health", timeout=5).items() if k in keep}
+        out["chat_after_cont"] = short(chat(SERVED))
+        time.sleep(1)
+        out["after"] = server_log_counts(proc.starts)
+        return out
+
+    section("scheduler_stopped", scheduler_stopped, min_left=60)
+
     def finish() -> dict[str, Any]:
         out = {
             "health": http(url + "/health", timeout=30)["status"],
             "kill": proc.kill(signal.SIGTERM) if proc.alive() else None,
+            "server_logs": {f"server-{n}.log": server_log_counts(n) for n in range(1, proc.starts + 1)},
         }
         return out
 
     section("finish", finish)
+    poller.halt.set()
+    poller.join(timeout=10)
+    res.put("health_poll_samples", poller.samples)
     res.put("total_s", res.elapsed())
     return 0
 

@@ -6,7 +6,9 @@
 # starts, kills and restarts the engine and writes OUT_DIR/results.json and the engine's logs.
 #   bash e2e/gpu/serve/run_agent.sh OUT_DIR
 # Env: PACK (default build/sglang-pack), TOK_DIR (default build/tiny-tokenizer, else made here),
-#      BUDGET_S (default 420: no new section of the driver starts after it).
+#      BUDGET_S (default 420: no new section of the driver starts after it),
+#      HEALTH_GENERATION (default off: SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=false for the engine,
+#      as the operator's engine pods have it; on: SGLang's default, /health generates).
 set -uo pipefail
 O=${1:?output directory}; mkdir -p "$O"
 exec > >(tee -a "$O/run.log") 2>&1
@@ -34,7 +36,7 @@ python3 "$HERE/make_tiny.py" "$TOK" "$W" || exit 1
 
 stamp driver
 PYTHONPATH=operator:$SITE python3 "$HERE/agent_vs_sglang.py" --work "$W" --site "$SITE" --out "$O" \
-  --budget-s "${BUDGET_S:-420}"
+  --budget-s "${BUDGET_S:-420}" --health-generation "${HEALTH_GENERATION:-off}"
 rc=$?
 stamp "driver rc=$rc"
 exit $rc

@@ -153,10 +153,14 @@ def _probes() -> dict[str, Any]:
     # /ready: a real 0.5.16 engine answers it 404.) Loading a 600 GB base takes many minutes: the
     # startup probe allows an hour before the kubelet gives up.
     probe = {"httpGet": {"path": "/health", "port": sglang.ENGINE_PORT}, "timeoutSeconds": 5}
+    # That /health stays 200 when the scheduler hangs (seen on a real engine): liveness asks for a
+    # one-token generation instead, once a minute, and restarts only after five minutes of failures
+    # (reloading the weights takes long; a busy engine must not be killed for one slow answer).
+    alive = {"httpGet": {"path": "/health_generate", "port": sglang.ENGINE_PORT}, "timeoutSeconds": 30}
     return {
         "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": 360},
         "readinessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
-        "livenessProbe": {**probe, "periodSeconds": 30, "failureThreshold": 4},
+        "livenessProbe": {**alive, "periodSeconds": 60, "failureThreshold": 5},
     }
 
 
