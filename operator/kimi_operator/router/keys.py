@@ -1,0 +1,62 @@
+"""API keys and what each may use (pure).
+
+Every presented key is compared with every known key in constant time, so the time an answer takes
+says nothing about how close a guess was; keys themselves are never logged nor used as labels: a
+key id stands for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+from collections.abc import Collection, Mapping
+
+from kimi_operator.router.names import Target
+
+
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    key_id: str
+    base: bool
+    adapters: frozenset[str]
+    # All adapters of the server, present and future.
+    all_adapters: bool = False
+
+    def allows(self, target: Target) -> bool:
+        if target.adapter is None:
+            return self.base
+        return self.all_adapters or target.adapter in self.adapters
+
+
+def bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+def authenticate(presented: str | None, keys: Mapping[str, Scope]) -> Scope | None:
+    """The scope of the presented key, or None (401). Every key is compared, whatever matches."""
+    found = None
+    candidate = (presented or "").encode()
+    for secret, scope in keys.items():
+        if hmac.compare_digest(candidate, secret.encode()) and presented:
+            found = scope
+    return found
+
+
+def verdict(header: str | None, keys: Mapping[str, Scope], target: Target) -> tuple[int, Scope | None]:
+    """(HTTP status, scope): 200 allowed, 401 no or wrong key, 403 a key that may not use the model.
+    Without any key configured, the server is open."""
+    if not keys:
+        return 200, None
+    scope = authenticate(bearer(header), keys)
+    if scope is None:
+        return 401, None
+    return (200 if scope.allows(target) else 403), scope
+
+
+def key_ids(keys: Collection[Scope]) -> list[str]:
+    return sorted(s.key_id for s in keys)
