@@ -142,8 +142,28 @@ def test_the_applied_digest_ignores_key_order_and_sees_any_change() -> None:
         ({"port": 30000}, {"port": 30000}, True),
         ({"cpu": "4"}, {"cpu": 4}, True),
         ({"suspend": "True"}, {"suspend": True}, False),
+        # What the apiserver rewrites or drops.
+        ({"memory": "2Gi", "cpu": "1"}, {"memory": "2048Mi", "cpu": "1000m"}, True),
+        ({"memory": "2Gi"}, {"memory": "3Gi"}, False),
+        ({"clusterIP": "None"}, {"clusterIP": "None", "publishNotReadyAddresses": False}, True),
+        ({}, {"readOnly": True}, False),
+        ({}, {"args": []}, True),
     ],
-    ids=["same", "scaled", "defaults", "extra-item", "rules", "int", "int-or-string", "bool"],
+    ids=[
+        "same",
+        "scaled",
+        "defaults",
+        "extra-item",
+        "rules",
+        "int",
+        "int-or-string",
+        "bool",
+        "quantities",
+        "other-quantity",
+        "false-dropped",
+        "true-missing",
+        "empty-dropped",
+    ],
 )
 def test_what_a_child_must_still_hold(live: dict[str, Any], wanted: dict[str, Any], expected: bool) -> None:
     assert kube_module.holds(live, wanted) is expected

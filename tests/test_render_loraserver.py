@@ -91,6 +91,8 @@ def test_engine_pods_are_pinned_to_nodes_holding_the_model_and_probed_cheaply() 
     # A hung scheduler leaves /health at 200: liveness generates one token, once a minute.
     assert engine["livenessProbe"]["httpGet"]["path"] == "/health_generate"
     assert engine["livenessProbe"]["periodSeconds"] >= 60
+    # A long prefill answers nothing for many minutes: no restart before 45 minutes of failures.
+    assert engine["livenessProbe"]["periodSeconds"] * engine["livenessProbe"]["failureThreshold"] >= 45 * 60
     env = {e["name"]: e.get("value") for e in engine["env"]}
     assert env["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] == "false"
     assert engine["startupProbe"]["periodSeconds"] * engine["startupProbe"]["failureThreshold"] >= 3600

@@ -20,6 +20,7 @@ from kubernetes.dynamic.exceptions import DynamicApiError, NotFoundError
 
 from kimi_operator.api.kinds import Kind
 from kimi_operator.kubeconfig import load_client as load_config
+from kimi_operator.render.quantity import parse_quantity
 
 __all__ = ["APPLIED_DIGEST", "FIELD_MANAGER", "Kube", "NotOurs", "Rejected", "controlled_by", "digest", "load_config"]
 
@@ -79,14 +80,39 @@ def _owner_uid(obj: Mapping[str, Any]) -> str | None:
     return next((str(r["uid"]) for r in refs if r.get("controller") and r.get("uid")), None)
 
 
+# What the apiserver leaves out of a stored object when it is what we sent.
+_EMPTY: tuple[Any, ...] = (False, "", (), None)
+
+
 def holds(live: Any, wanted: Any) -> bool:
-    """Whether ``live`` has every field of ``wanted`` with the same value (fields the apiserver
-    defaults are not ours and are ignored; lists must match item by item)."""
+    """Whether ``live`` has every field of ``wanted`` with the same value, as the apiserver stores
+    it: fields it defaults are not ours and are ignored; empty and false values it drops count as
+    kept; quantities it rewrites ("1000m" as "1", "2048Mi" as "2Gi") are compared as numbers;
+    lists must match item by item."""
     if isinstance(wanted, Mapping):
-        return isinstance(live, Mapping) and all(k in live and holds(live[k], v) for k, v in wanted.items())
+        return isinstance(live, Mapping) and all(
+            holds(live[k], v) if k in live else _dropped(v) for k, v in wanted.items()
+        )
     if isinstance(wanted, list):
         return isinstance(live, list) and len(live) == len(wanted) and all(map(holds, live, wanted))
-    return bool(live == wanted or (str(live) == str(wanted) and not isinstance(wanted, bool)))
+    if live == wanted:
+        return True
+    if isinstance(wanted, bool) or isinstance(live, bool):
+        return False
+    return str(live) == str(wanted) or _same_quantity(live, wanted)
+
+
+def _dropped(value: Any) -> bool:
+    return value in _EMPTY or (isinstance(value, list | dict) and not value)
+
+
+def _same_quantity(live: Any, wanted: Any) -> bool:
+    if not isinstance(live, str | int) or not isinstance(wanted, str | int):
+        return False
+    try:
+        return parse_quantity(live) == parse_quantity(wanted)
+    except (ValueError, ArithmeticError):
+        return False
 
 
 def _labelled_ours(live: Mapping[str, Any], obj: Mapping[str, Any]) -> bool:

@@ -139,7 +139,6 @@ def service(owner: Owner) -> dict[str, Any]:
         "metadata": owner.metadata(service_name(owner.name), ENGINE),
         "spec": {
             "clusterIP": "None",
-            "publishNotReadyAddresses": False,
             "selector": {**common(KIND, owner.name), "app.kubernetes.io/component": ENGINE},
             "ports": [{"name": "http", "port": sglang.ENGINE_PORT, "targetPort": sglang.ENGINE_PORT}],
         },
@@ -154,13 +153,15 @@ def _probes() -> dict[str, Any]:
     # startup probe allows an hour before the kubelet gives up.
     probe = {"httpGet": {"path": "/health", "port": sglang.ENGINE_PORT}, "timeoutSeconds": 5}
     # That /health stays 200 when the scheduler hangs (seen on a real engine): liveness asks for a
-    # one-token generation instead, once a minute, and restarts only after five minutes of failures
-    # (reloading the weights takes long; a busy engine must not be killed for one slow answer).
+    # one-token generation instead, once a minute. It answers only once the engine returns output
+    # for something, and a very long prompt's prefill returns none until it is read whole (a 256k
+    # prompt at a couple of hundred tokens a second takes over 20 minutes on the CPU experts):
+    # restarting a 600 GB engine for that would be far worse, so it takes 45 minutes of failures.
     alive = {"httpGet": {"path": "/health_generate", "port": sglang.ENGINE_PORT}, "timeoutSeconds": 30}
     return {
         "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": 360},
         "readinessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
-        "livenessProbe": {**alive, "periodSeconds": 60, "failureThreshold": 5},
+        "livenessProbe": {**alive, "periodSeconds": 60, "failureThreshold": 45},
     }
 
 

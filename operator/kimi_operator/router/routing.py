@@ -39,10 +39,11 @@ def choose(found: Sequence[Replica], rng: random.Random, *, exclude: frozenset[s
     left = [r for r in found if r.name not in exclude]
     if not left:
         return None
+    # Ties are broken at random: by name, an idle fleet (and every router) would pick one replica.
     if len(left) <= 2:
-        return min(left, key=lambda r: (r.in_flight, r.name))
+        return min(left, key=lambda r: (r.in_flight, rng.random()))
     a, b = rng.sample(left, 2)
-    return min((a, b), key=lambda r: (r.in_flight, r.name))
+    return min((a, b), key=lambda r: (r.in_flight, rng.random()))
 
 
 def may_retry(*, connected: bool, status: int | None, sent_to_client: bool) -> bool:
