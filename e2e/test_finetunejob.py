@@ -101,6 +101,15 @@ def training_pod_status(cluster: Cluster, api: kubernetes.client.ApiClient, name
     return OwnStatus(pod_api, kind=KIND, plural=PLURAL, namespace=namespace, name=name, manager="kimi-train")
 
 
+def release_training(api: kubernetes.client.ApiClient, namespace: str, name: str) -> None:
+    """Let a held training pod end (KWOK then makes it succeed)."""
+    core = kubernetes.client.CoreV1Api(api)
+    (pod,) = core.list_namespaced_pod(namespace, label_selector=f"job-name={name}-train").items
+    core.patch_namespaced_pod(
+        pod.metadata.name, namespace, {"metadata": {"annotations": {"sim.kimi-operator.io/hold": None}}}
+    )
+
+
 def job(api: kubernetes.client.ApiClient, namespace: str, name: str) -> Any:
     return kubernetes.client.BatchV1Api(api).read_namespaced_job(f"{name}-train", namespace)
 
@@ -373,7 +382,13 @@ def test_a_real_training_run_reports_through_the_api(
     for script in ([str(TINY), str(model), "small"], [str(TINY), "dataset", str(tmp_path / "records.jsonl"), "48"]):
         subprocess.run([train_python, *script], check=True, capture_output=True, env=env, timeout=600)
     # The dataset the spec names (a ConfigMap), as the kubelet would mount it into the pod.
-    records = {"train.jsonl": (tmp_path / "records.jsonl").read_text()}
+    # In the public guide's shape ({"conversations": ...}, no messagesKey in the spec): the key is
+    # detected and LLaMA-Factory itself trains on what the pod makes of it.
+    guide = [
+        json.dumps({"conversations": json.loads(line)["messages"]})
+        for line in (tmp_path / "records.jsonl").read_text().splitlines()
+    ]
+    records = {"train.jsonl": "\n".join(guide) + "\n"}
     core = kubernetes.client.CoreV1Api(api)
     core.replace_namespaced_config_map("data", namespace, {"metadata": {"name": "data"}, "data": records})
     data.write_text(core.read_namespaced_config_map("data", namespace).data["train.jsonl"])

@@ -352,3 +352,19 @@ def test_with_a_compiler_the_native_kernel_runs_and_agrees(
     assert tensors_of(out) == expected
     assert "dequantization kernel: native" in caplog.messages
     assert len(list((tmp_path / "cache").rglob("*.so"))) == 1
+
+
+def test_without_a_compiler_the_output_is_still_compressed_tensors_own(
+    tiny_checkpoint_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fallback judged by the oracle itself, not only against our other kernel.
+    (tmp_path / "empty-path").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-path"))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("KIMI_OPERATOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_LIB", None)
+    result = tensors_of(converted(tiny_checkpoint_source / "model", tmp_path / "bf16"))
+    assert native._LIB is None
+    with Reader(tiny_checkpoint_source / "reference.safetensors") as reference:
+        for name in reference.tensors:
+            assert result[name] == bytes(reference.raw(name)), name
