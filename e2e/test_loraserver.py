@@ -29,7 +29,7 @@ import pytest
 from e2e.conftest import OperatorProcess, stop
 from e2e.helpers import wait_earlier_namespaces_gone, wait_for, write_token_kubeconfig
 from e2e.manifests import GROUP, KIMI_MODEL, VERSION
-from e2e.test_finetunejob import ftj, training_pod_status, wait_phase
+from e2e.test_finetunejob import ftj, release_training, training_pod_status, wait_phase
 from e2e.test_kimimodel import condition
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.devcluster.paths import repo_root
@@ -67,6 +67,20 @@ def tiny(train_python: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=600,
     )
     return out
+
+
+def exported_adapter(namespace: str, name: str, node: str, source: Path) -> dict[str, Any]:
+    """``status.adapter`` as a training pod reports the adapter it exported on ``node``."""
+    return {
+        "name": name,
+        "node": node,
+        "path": f"/models/{namespace}/kimi/finetune/{name}/adapter",
+        "sizeBytes": 1,
+        "sha256": sha256(source),
+        "baseModel": "kimi",
+        "rank": 8,
+        "expertLora": False,
+    }
 
 
 def sha256(path: Path) -> str:
@@ -503,30 +517,16 @@ def test_a_finished_fine_tune_is_served_and_a_newer_export_replaces_it_in_place(
     assert engine.listed() == []
 
     # The training pod exports the adapter on its node and reports it with its own token.
-    output = f"/models/{namespace}/kimi/finetune/tune/adapter"
     local = nodes[node].storage / namespace / "kimi" / "finetune" / "tune" / "adapter"
 
     def export(source: Path) -> str:
         shutil.copytree(source, local, dirs_exist_ok=True)
-        digest = sha256(source)
-        adapter = {
-            "name": "tune",
-            "node": node,
-            "path": output,
-            "sizeBytes": 1,
-            "sha256": digest,
-            "baseModel": "kimi",
-            "rank": 8,
-            "expertLora": False,
-        }
+        adapter = exported_adapter(namespace, "tune", node, source)
         training_pod_status(cluster, api, namespace, "tune").apply({"adapter": adapter})
-        return digest
+        return str(adapter["sha256"])
 
     first = export(tiny / "adapters" / "a1")
-    (pod,) = kubernetes.client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector="job-name=tune-train").items
-    kubernetes.client.CoreV1Api(api).patch_namespaced_pod(
-        pod.metadata.name, namespace, {"metadata": {"annotations": {"sim.kimi-operator.io/hold": None}}}
-    )
+    release_training(api, namespace, "tune")
     wait_phase(api, namespace, "tune", "Succeeded")
     loaded = wait_for(lambda: (s := support()) and s.get("state") == "Loaded" and s, 90, "support Loaded")
     assert loaded["sha256"] == first
@@ -649,30 +649,14 @@ def test_an_adapter_reaches_another_node_through_the_shared_store(
         node = train_node[name]
         final = nodes[node].storage / namespace / "kimi" / "finetune" / name / "adapter"
         shutil.copytree(source, final)
-        report: dict[str, Any] = {
-            "name": name,
-            "node": node,
-            "path": f"/models/{namespace}/kimi/finetune/{name}/adapter",
-            "sizeBytes": 1,
-            "sha256": sha256(source),
-            "baseModel": "kimi",
-            "rank": 8,
-            "expertLora": False,
-        }
+        report = exported_adapter(namespace, name, node, source)
         if name == "shared":
             report["published"] = {
                 "claimName": "adapters",
                 "path": publish(final, store, namespace=namespace, name=name),
             }
         training_pod_status(cluster, api, namespace, name).apply({"adapter": report})
-        (pod,) = (
-            kubernetes.client.CoreV1Api(api)
-            .list_namespaced_pod(namespace, label_selector=f"job-name={name}-train")
-            .items
-        )
-        kubernetes.client.CoreV1Api(api).patch_namespaced_pod(
-            pod.metadata.name, namespace, {"metadata": {"annotations": {"sim.kimi-operator.io/hold": None}}}
-        )
+        release_training(api, namespace, name)
         wait_phase(api, namespace, name, "Succeeded")
     # Two GPUs a replica: one replica on each node.
     spec = {

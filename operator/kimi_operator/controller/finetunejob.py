@@ -15,15 +15,15 @@ from kimi_operator.api.conditions import Reason, Verdict
 from kimi_operator.api.exitcodes import OOM_EXIT, TrainExit
 from kimi_operator.api.finetunejob import FineTuneJobSpec
 from kimi_operator.api.kinds import KIMI_MODEL
-from kimi_operator.controller.kimimodel import job_state
+from kimi_operator.controller.kimimodel import job_state, model_or_wait
 from kimi_operator.controller.kube import Kube
+from kimi_operator.controller.pods import unscheduled
 from kimi_operator.render import cleanup, llamafactory
 from kimi_operator.render import finetunejob as render
 from kimi_operator.render.kimimodel import model_dir
 
 
 class FtjReason(Reason):
-    WAITING_FOR_MODEL = "WaitingForModel"
     WAITING_FOR_WEIGHTS = "WaitingForWeights"
     WAITING_FOR_DATASET = "WaitingForDataset"
     SUSPENDED = "Suspended"
@@ -71,15 +71,6 @@ def _last_failure(pods: list[dict[str, Any]]) -> tuple[int, str, str] | None:
     return code, reason, message
 
 
-def _unscheduled(pods: list[dict[str, Any]]) -> str | None:
-    """The scheduler's word on a training pod that does not run yet (e.g. Insufficient memory)."""
-    for pod in pods:
-        for c in (pod.get("status") or {}).get("conditions") or []:
-            if c.get("type") == "PodScheduled" and c.get("status") == "False":
-                return str(c.get("message") or c.get("reason") or "")
-    return None
-
-
 def _oom_advice(spec: FineTuneJobSpec, attempt: int) -> str:
     t, r = spec.training, spec.resources
     return (
@@ -95,13 +86,9 @@ def reconcile(
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     status = body.get("status") or {}
-    model = kube.get(KIMI_MODEL.api_version, KIMI_MODEL.kind, namespace, spec.model.name)
-    if model is None:
-        return Verdict(
-            state="progressing",
-            reason=FtjReason.WAITING_FOR_MODEL,
-            message=f"KimiModel {spec.model.name} does not exist in namespace {namespace}",
-        ), {}
+    model = model_or_wait(kube, namespace, spec.model.name)
+    if isinstance(model, Verdict):
+        return model, {}
     problem = _config_map_dataset_problem(kube, namespace, spec)
     if problem is not None:
         return problem, {}
@@ -214,7 +201,7 @@ def _observe(
         message = "the training Job is suspended (spec.suspend, or waiting for admission by its queue)"
         verdict, phase = Verdict(state="waiting", reason=FtjReason.SUSPENDED, message=message), "Suspended"
     elif starting:
-        why = _unscheduled(pods)
+        why = next((w for p in pods if (w := unscheduled(p))), None)
         message = f"attempt {attempts} is waiting for the pod to start on {node}" + (f": {why}" if why else "")
         verdict, phase = Verdict(state="progressing", reason=FtjReason.STARTING, message=message), "Pending"
     elif counts[1]:

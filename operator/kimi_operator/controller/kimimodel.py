@@ -13,12 +13,16 @@ from typing import Any
 from kimi_operator.api.conditions import Reason, Verdict
 from kimi_operator.api.exitcodes import PERMANENT, PrepareExit
 from kimi_operator.api.kimimodel import KimiModelSpec, NodeStatus
+from kimi_operator.api.kinds import KIMI_MODEL
 from kimi_operator.controller.kube import Kube, controlled_by
 from kimi_operator.render import kimimodel as render
 from kimi_operator.render.labels import common
 
 
 class KmReason(Reason):
+    # For the kinds that use a KimiModel: it does not exist (yet).
+    WAITING_FOR_MODEL = "WaitingForModel"
+
     NODES_READY = "NodesReady"
     PREPARING = "Preparing"
     INSUFFICIENT_NODES = "InsufficientNodes"
@@ -75,6 +79,15 @@ def _failure(kube: Kube, namespace: str, job: Mapping[str, Any]) -> tuple[str, s
     conditions = (job.get("status") or {}).get("conditions") or []
     failed: dict[str, Any] = next((c for c in conditions if c.get("type") == "Failed"), {})
     return KmReason.PREPARE_FAILED, failed.get("message") or "prepare Job failed", True
+
+
+def model_or_wait(kube: Kube, namespace: str, name: str) -> dict[str, Any] | Verdict:
+    """The KimiModel a FineTuneJob or a LoraServer names, or the verdict of waiting for it."""
+    model = kube.get(KIMI_MODEL.api_version, KIMI_MODEL.kind, namespace, name)
+    if model is not None:
+        return model
+    message = f"KimiModel {name} does not exist in namespace {namespace}"
+    return Verdict(state="progressing", reason=KmReason.WAITING_FOR_MODEL, message=message)
 
 
 def job_state(job: Mapping[str, Any] | None) -> str:

@@ -266,7 +266,9 @@ class Kube:
             return None
         return found
 
-    def list_objects(self, api_version: str, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
+    def list_objects(
+        self, api_version: str, kind: str, namespace: str, selector: str | None = None
+    ) -> list[dict[str, Any]]:
         return self._list(api_version, kind, namespace, selector)
 
     def delete(self, live: Mapping[str, Any]) -> None:

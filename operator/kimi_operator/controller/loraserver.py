@@ -12,9 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from kimi_operator.api.conditions import Verdict
-from kimi_operator.api.kinds import FINE_TUNE_JOB, KIMI_MODEL
+from kimi_operator.api.kinds import FINE_TUNE_JOB
 from kimi_operator.api.loraserver import Adapter, LoraServerSpec
 from kimi_operator.api.serving import AdapterFiles, PlannedAdapter, ReplicaPlan, ServingPlan
+from kimi_operator.controller import pods as pods_
+from kimi_operator.controller.kimimodel import model_or_wait
 from kimi_operator.controller.kube import Kube
 from kimi_operator.controller.loraserver_status import LsReason, ModelState, Replica, Wanted, observe
 from kimi_operator.render import loraserver as render
@@ -48,12 +50,12 @@ def _under(path: str, root: str) -> str | None:
 
 
 def _from_fine_tune_job(
-    kube: Kube, namespace: str, model: Mapping[str, Any], adapter: Adapter, store: str | None
+    ftjs: Mapping[str, Mapping[str, Any]], model: Mapping[str, Any], adapter: Adapter, store: str | None
 ) -> Resolved:
     assert adapter.fine_tune_job is not None
     ftj_name = adapter.fine_tune_job.name
     where = f"FineTuneJob {ftj_name}"
-    ftj = kube.get(FINE_TUNE_JOB.api_version, FINE_TUNE_JOB.kind, namespace, ftj_name)
+    ftj = ftjs.get(ftj_name)
     if ftj is None:
         return Resolved(adapter, None, None, None, where, ("Pending", f"{where} does not exist"))
     ftj_status = ftj.get("status") or {}
@@ -86,10 +88,11 @@ def _from_fine_tune_job(
 
 
 def resolve(
-    kube: Kube, namespace: str, model: Mapping[str, Any], adapter: Adapter, store: str | None = None
+    ftjs: Mapping[str, Mapping[str, Any]], model: Mapping[str, Any], adapter: Adapter, store: str | None = None
 ) -> Resolved:
+    """``ftjs``: the namespace's FineTuneJobs by name (listed once per pass, not fetched per adapter)."""
     if adapter.fine_tune_job is not None:
-        return _from_fine_tune_job(kube, namespace, model, adapter, store)
+        return _from_fine_tune_job(ftjs, model, adapter, store)
     storage = model["spec"]["storage"]["hostPath"]
     if adapter.path is not None:
         relative = _under(adapter.path, storage)
@@ -167,23 +170,15 @@ def layout(name: str, generation: int, spec: LoraServerSpec, resolved: list[Reso
     return Layout(sets, desired, plan, wanted)
 
 
-def _pod_ready(pod: Mapping[str, Any]) -> bool:
-    if (pod.get("metadata") or {}).get("deletionTimestamp"):
-        return False
-    conditions = (pod.get("status") or {}).get("conditions") or []
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-
-
 def reconcile(
     kube: Kube, settings: Settings, body: Mapping[str, Any], spec: LoraServerSpec
 ) -> tuple[Verdict, dict[str, Any]]:
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     status = body.get("status") or {}
-    model = kube.get(KIMI_MODEL.api_version, KIMI_MODEL.kind, namespace, spec.model.name)
-    if model is None:
-        message = f"KimiModel {spec.model.name} does not exist in namespace {namespace}"
-        return Verdict(state="progressing", reason=LsReason.WAITING_FOR_MODEL, message=message), {}
+    model = model_or_wait(kube, namespace, spec.model.name)
+    if isinstance(model, Verdict):
+        return model, {}
     needed = sglang.variant(spec.engine.kt_method)
     if needed not in (model.get("spec") or {}).get("variants", []):
         message = (
@@ -193,7 +188,15 @@ def reconcile(
         return Verdict(state="stalled", reason=LsReason.VARIANT_MISSING, message=message), {}
     owner = render.owner(namespace, name, meta["uid"])
     store = spec.adapter_store.persistent_volume_claim.name if spec.adapter_store else None
-    resolved = [resolve(kube, namespace, model, a, store) for a in spec.adapters]
+    ftjs = (
+        {
+            f["metadata"]["name"]: f
+            for f in kube.list_objects(FINE_TUNE_JOB.api_version, FINE_TUNE_JOB.kind, namespace, "")
+        }
+        if any(a.fine_tune_job is not None for a in spec.adapters)
+        else {}
+    )
+    resolved = [resolve(ftjs, model, a, store) for a in spec.adapters]
     plan_layout = layout(name, int(meta.get("generation") or 0), spec, resolved, render.CACHE_MOUNT)
     source = (model["spec"].get("source") or {}).get("path")
     facts = render.ModelFacts(
@@ -218,7 +221,9 @@ def reconcile(
             kube.delete(live)
     pods = {p["metadata"]["name"]: p for p in kube.list_objects("v1", "Pod", namespace, selector)}
     replicas = {
-        n: Replica(n, _pod_ready(p), (p.get("spec") or {}).get("nodeName"), p["metadata"].get("uid"), _unschedulable(p))
+        n: Replica(
+            n, pods_.ready(p), (p.get("spec") or {}).get("nodeName"), p["metadata"].get("uid"), pods_.unscheduled(p)
+        )
         for n, p in pods.items()
     }
     reports = {e["name"]: e for e in status.get("engines") or [] if e.get("name")}
@@ -236,13 +241,6 @@ def reconcile(
         wanted=plan_layout.wanted, desired_replicas=plan_layout.desired, replicas=replicas, reports=reports, model=state
     )
     return observed.verdict, observed.status
-
-
-def _unschedulable(pod: Mapping[str, Any]) -> str | None:
-    for c in (pod.get("status") or {}).get("conditions") or []:
-        if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
-            return str(c.get("message") or "Unschedulable")
-    return None
 
 
 def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: LoraServerSpec | None) -> list[str]:

@@ -15,7 +15,6 @@ from kimi_operator.api.conditions import Reason, Verdict
 
 
 class LsReason(Reason):
-    WAITING_FOR_MODEL = "WaitingForModel"
     MODEL_NOT_READY = "ModelNotReady"
     VARIANT_MISSING = "VariantMissing"
     NO_ELIGIBLE_NODE = "NoEligibleNode"

@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from kimi_operator.api.base import GROUP
@@ -302,8 +302,3 @@ def _pod_metadata(owner: Owner, spec: LoraServerSpec, labels: Mapping[str, str])
     # so a pod event finds its LoraServer.
     meta["annotations"] = {**meta["annotations"], OWNER_ANNOTATION: owner.name}
     return meta
-
-
-def owned_sets(sets: Mapping[str, Mapping[str, Any]], wanted: Sequence[str]) -> list[str]:
-    """Live StatefulSets of this LoraServer that the spec no longer asks for (removed expert adapters)."""
-    return sorted(name for name in sets if name not in wanted)

@@ -5,9 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-# Field names as OpenAI's API spells them.
-FIELDS = ("temperature", "top_p", "max_tokens")
-
 
 def merged(body: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
     """``body`` with each default added where the field is absent; a field the client sent (even

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 
 from kimi_operator.router.names import Target
 
@@ -58,7 +58,3 @@ def verdict(header: str | None, keys: Mapping[str, Scope], target: Target) -> tu
     if scope is None:
         return 401, None
     return (200 if scope.allows(target) else 403), scope
-
-
-def key_ids(keys: Collection[Scope]) -> list[str]:
-    return sorted(s.key_id for s in keys)
