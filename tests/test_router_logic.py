@@ -119,21 +119,23 @@ def test_with_many_candidates_the_busiest_is_never_chosen() -> None:
 
 
 @pytest.mark.parametrize(
-    ("connected", "status", "sent", "retry"),
+    ("connected", "status", "sent", "not_here", "retry"),
     [
-        (False, None, False, True),
-        (True, 503, False, True),
-        (True, 500, False, False),
-        (True, 400, False, False),
-        (True, 200, True, False),
+        (False, None, False, False, True),
+        (True, 503, False, False, True),
+        (True, 500, False, False, False),
+        (True, 400, False, False, False),
+        # "never been loaded": the engine lost the adapter since it listed it.
+        (True, 400, False, True, True),
+        (True, 200, True, False, False),
         # After a byte reached the client, never: the client would see two answers.
-        (True, 503, True, False),
-        (False, None, True, False),
+        (True, 503, True, False, False),
+        (False, None, True, False, False),
     ],
-    ids=["refused", "503", "500", "400", "answered", "503-after-bytes", "dropped-mid-stream"],
+    ids=["refused", "503", "500", "400", "lost-adapter", "answered", "503-after-bytes", "dropped-mid-stream"],
 )
-def test_retry_eligibility(connected: bool, status: int | None, sent: bool, retry: bool) -> None:
-    assert may_retry(connected=connected, status=status, sent_to_client=sent) is retry
+def test_retry_eligibility(connected: bool, status: int | None, sent: bool, not_here: bool, retry: bool) -> None:
+    assert may_retry(connected=connected, status=status, sent_to_client=sent, not_here=not_here) is retry
 
 
 KEYS = {
@@ -167,6 +169,9 @@ def test_key_scopes(header: str | None, target: Target, status: int, key_id: str
 
 def test_without_keys_the_server_is_open() -> None:
     assert verdict(None, {}, BASE) == (200, None)
+    # Keys configured but none readable: closed, not open.
+    assert verdict(None, {}, BASE, required=True) == (401, None)
+    assert verdict("Bearer anything", {}, BASE, required=True) == (401, None)
 
 
 def test_bearer() -> None:

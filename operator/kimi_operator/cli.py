@@ -50,6 +50,7 @@ def _run(args: argparse.Namespace) -> int:
             prepare_image=args.prepare_image,
             trainer_image=args.trainer_image,
             engine_image=args.engine_image,
+            router_image=args.router_image,
         )
     )
 
@@ -102,6 +103,7 @@ WORKLOAD_COMMANDS = (
         "kimi_operator.workloads.serve.agent:main",
         "the engine pod's adapter agent (load, verify, report)",
     ),
+    ("router", "kimi_operator.router.main:main", "the OpenAI-compatible router in front of a LoraServer's engines"),
 )
 
 
@@ -136,6 +138,11 @@ def parser() -> argparse.ArgumentParser:
         "--engine-image",
         default=os.environ.get("KIMI_ENGINE_IMAGE", "ghcr.io/kimi-operator/engine:0.1.0"),
         help="image of the serving engines and their adapter agents (env KIMI_ENGINE_IMAGE)",
+    )
+    run.add_argument(
+        "--router-image",
+        default=os.environ.get("KIMI_ROUTER_IMAGE", "ghcr.io/kimi-operator/router:0.1.0"),
+        help="image of the LoraServers' OpenAI-compatible routers (env KIMI_ROUTER_IMAGE)",
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="text", choices=["text", "json"], help="json for log collectors")

@@ -222,10 +222,15 @@ class Engine(ApiModel):
 
 
 class Sampling(ApiModel):
-    """Defaults applied by the router when a request leaves them unset."""
+    """Defaults the router adds to a request that leaves them out (a field the client sends, even
+    null, is the client's). Kimi K2.5's recommended thinking-mode sampling is temperature 1.0, topP
+    0.95, minP 0.01."""
 
     temperature: Annotated[float, Field(ge=0, le=2)] | None = Field(default=None, description="Sampling temperature.")
     top_p: Annotated[float, Field(gt=0, le=1)] | None = Field(default=None, description="Nucleus sampling mass.")
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None, description="Minimum token probability relative to the most likely one (SGLang's min_p)."
+    )
     max_tokens: Annotated[int, Field(ge=1, le=262144)] | None = Field(default=None, description="Completion cap.")
 
 
@@ -238,12 +243,41 @@ class ServeResources(ApiModel):
     shared_memory: Quantity = Field(default="32Gi", description="Size of the /dev/shm memory volume.")
 
 
+# A model a key may use: the servedModelName, an adapter name, or "*" for all of them.
+KeyModel = Annotated[
+    str, Field(min_length=1, max_length=63, pattern=r"^(\*|[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)$")
+]
+
+
+class ApiKey(ApiModel):
+    """One API key clients send as ``Authorization: Bearer <key>``, and the models it may use."""
+
+    id: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")] = Field(
+        description="Names the key in metrics and logs (the key itself never appears there)."
+    )
+    secret_key_ref: SecretKeyRef = Field(
+        description=(
+            "Secret key holding the key. The router pods mount the Secret: a changed value takes effect "
+            "without a restart (once the kubelet has refreshed the mount, about a minute)."
+        )
+    )
+    models: Annotated[list[KeyModel], Field(min_length=1, max_length=256)] = Field(
+        description="What the key may use: servedModelName for the base model, adapter names, or `*` for all.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+
+
 class Router(ApiModel):
     """The OpenAI-compatible router in front of the replicas."""
 
     replicas: Annotated[int, Field(ge=1, le=32)] = Field(default=1, description="Router pods.")
-    api_key_secret_ref: SecretKeyRef | None = Field(
-        default=None, description="Secret key holding the API key clients must send as a Bearer token."
+    api_keys: Annotated[list[ApiKey], Field(max_length=64)] = Field(
+        default_factory=list,
+        description="API keys; without any, the endpoint is open to whoever reaches its Service.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["id"]},
+    )
+    max_body_bytes: Annotated[int, Field(ge=1024, le=1073741824)] = Field(
+        default=16 * 1024 * 1024, description="Largest request body accepted (413 above)."
     )
 
 
@@ -462,8 +496,10 @@ class LoraServerStatus(BaseStatus):
         description="Per-replica reports of the adapter agents (each agent writes its own entry).",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
+    router_ready_replicas: Annotated[int, Field(ge=0)] | None = Field(default=None, description="Router pods ready.")
     endpoint: Annotated[str, Field(max_length=2048)] | None = Field(
-        default=None, description="In-cluster URL of the OpenAI-compatible endpoint."
+        default=None,
+        description="In-cluster base URL of the OpenAI-compatible endpoint, while a router pod is ready on it.",
     )
 
 

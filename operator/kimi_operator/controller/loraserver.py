@@ -18,16 +18,17 @@ from kimi_operator.api.serving import AdapterFiles, PlannedAdapter, ReplicaPlan,
 from kimi_operator.controller import pods as pods_
 from kimi_operator.controller.kimimodel import model_or_wait
 from kimi_operator.controller.kube import Kube
-from kimi_operator.controller.loraserver_status import LsReason, ModelState, Replica, Wanted, observe
+from kimi_operator.controller.loraserver_status import LsReason, ModelState, Replica, RouterState, Wanted, observe
 from kimi_operator.render import loraserver as render
 from kimi_operator.render import placement, sglang
+from kimi_operator.render import router as router_render
 from kimi_operator.render.kimimodel_paths import MOUNT
-from kimi_operator.render.labels import common
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     engine_image: str
+    router_image: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,9 +213,11 @@ def reconcile(
                 owner, spec, facts, name=set_name, replicas=count, image=settings.engine_image, expert=start
             )
         )
-    selector = ",".join(
-        f"{k}={v}" for k, v in {**common("LoraServer", name), "app.kubernetes.io/component": render.ENGINE}.items()
-    )
+    for obj in router_render.rbac(owner):
+        kube.apply(obj)
+    kube.apply(router_render.service(owner))
+    kube.apply(router_render.deployment(owner, spec, image=settings.router_image))
+    selector = router_render.engine_selector(name)
     for live in kube.list_objects("apps/v1", "StatefulSet", namespace, selector):
         if live["metadata"]["name"] not in plan_layout.sets and not live["metadata"].get("deletionTimestamp"):
             # An expert adapter left the spec: its replicas go (shared ones are unloaded in place).
@@ -237,8 +240,20 @@ def reconcile(
         ready_nodes=sum(n.get("phase") == "Ready" for n in model_status.get("nodes") or []),
         stalled=f"{stalled.get('reason')}: {stalled.get('message')}" if stalled else None,
     )
+    router_selector = ",".join(f"{k}={v}" for k, v in sorted(router_render.labels(name).items()))
+    routers = kube.list_objects("v1", "Pod", namespace, router_selector)
+    router = RouterState(
+        desired=spec.router.replicas,
+        ready=sum(1 for p in routers if pods_.ready(p)),
+        endpoint=router_render.endpoint(namespace, name),
+    )
     observed = observe(
-        wanted=plan_layout.wanted, desired_replicas=plan_layout.desired, replicas=replicas, reports=reports, model=state
+        wanted=plan_layout.wanted,
+        desired_replicas=plan_layout.desired,
+        replicas=replicas,
+        reports=reports,
+        model=state,
+        router=router,
     )
     return observed.verdict, observed.status
 

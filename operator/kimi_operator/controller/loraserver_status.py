@@ -20,6 +20,7 @@ class LsReason(Reason):
     NO_ELIGIBLE_NODE = "NoEligibleNode"
     STARTING = "StartingReplicas"
     LOADING = "LoadingAdapters"
+    ROUTER = "StartingRouter"
     ADAPTER_FAILED = "AdapterFailed"
     SERVING = "Serving"
 
@@ -46,6 +47,15 @@ class Replica:
     uid: str | None = None
     # The scheduler's word on a pod it cannot place (Insufficient nvidia.com/gpu, affinity, ...).
     unschedulable: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterState:
+    """The router pods: how many are wanted and ready, and the Service URL they answer on."""
+
+    desired: int
+    ready: int
+    endpoint: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +162,7 @@ def observe(
     replicas: Mapping[str, Replica],
     reports: Mapping[str, Mapping[str, Any]],
     model: ModelState | None = None,
+    router: RouterState | None = None,
 ) -> Observation:
     """The verdict and the operator's status fields of a LoraServer whose children exist."""
     adapters = [adapter_status(a, replicas, reports) for a in wanted]
@@ -165,7 +176,13 @@ def observe(
         "adaptersTotal": len(adapters),
         "adapters": adapters,
     }
-    return Observation(_verdict(adapters, serving, desired_replicas, replicas, model or ModelState(name="")), status)
+    if router is not None:
+        status["routerReadyReplicas"] = router.ready
+        # The URL is given only while a router answers on it (a router is ready only while it
+        # knows a ready engine replica).
+        status["endpoint"] = router.endpoint if router.ready > 0 else None
+    verdict = _verdict(adapters, serving, desired_replicas, replicas, model or ModelState(name=""), router=router)
+    return Observation(verdict, status)
 
 
 def _verdict(
@@ -174,6 +191,8 @@ def _verdict(
     desired: Sequence[str],
     replicas: Mapping[str, Replica],
     model: ModelState,
+    *,
+    router: RouterState | None = None,
 ) -> Verdict:
     """The first that holds, in order: what will not get better by itself (Stalled), then what is
     still on its way (Progressing), then Ready."""
@@ -218,6 +237,12 @@ def _verdict(
             "progressing",
             LsReason.LOADING,
             f"{len(adapters) - len(pending)}/{len(adapters)} adapters loaded; pending: {', '.join(pending)}",
+        ),
+        (
+            router is not None and router.ready == 0,
+            "progressing",
+            LsReason.ROUTER,
+            f"no router pod is ready yet (0/{router.desired if router else 0})",
         ),
     ]
     for holds, state, reason, message in checks:

@@ -25,6 +25,7 @@ class Options:
     prepare_image: str = "ghcr.io/kimi-operator/prepare:0.1.0"
     trainer_image: str = "ghcr.io/kimi-operator/trainer:0.1.0"
     engine_image: str = "ghcr.io/kimi-operator/engine:0.1.0"
+    router_image: str = "ghcr.io/kimi-operator/router:0.1.0"
 
 
 async def _operate(options: Options) -> None:
@@ -42,7 +43,13 @@ async def _operate(options: Options) -> None:
         return info
 
     controllers = registry.build(
-        kube, registry.Images(prepare=options.prepare_image, trainer=options.trainer_image, engine=options.engine_image)
+        kube,
+        registry.Images(
+            prepare=options.prepare_image,
+            trainer=options.trainer_image,
+            engine=options.engine_image,
+            router=options.router_image,
+        ),
     )
     handlers.register(kopf_registry, kube, controllers)
     ready = asyncio.Event()

@@ -58,6 +58,7 @@ class Images:
     prepare: str
     trainer: str
     engine: str
+    router: str
 
 
 Reconcile = Callable[[Mapping[str, Any], Any], tuple[Verdict, dict[str, Any]]]
@@ -112,7 +113,7 @@ def build(kube: Kube, images: Images) -> dict[str, Controller]:
     validated but reported as awaiting its reconciler."""
     km = kimimodel.Settings(prepare_image=images.prepare)
     ftj = finetunejob.Settings(trainer_image=images.trainer)
-    ls = loraserver.Settings(engine_image=images.engine)
+    ls = loraserver.Settings(engine_image=images.engine, router_image=images.router)
     controllers: list[Controller] = [
         KindController(
             KIMI_MODEL,

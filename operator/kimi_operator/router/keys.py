@@ -49,10 +49,13 @@ def authenticate(presented: str | None, keys: Mapping[str, Scope]) -> Scope | No
     return found
 
 
-def verdict(header: str | None, keys: Mapping[str, Scope], target: Target) -> tuple[int, Scope | None]:
+def verdict(
+    header: str | None, keys: Mapping[str, Scope], target: Target, *, required: bool | None = None
+) -> tuple[int, Scope | None]:
     """(HTTP status, scope): 200 allowed, 401 no or wrong key, 403 a key that may not use the model.
-    Without any key configured, the server is open."""
-    if not keys:
+    ``required``: keys are configured (default: some are known). A server with keys configured but
+    none readable refuses everything; only one with none configured is open."""
+    if not (bool(keys) if required is None else required):
         return 200, None
     scope = authenticate(bearer(header), keys)
     if scope is None:

@@ -46,9 +46,10 @@ def choose(found: Sequence[Replica], rng: random.Random, *, exclude: frozenset[s
     return min((a, b), key=lambda r: (r.in_flight, rng.random()))
 
 
-def may_retry(*, connected: bool, status: int | None, sent_to_client: bool) -> bool:
+def may_retry(*, connected: bool, status: int | None, sent_to_client: bool, not_here: bool = False) -> bool:
     """Another candidate may take the request only when nothing reached the client yet and this
-    replica either could not be reached or answered 503 (starting, overloaded, adapter unloading)."""
+    replica either could not be reached, answered 503 (starting, overloaded, adapter unloading), or
+    answered that it does not hold the adapter (``not_here``: it lost it since it was listed)."""
     if sent_to_client:
         return False
-    return not connected or status == 503
+    return not connected or status == 503 or not_here

@@ -1,0 +1,395 @@
+"""The router's OpenAI surface: each request checked, its key and model resolved, and sent to a
+replica whose engine lists its adapter, as ``"<served>:<adapter>"``; the answer passed back as the
+engine sends it (a stream event by event).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from kimi_operator.router import metrics, requests
+from kimi_operator.router.config import RouterConfig, read_keys
+from kimi_operator.router.defaults import merged
+from kimi_operator.router.fleet import Fleet
+from kimi_operator.router.httpserver import Request, Response
+from kimi_operator.router.keys import Scope, authenticate, bearer, verdict
+from kimi_operator.router.names import Target, resolve
+from kimi_operator.router.routing import Replica, candidates, choose, may_retry
+
+log = logging.getLogger("kimi_operator.router")
+
+JSON = "application/json"
+SSE = "text/event-stream; charset=utf-8"
+# SGLang's words when a request names an adapter the engine does not hold (REFERENCE.md).
+NEVER_LOADED = b"never been loaded"
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
+    431: "invalid_request_error",
+    502: "server_error",
+    503: "server_error",
+}
+
+
+def error_body(
+    status: int, message: str, *, param: str | None = None, code: str | int | None = None
+) -> tuple[bytes, str]:
+    """OpenAI's error shape."""
+    error = {
+        "message": message,
+        "type": _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
+        "param": param,
+        "code": code if code is not None else status,
+    }
+    return json.dumps({"error": error}).encode(), JSON
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One generation request on its way: what is sent, and the labels its metrics carry."""
+
+    path: str
+    payload: bytes
+    model: str
+    key: str
+    began: float
+    stream: bool
+    strip_usage: bool
+
+
+class Keys:
+    """The keys as their mounted files say now, re-read on a short period (a rotated Secret takes
+    effect without a restart)."""
+
+    def __init__(self, root: Path, period: float = 1.0) -> None:
+        self.root = root
+        self.period = period
+        self.table: dict[str, Scope] = {}
+        self._problems: tuple[str, ...] = ()
+
+    def refresh(self, config: RouterConfig) -> None:
+        table, problems = read_keys(config, self.root)
+        if tuple(problems) != self._problems:
+            for p in problems:
+                log.warning("%s", p)
+            self._problems = tuple(problems)
+        self.table = table
+
+
+class Router:
+    def __init__(
+        self,
+        fleet: Fleet,
+        session: aiohttp.ClientSession,
+        keys: Keys,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.fleet = fleet
+        self.session = session
+        self.keys = keys
+        self.config: RouterConfig | None = None
+        self.rng = rng or random.Random()  # noqa: S311 (load spreading, not security)
+        self.clock = clock
+        self._routes: dict[str, tuple[str, Callable[[Request, Response], Awaitable[None]]]] = {
+            "/v1/chat/completions": ("POST", self._chat),
+            "/v1/completions": ("POST", self._completions),
+            "/v1/models": ("GET", self._models),
+            "/health": ("GET", self._health),
+            "/ready": ("GET", self._ready),
+        }
+
+    # -- configuration -------------------------------------------------------------------------
+
+    def set_config(self, config: RouterConfig) -> None:
+        if self.config is None or config.adapters != self.config.adapters or config.served != self.config.served:
+            log.info("serving %s with adapters %s", config.served, sorted(config.adapters) or "none")
+        self.config = config
+        self.keys.refresh(config)
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    async def handle(self, request: Request, response: Response) -> None:
+        path = request.path
+        route = self._routes.get(path)
+        if route is None:
+            return await self._error(response, 404, f"no route {path}", code="not_found")
+        method, serve = route
+        if request.method != method:
+            return await self._error(response, 405, f"{request.method} is not allowed on {path}: use {method}")
+        return await serve(request, response)
+
+    async def _chat(self, request: Request, response: Response) -> None:
+        await self._generate(request, response, chat=True)
+
+    async def _completions(self, request: Request, response: Response) -> None:
+        await self._generate(request, response, chat=False)
+
+    async def _health(self, request: Request, response: Response) -> None:
+        await response.send(200, b'{"status":"ok"}', JSON)
+
+    async def _ready(self, request: Request, response: Response) -> None:
+        """Ready while the router knows a ready replica: a Service sends nothing to one that does not."""
+        ready = self.config is not None and self.fleet.any_ready()
+        body = b'{"status":"ready"}' if ready else b'{"status":"no ready replica known"}'
+        await response.send(200 if ready else 503, body, JSON)
+
+    async def _error(
+        self,
+        response: Response,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | int | None = None,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> None:
+        body, content_type = error_body(status, message, param=param, code=code)
+        await response.send(status, body, content_type, headers or [])
+
+    async def _models(self, request: Request, response: Response) -> None:
+        config = self.config
+        if config is None:
+            return await self._error(response, 503, "the router has not read its LoraServer yet")
+        served = self.fleet.served_adapters() & config.adapters
+        visible: list[Target] = [Target(None), *(Target(a) for a in sorted(served))]
+        if config.keys:
+            scope = authenticate(bearer(request.header("authorization")), self.keys.table)
+            if scope is None:
+                return await self._error(response, 401, "Incorrect API key provided", code="invalid_api_key")
+            visible = [t for t in visible if scope.allows(t)]
+        cards = []
+        for target in visible:
+            card: dict[str, Any] = {
+                "id": target.adapter or config.served,
+                "object": "model",
+                "created": 0,
+                "owned_by": "kimi-operator",
+            }
+            if target.adapter is not None:
+                card["parent"] = config.served
+            cards.append(card)
+        await response.send(200, json.dumps({"object": "list", "data": cards}).encode(), JSON)
+
+    async def _generate(self, request: Request, response: Response, *, chat: bool) -> None:
+        began = self.clock()
+        config = self.config
+        model_label, key_label = "unknown", "none"
+        try:
+            if config is None:
+                await self._error(response, 503, "the router has not read its LoraServer yet", headers=_RETRY)
+                return
+            try:
+                body = requests.check(json.loads(request.body), chat=chat)
+            except (ValueError, UnicodeDecodeError) as exc:
+                if isinstance(exc, requests.Invalid):
+                    await self._error(response, 400, exc.message, param=exc.param)
+                else:
+                    await self._error(response, 400, f"the request body is not valid JSON: {exc}")
+                return
+            target = resolve(body["model"], served=config.served, adapters=config.adapters)
+            if target is None:
+                message = f"The model `{str(body['model'])[:200]}` does not exist or you do not have access to it."
+                await self._error(response, 404, message, param="model", code="model_not_found")
+                return
+            model_label = target.adapter or config.served
+            status, scope = verdict(
+                request.header("authorization"), self.keys.table, target, required=bool(config.keys)
+            )
+            if status == 401:
+                key_label = "invalid"
+                await self._error(response, 401, "Incorrect API key provided", code="invalid_api_key")
+                return
+            key_label = scope.key_id if scope else "none"
+            if status == 403:
+                message = f"key {key_label} may not use the model `{model_label}`"
+                await self._error(response, 403, message, param="model", code="model_not_allowed")
+                return
+            await self._forward(response, body, target, config, model=model_label, key=key_label, began=began)
+        finally:
+            metrics.REQUESTS.labels(model_label, key_label, str(response.status or 499)).inc()
+            metrics.LATENCY.labels(model_label).observe(self.clock() - began)
+
+    async def _forward(
+        self,
+        response: Response,
+        body: Mapping[str, Any],
+        target: Target,
+        config: RouterConfig,
+        *,
+        model: str,
+        key: str,
+        began: float,
+    ) -> None:
+        upstream = merged(body, config.defaults)
+        upstream["model"] = target.upstream(config.served)
+        stream = bool(upstream.get("stream"))
+        strip_usage = False
+        if stream:
+            options = dict(upstream.get("stream_options") or {})
+            # The engine is asked for usage (the token metrics need it); the client sees it only if it asked.
+            strip_usage = not options.get("include_usage")
+            upstream["stream_options"] = {**options, "include_usage": True}
+        call = Call(
+            path="/v1/chat/completions" if "messages" in body else "/v1/completions",
+            payload=json.dumps(upstream, separators=(",", ":")).encode(),
+            model=model,
+            key=key,
+            began=began,
+            stream=stream,
+            strip_usage=strip_usage,
+        )
+        tried: set[str] = set()
+        in_flight = metrics.IN_FLIGHT.labels(model)
+        in_flight.inc()
+        try:
+            while True:
+                replica = choose(candidates(target, self.fleet.replicas()), self.rng, exclude=frozenset(tried))
+                if replica is None:
+                    if tried:
+                        message = f"every replica holding `{model}` failed; tried {', '.join(sorted(tried))}"
+                    else:
+                        message = config.why_unavailable(target.adapter)
+                    await self._error(response, 503, message, code="no_replica", headers=_RETRY)
+                    return
+                tried.add(replica.name)
+                if await self._attempt(response, replica, call):
+                    return
+                metrics.RETRIES.labels(model).inc()
+        finally:
+            in_flight.dec()
+
+    async def _attempt(self, response: Response, replica: Replica, call: Call) -> bool:
+        """One try on one replica. False: nothing reached the client and another may take it."""
+        engine = self.fleet.engines.get(replica.name)
+        if engine is not None:
+            engine.in_flight += 1
+        try:
+            try:
+                resp = await self.session.post(
+                    f"{replica.url}{call.path}", data=call.payload, headers={"Content-Type": JSON}, timeout=_UPSTREAM
+                )
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                metrics.UPSTREAM.labels(replica.name, call.model, "0").inc()
+                self.fleet.unreachable(replica.name, str(exc) or type(exc).__name__)
+                return not may_retry(connected=False, status=None, sent_to_client=False)
+            try:
+                async with resp:
+                    metrics.UPSTREAM.labels(replica.name, call.model, str(resp.status)).inc()
+                    if resp.status != 200:
+                        raw = await _read(resp)
+                        not_here = resp.status == 400 and NEVER_LOADED in raw
+                        if not_here:
+                            # The engine lost the adapter since it listed it: ask it again now.
+                            self.fleet.wake()
+                        if resp.status == 503:
+                            self.fleet.wake()
+                        if may_retry(connected=True, status=resp.status, sent_to_client=False, not_here=not_here):
+                            return False
+                        await response.send(resp.status, raw, resp.headers.get("Content-Type", JSON))
+                        return True
+                    if call.stream and resp.content_type == "text/event-stream":
+                        await self._relay_stream(response, resp, replica, call)
+                    else:
+                        raw = await _read(resp)
+                        metrics.FIRST_TOKEN.labels(call.model).observe(self.clock() - call.began)
+                        _count_usage(raw, call.model, call.key)
+                        await response.send(200, raw, resp.headers.get("Content-Type", JSON))
+                    return True
+            except _Dropped as exc:
+                # Closed before the whole answer came, and nothing of it reached the client yet.
+                self.fleet.unreachable(replica.name, str(exc))
+                return False
+        finally:
+            if engine is not None:
+                engine.in_flight -= 1
+
+    async def _relay_stream(
+        self, response: Response, resp: aiohttp.ClientResponse, replica: Replica, call: Call
+    ) -> None:
+        await response.start_stream(200, SSE)
+        pending = b""
+        first = True
+        try:
+            async for data in resp.content.iter_any():
+                pending += data
+                # Whole events only, each as soon as it is whole.
+                while (end := pending.find(b"\n\n")) >= 0:
+                    event, pending = pending[: end + 2], pending[end + 2 :]
+                    if b'"usage"' in event and _usage_event(event, call.model, call.key) and call.strip_usage:
+                        continue
+                    if first:
+                        metrics.FIRST_TOKEN.labels(call.model).observe(self.clock() - call.began)
+                        first = False
+                    await response.write(event)
+            if pending.strip():
+                await response.write(pending)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            # The engine went away mid-stream: the client gets an error event and the end, not a hang.
+            self.fleet.unreachable(replica.name, str(exc) or type(exc).__name__)
+            message = f"the engine replica {replica.name} stopped in the middle of the answer"
+            error = {"error": {"message": message, "type": "server_error", "param": None, "code": 502}}
+            await response.write(b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n")
+
+
+_RETRY = [("Retry-After", "5")]
+# Connecting is quick or the replica is down; an answer may take as long as generation does.
+_UPSTREAM = aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5, sock_read=None)
+
+
+async def _read(resp: aiohttp.ClientResponse) -> bytes:
+    try:
+        return await resp.read()
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        raise _Dropped(str(exc)) from exc
+
+
+class _Dropped(aiohttp.ClientConnectionError):
+    """The engine closed the connection before the whole answer arrived."""
+
+
+def _count_usage(raw: bytes, model: str, key: str) -> None:
+    try:
+        usage = json.loads(raw).get("usage") or {}
+    except (ValueError, AttributeError):
+        return
+    _add_usage(usage, model, key)
+
+
+def _add_usage(usage: Any, model: str, key: str) -> None:
+    if not isinstance(usage, dict):
+        return
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if isinstance(prompt, int) and prompt > 0:
+        metrics.PROMPT_TOKENS.labels(model, key).inc(prompt)
+    if isinstance(completion, int) and completion > 0:
+        metrics.COMPLETION_TOKENS.labels(model, key).inc(completion)
+
+
+def _usage_event(event: bytes, model: str, key: str) -> bool:
+    """Count an event's usage; True when the event is the usage-only one (no choices)."""
+    text = event.strip()
+    if not text.startswith(b"data:"):
+        return False
+    try:
+        data = json.loads(text[5:])
+    except ValueError:
+        return False
+    if not isinstance(data, dict) or not data.get("usage"):
+        return False
+    _add_usage(data["usage"], model, key)
+    return data.get("choices") == []

@@ -1,0 +1,113 @@
+"""What the router takes from its LoraServer and from the mounted key files (pure but for reading
+those files).
+
+The LoraServer says which names may be served (the gate: SGLang would serve any adapter it ever
+loaded), the sampling defaults, the keys and what each may use, and each adapter's state for the
+503 a client gets while no replica holds it. Which replica holds what comes from the engines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kimi_operator.api.loraserver import LoraServerSpec
+from kimi_operator.router.keys import Scope
+
+# Where the router pod mounts each Secret an API key lives in: <KEYS_MOUNT>/<secret>/<key>.
+KEYS_MOUNT = "/keys"
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRef:
+    id: str
+    secret: str
+    key: str
+    models: frozenset[str]
+
+    def file(self, root: Path) -> Path:
+        return root / self.secret / self.key
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterState:
+    state: str
+    message: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    served: str
+    adapters: frozenset[str]
+    defaults: Mapping[str, Any]
+    keys: tuple[KeyRef, ...] = ()
+    states: Mapping[str, AdapterState] = dataclasses.field(default_factory=dict)
+    max_body_bytes: int = 16 * 1024 * 1024
+
+    def scope(self, ref: KeyRef) -> Scope:
+        every = "*" in ref.models
+        return Scope(
+            key_id=ref.id,
+            base=every or self.served in ref.models,
+            adapters=frozenset(ref.models - {"*", self.served}),
+            all_adapters=every,
+        )
+
+    def why_unavailable(self, adapter: str | None) -> str:
+        """Words for a 503: what the LoraServer's status says of the target."""
+        if adapter is None:
+            return f"no ready replica serves the base model {self.served} yet"
+        known = self.states.get(adapter)
+        if known is None:
+            return f"adapter {adapter} is not loaded on any ready replica yet"
+        detail = f": {known.message}" if known.message else ""
+        return f"adapter {adapter} is {known.state} on the LoraServer and loaded on no ready replica{detail}"
+
+
+def sampling_defaults(spec: LoraServerSpec) -> dict[str, Any]:
+    """The request fields of the spec's sampling defaults (OpenAI's names; min_p is SGLang's)."""
+    s = spec.sampling
+    found = {"temperature": s.temperature, "top_p": s.top_p, "min_p": s.min_p, "max_tokens": s.max_tokens}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def from_object(obj: Mapping[str, Any]) -> RouterConfig:
+    """The router's view of a LoraServer object (spec and status as the apiserver returns them)."""
+    spec = LoraServerSpec.model_validate(obj.get("spec") or {})
+    status = obj.get("status") or {}
+    states = {
+        str(a["name"]): AdapterState(str(a.get("state") or "Pending"), a.get("message"))
+        for a in status.get("adapters") or []
+        if a.get("name")
+    }
+    keys = tuple(
+        KeyRef(k.id, k.secret_key_ref.name, k.secret_key_ref.key, frozenset(k.models)) for k in spec.router.api_keys
+    )
+    return RouterConfig(
+        served=spec.served_model_name,
+        adapters=frozenset(a.name for a in spec.adapters),
+        defaults=sampling_defaults(spec),
+        keys=keys,
+        states=states,
+        max_body_bytes=spec.router.max_body_bytes,
+    )
+
+
+def read_keys(config: RouterConfig, root: Path) -> tuple[dict[str, Scope], list[str]]:
+    """Each configured key's value from its mounted file -> its scope; and the problems (a key whose
+    file is missing or empty is not accepted, and said so, without its value)."""
+    keys: dict[str, Scope] = {}
+    problems: list[str] = []
+    for ref in config.keys:
+        try:
+            value = ref.file(root).read_text().strip()
+        except OSError as exc:
+            problems.append(f"key {ref.id}: {ref.secret}/{ref.key} cannot be read ({exc.strerror})")
+            continue
+        if not value:
+            problems.append(f"key {ref.id}: {ref.secret}/{ref.key} is empty")
+            continue
+        keys[value] = config.scope(ref)
+    return keys, problems
