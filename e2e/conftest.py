@@ -168,10 +168,18 @@ def operator(cluster: Cluster, api: kubernetes.client.ApiClient) -> Iterator[Ope
 
 
 class PrometheusProcess:
-    """A real Prometheus scraping the operator's /metrics every second."""
+    """A real Prometheus scraping the operator's /metrics every second, and the targets tests add
+    (file-based discovery: a router pod's metrics port)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, targets: Path) -> None:
         self.url = url
+        self.targets = targets
+
+    def add_target(self, name: str, address: str, labels: dict[str, str]) -> None:
+        """Scrape ``address`` from now on (written whole, then renamed: Prometheus never reads half)."""
+        partial = self.targets / f".{name}.json.partial"
+        partial.write_text(json.dumps([{"targets": [address], "labels": labels}]))
+        partial.rename(self.targets / f"{name}.json")
 
     def status(self, query: str) -> str:
         """``success``, or Prometheus' error for a query it cannot run."""
@@ -196,9 +204,17 @@ def prometheus(cluster: Cluster, operator: OperatorProcess) -> Iterator[Promethe
     root = cluster.layout.root / "prometheus"
     root.mkdir(exist_ok=True)
     target = urllib.parse.urlsplit(operator.metrics_url).netloc
+    targets = root / "targets"
+    targets.mkdir(exist_ok=True)
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "kimi-operator", "static_configs": [{"targets": [target]}]}],
+        "scrape_configs": [
+            {"job_name": "kimi-operator", "static_configs": [{"targets": [target]}]},
+            {
+                "job_name": "kimi-router",
+                "file_sd_configs": [{"files": [str(targets / "*.json")], "refresh_interval": "1s"}],
+            },
+        ],
     }
     (root / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = _free_port()
@@ -213,7 +229,7 @@ def prometheus(cluster: Cluster, operator: OperatorProcess) -> Iterator[Promethe
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    handle = PrometheusProcess(f"http://127.0.0.1:{port}")
+    handle = PrometheusProcess(f"http://127.0.0.1:{port}", targets)
     try:
         wait_for(lambda: proc.poll() is not None or http_get(f"{handle.url}/-/ready")[0] == 200, 60, "prometheus")
         assert proc.poll() is None, (cluster.layout.logs / "prometheus.log").read_text()[-3000:]

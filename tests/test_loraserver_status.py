@@ -7,7 +7,14 @@ from typing import Any
 
 import pytest
 
-from kimi_operator.controller.loraserver_status import ModelState, Replica, Wanted, adapter_status, observe
+from kimi_operator.controller.loraserver_status import (
+    ModelState,
+    Replica,
+    RouterState,
+    Wanted,
+    adapter_status,
+    observe,
+)
 
 SHA1, SHA2 = "1" * 64, "2" * 64
 
@@ -212,3 +219,28 @@ def test_the_model_and_the_scheduler_say_why_replicas_do_not_serve(
     result = observe(wanted=[], desired_replicas=["r0"], replicas=replicas, reports={}, model=model)
     assert (result.verdict.state, result.verdict.reason) == (state, reason)
     assert words in result.verdict.message
+
+
+ROUTER_URL = "http://serve-router.ml.svc:8000/v1"
+
+
+@pytest.mark.parametrize(
+    ("router_ready", "state", "endpoint"),
+    [(1, "ready", ROUTER_URL), (0, "progressing", None)],
+    ids=["router-ready", "no-router-ready"],
+)
+def test_the_endpoint_is_given_only_while_a_router_answers_on_it(
+    router_ready: int, state: str, endpoint: str | None
+) -> None:
+    result = observe(
+        wanted=[shared("a", "r0")],
+        desired_replicas=["r0"],
+        replicas=ready("r0"),
+        reports={"r0": report("a")},
+        router=RouterState(desired=1, ready=router_ready, endpoint=ROUTER_URL),
+    )
+    assert result.verdict.state == state
+    assert result.status["endpoint"] == endpoint
+    assert result.status["routerReadyReplicas"] == router_ready
+    if state != "ready":
+        assert result.verdict.reason == "StartingRouter"
