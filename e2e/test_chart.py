@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import REGISTRY, generate_latest
 
 from e2e.conftest import CHART, KUBE_VERSION, OPERATOR_NAMESPACE, OperatorProcess, PrometheusProcess, render_chart
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.devcluster.paths import repo_root
+from kimi_operator.router import metrics as router_metrics  # noqa: F401 (registers the router's families)
 
 pytestmark = pytest.mark.e2e
 
@@ -94,12 +96,18 @@ def test_grafana_dashboard_asks_prometheus_only_what_the_operator_exports(
     assert stored["metadata"]["labels"]["grafana_dashboard"] == "1"
     dashboard = json.loads(stored["data"]["kimi-operator.json"])
     exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
-    assert len(exprs) == 10
+    assert len(exprs) == 18
     _, exposition = operator.get(operator.metrics_url)
     families = set(re.findall(r"^# TYPE (kimi_operator_[a-z_]+) ", exposition, re.MULTILINE))
+    # The serving panels read the routers' metrics: the families the router's own module exports.
+    router_exposition = generate_latest(REGISTRY).decode()
+    router_families = set(re.findall(r"^# TYPE (kimi_router_[a-z_]+) ", router_exposition, re.MULTILINE))
+    assert len(router_families) == 9
     for expr in exprs:
         for name in re.findall(r"kimi_operator_[a-z_]+", expr):
             assert name.removesuffix("_bucket") in families, f"{name} is not exported by the operator"
+        for name in re.findall(r"kimi_router_[a-z_]+", expr):
+            assert name.removesuffix("_bucket") in router_families, f"{name} is not exported by the router"
         # Grafana puts the namespace selection in $namespace; "all" is ".*".
         assert prometheus.status(expr.replace("$namespace", ".*")) == "success", expr
 
