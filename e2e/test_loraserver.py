@@ -692,3 +692,87 @@ def test_an_adapter_reaches_another_node_through_the_shared_store(
     assert "spec.output.publish" in message
     assert serving.pods[on[other]].listed() == ["shared"]
     assert serving.pods[on[trained]].listed() == ["local", "shared"]
+
+
+@pytest.mark.timeout(600)
+def test_deletion_removes_the_pods_and_only_the_cache_entries_no_other_server_uses(
+    cluster: Cluster,
+    api: kubernetes.client.ApiClient,
+    namespace: str,
+    operator: OperatorProcess,
+    tiny: Path,
+    nodes: dict[str, Node],
+    train_python: str,
+    tmp_path: Path,
+) -> None:
+    node_name = "gpu-4090-a"
+    model_on(api, namespace, [node_name])
+    node = nodes[node_name]
+    paths = {}
+    for name in ("a0", "a1"):
+        paths[name] = {"name": name, "path": node.put_adapter(tiny / "adapters" / name, name)}
+        paths[name]["sha256"] = sha256(tiny / "adapters" / name)
+    # "drop" reclaims its cache entries; "keep" serves a1 too (and keeps its own on deletion).
+    servers = {
+        "drop": lsrv("drop", adapters=[paths["a0"], paths["a1"]], adapterCache={"reclaimPolicy": "Delete"}),
+        "keep": lsrv("keep", adapters=[paths["a1"]]),
+    }
+    handles = {n: Serving(cluster, api, namespace, n, nodes, train_python, tmp_path) for n in servers}
+    try:
+        for name, obj in servers.items():
+            custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "loraservers", obj)
+            handles[name].start(1)
+        for name, want in (("drop", {"a0", "a1"}), ("keep", {"a1"})):
+            wait_for(
+                lambda name=name, want=want: (
+                    {a for a, s in adapters_by_name(get(api, namespace, "loraservers", name)).items()} == want
+                    and all(
+                        s["state"] == "Loaded"
+                        for s in adapters_by_name(get(api, namespace, "loraservers", name)).values()
+                    )
+                ),
+                120,
+                f"{name}'s adapters Loaded",
+            )
+        cache = node.storage / "adapter-cache"
+        assert {p.name for p in cache.iterdir() if not p.name.startswith(".")} == {
+            paths["a0"]["sha256"],
+            paths["a1"]["sha256"],
+        }
+
+        for name in ("drop", "keep"):
+            custom(api).delete_namespaced_custom_object(GROUP, VERSION, namespace, "loraservers", name)
+            handles[name].stop()  # the kubelet's part: the pod's processes end with it
+
+            def gone(name: str = name) -> bool:
+                try:
+                    get(api, namespace, "loraservers", name)
+                except kubernetes.client.ApiException as exc:
+                    return exc.status == 404
+                return False
+
+            wait_for(gone, 60, f"LoraServer {name} deleted (its finalizer done)")
+            wait_for(lambda name=name: not handles[name].live_pods(), 60, f"{name}'s engine pods deleted")
+    finally:
+        for handle in handles.values():
+            handle.stop()
+
+    # One cleanup Job, for "drop", on the node of the model, removing a0's copy only: a1 was still
+    # served by "keep" when "drop" went.
+    batch = kubernetes.client.BatchV1Api(api)
+    jobs = batch.list_namespaced_job(namespace, label_selector="app.kubernetes.io/component=cleanup").items
+    (job,) = jobs
+    assert job.metadata.labels["kimi-operator.io/loraserver"] == "drop"
+    (container,) = job.spec.template.spec.containers
+    assert container.args == ["remove-model", f"--root=/models/adapter-cache/{paths['a0']['sha256']}"]
+    terms = job.spec.template.spec.affinity.node_affinity.required_during_scheduling_ignored_during_execution
+    assert terms.node_selector_terms[0].match_expressions[0].values == [node_name]
+    # The Job's program on that node, as its pod would run it.
+    subprocess.run(
+        [sys.executable, "-m", "kimi_operator", *(node.local(a) for a in container.args)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(OPERATOR)},
+        timeout=60,
+    )
+    assert {p.name for p in cache.iterdir() if not p.name.startswith(".")} == {paths["a1"]["sha256"]}

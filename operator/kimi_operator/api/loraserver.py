@@ -55,6 +55,19 @@ class AdapterStore(ApiModel):
     )
 
 
+class AdapterCache(ApiModel):
+    """The node-local copies of this LoraServer's adapters (under the KimiModel's storage, shared by
+    every LoraServer on the node, keyed by sha256)."""
+
+    reclaim_policy: Literal["Retain", "Delete"] = Field(
+        default="Retain",
+        description=(
+            "Delete: when the LoraServer is deleted, its adapters' copies are removed from the nodes of its "
+            "KimiModel, except those another LoraServer serves. Retain: kept (a later server starts faster)."
+        ),
+    )
+
+
 class HubAdapter(ApiModel):
     """A PEFT adapter in a hub repository, pinned to one revision."""
 
@@ -386,6 +399,9 @@ class LoraServerSpec(ApiModel):
             "node mount it read-only and load those adapters from it. Without it a FineTuneJob's adapter "
             "reaches only replicas on the node it trained on."
         ),
+    )
+    adapter_cache: AdapterCache = Field(
+        default_factory=AdapterCache, description="What happens to the node copies of the adapters on deletion."
     )
     hub_endpoint: Annotated[str, Field(max_length=2048, pattern=r"^https?://[^\s]+$")] | None = Field(
         default=None,

@@ -267,8 +267,9 @@ class Kube:
         return found
 
     def list_objects(
-        self, api_version: str, kind: str, namespace: str, selector: str | None = None
+        self, api_version: str, kind: str, namespace: str | None, selector: str | None = None
     ) -> list[dict[str, Any]]:
+        """Objects of a kind in ``namespace`` (None: in every namespace)."""
         return self._list(api_version, kind, namespace, selector)
 
     def delete(self, live: Mapping[str, Any]) -> None:

@@ -8,19 +8,19 @@ over an unchanged LoraServer writes nothing (children are applied only when thei
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kimi_operator.api.conditions import Verdict
-from kimi_operator.api.kinds import FINE_TUNE_JOB
+from kimi_operator.api.kinds import FINE_TUNE_JOB, KIMI_MODEL, LORA_SERVER
 from kimi_operator.api.loraserver import Adapter, LoraServerSpec
 from kimi_operator.api.serving import AdapterFiles, PlannedAdapter, ReplicaPlan, ServingPlan
 from kimi_operator.controller import pods as pods_
-from kimi_operator.controller.kimimodel import model_or_wait
+from kimi_operator.controller.kimimodel import job_state, model_or_wait
 from kimi_operator.controller.kube import Kube
 from kimi_operator.controller.loraserver_status import LsReason, ModelState, Replica, RouterState, Wanted, observe
+from kimi_operator.render import cleanup, placement, sglang
 from kimi_operator.render import loraserver as render
-from kimi_operator.render import placement, sglang
 from kimi_operator.render import router as router_render
 from kimi_operator.render.kimimodel_paths import MOUNT
 
@@ -258,6 +258,55 @@ def reconcile(
     return observed.verdict, observed.status
 
 
+def _digests(obj: Mapping[str, Any]) -> set[str]:
+    """Every adapter file digest a LoraServer asks for or its engines loaded."""
+    spec, status = obj.get("spec") or {}, obj.get("status") or {}
+    found = {a.get("sha256") for a in spec.get("adapters") or []}
+    found |= {a.get("sha256") for a in status.get("adapters") or []}
+    for engine in status.get("engines") or []:
+        found |= set((engine.get("loadedSha256") or {}).values())
+    return {d for d in found if isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d)}
+
+
+def reclaimable(body: Mapping[str, Any], others: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The cache entries of this LoraServer that no other LoraServer serves: the node cache is shared
+    by every LoraServer on the node, keyed by digest only."""
+    uid = body["metadata"].get("uid")
+    theirs: set[str] = set()
+    for other in others:
+        if other["metadata"].get("uid") != uid:
+            theirs |= _digests(other)
+    return sorted(_digests(body) - theirs)
+
+
 def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: LoraServerSpec | None) -> list[str]:
-    """Engine pods go with the LoraServer (owner references); node adapter caches are kept."""
-    return []
+    """Engine and router pods go with the LoraServer (owner references), which ends their engines'
+    adapters with them. The node copies of its adapters are kept unless adapterCache.reclaimPolicy is
+    Delete; then a Job on each node of the model removes those no other LoraServer serves. Returns
+    the cleanup Jobs still running."""
+    if spec is None or spec.adapter_cache.reclaim_policy != "Delete":
+        return []
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    model = kube.get(KIMI_MODEL.api_version, KIMI_MODEL.kind, namespace, spec.model.name)
+    if model is None:
+        # The storage path is declared only in the KimiModel; without it there is nothing to mount.
+        return []
+    others = kube.list_objects(LORA_SERVER.api_version, LORA_SERVER.kind, None)
+    digests = reclaimable(body, others)
+    if not digests:
+        return []
+    owner = render.owner(namespace, name, meta["uid"])
+    holding = [n.get("name") for n in (model.get("status") or {}).get("nodes") or [] if n.get("phase") == "Ready"]
+    waiting = []
+    for node in holding:
+        job = cleanup.cleanup_job(
+            owner,
+            node=str(node),
+            storage_path=model["spec"]["storage"]["hostPath"],
+            root=[f"{MOUNT}/{render.CACHE_DIR}/{d}" for d in digests],
+            image=settings.engine_image,
+        )
+        if job_state(kube.create(job)) != "complete":
+            waiting.append(job["metadata"]["name"])
+    return waiting

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 from kimi_operator.api.base import GROUP, PodMetadata
@@ -17,15 +18,16 @@ def cleanup_job(
     *,
     node: str,
     storage_path: str,
-    root: str,
+    root: str | Sequence[str],
     image: str,
     pod_metadata: PodMetadata | None = None,
 ) -> dict[str, Any]:
-    """Delete ``root`` (a path under the storage mount) on ``node``.
+    """Delete ``root`` (paths under the storage mount) on ``node``.
 
     Not owned by the object: it must outlive what it cleans up after.
     """
-    digest = hashlib.sha256(f"{node}:{root}".encode()).hexdigest()[:8]
+    roots = [root] if isinstance(root, str) else list(root)
+    digest = hashlib.sha256(f"{node}:{':'.join(roots)}".encode()).hexdigest()[:8]
     name = f"{owner.name[: 63 - len('-cleanup-') - 8]}-cleanup-{digest}"
     labels = {
         MANAGED_BY: OPERATOR,
@@ -49,7 +51,9 @@ def cleanup_job(
                         {
                             "name": "cleanup",
                             "image": image,
-                            "args": ["remove-model", f"--root={root}"],
+                            # Every image of ours has the command; the engine image sets no entrypoint.
+                            "command": ["kimi-operator"],
+                            "args": ["remove-model", *(f"--root={r}" for r in roots)],
                             "volumeMounts": [{"name": "models", "mountPath": MOUNT}],
                         }
                     ],

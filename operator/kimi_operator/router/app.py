@@ -21,7 +21,7 @@ from kimi_operator.router.config import RouterConfig, read_keys
 from kimi_operator.router.defaults import merged
 from kimi_operator.router.fleet import Fleet
 from kimi_operator.router.httpserver import Request, Response
-from kimi_operator.router.keys import Scope, authenticate, bearer, verdict
+from kimi_operator.router.keys import Scope, admit, authenticate, bearer
 from kimi_operator.router.names import Target, resolve
 from kimi_operator.router.routing import Replica, candidates, choose, may_retry
 
@@ -193,13 +193,20 @@ class Router:
             if config is None:
                 await self._error(response, 503, "the router has not read its LoraServer yet", headers=_RETRY)
                 return
+            # The key first: a client without one learns nothing of the request's model.
+            status, scope = admit(request.header("authorization"), self.keys.table, required=bool(config.keys))
+            if status == 401:
+                key_label = "invalid"
+                await self._error(response, 401, "Incorrect API key provided", code="invalid_api_key")
+                return
+            key_label = scope.key_id if scope else "none"
             try:
-                body = requests.check(json.loads(request.body), chat=chat)
-            except (ValueError, UnicodeDecodeError) as exc:
-                if isinstance(exc, requests.Invalid):
-                    await self._error(response, 400, exc.message, param=exc.param)
-                else:
-                    await self._error(response, 400, f"the request body is not valid JSON: {exc}")
+                body = requests.check(_json(request.body), chat=chat)
+            except requests.Invalid as exc:
+                await self._error(response, 400, exc.message, param=exc.param)
+                return
+            except (ValueError, RecursionError) as exc:
+                await self._error(response, 400, f"the request body is not valid JSON: {str(exc)[:200]}")
                 return
             target = resolve(body["model"], served=config.served, adapters=config.adapters)
             if target is None:
@@ -207,15 +214,7 @@ class Router:
                 await self._error(response, 404, message, param="model", code="model_not_found")
                 return
             model_label = target.adapter or config.served
-            status, scope = verdict(
-                request.header("authorization"), self.keys.table, target, required=bool(config.keys)
-            )
-            if status == 401:
-                key_label = "invalid"
-                await self._error(response, 401, "Incorrect API key provided", code="invalid_api_key")
-                return
-            key_label = scope.key_id if scope else "none"
-            if status == 403:
+            if scope is not None and not scope.allows(target):
                 message = f"key {key_label} may not use the model `{model_label}`"
                 await self._error(response, 403, message, param="model", code="model_not_allowed")
                 return
@@ -360,6 +359,15 @@ async def _read(resp: aiohttp.ClientResponse) -> bytes:
 
 class _Dropped(aiohttp.ClientConnectionError):
     """The engine closed the connection before the whole answer arrived."""
+
+
+def _json(raw: bytes) -> Any:
+    """A body as JSON: strict UTF-8 (no lone surrogates), RFC 8259 numbers (no NaN or Infinity)."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number")
+
+    return json.loads(raw.decode("utf-8"), parse_constant=refuse)
 
 
 def _count_usage(raw: bytes, model: str, key: str) -> None:

@@ -102,9 +102,12 @@ def read_keys(config: RouterConfig, root: Path) -> tuple[dict[str, Scope], list[
     problems: list[str] = []
     for ref in config.keys:
         try:
-            value = ref.file(root).read_text().strip()
+            value = ref.file(root).read_text(encoding="utf-8").strip()
         except OSError as exc:
             problems.append(f"key {ref.id}: {ref.secret}/{ref.key} cannot be read ({exc.strerror})")
+            continue
+        except UnicodeDecodeError:
+            problems.append(f"key {ref.id}: {ref.secret}/{ref.key} is not UTF-8 text")
             continue
         if not value:
             problems.append(f"key {ref.id}: {ref.secret}/{ref.key} is empty")

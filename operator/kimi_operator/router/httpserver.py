@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 
 log = logging.getLogger("kimi_operator.router.http")
@@ -52,6 +53,9 @@ class Limits:
     body_seconds: float = 60.0
     # An idle keep-alive connection is closed after this long.
     idle_seconds: float = 75.0
+    # After an error answer, how long what the client still sends is read and dropped before the
+    # connection closes (see Server._fail).
+    linger_seconds: float = 5.0
 
 
 class HttpError(Exception):
@@ -142,15 +146,20 @@ class _Reader:
     def push(self, data: bytes) -> None:
         self._buffer.extend(data)
 
-    async def readuntil(self, separator: bytes, limit: int) -> bytes:
+    async def readuntil(self, separator: bytes, limit: int, too_long: tuple[int, str] | None = None) -> bytes:
+        """Up to and with ``separator``; ``too_long`` (status, message) when more than ``limit`` bytes
+        come before it (default: a 431 for request headers)."""
         while True:
             index = self._buffer.find(separator)
+            # A read may bring far more than the limit at once: the separator found in it does not
+            # make an over-long head acceptable.
+            if index > limit or (index < 0 and len(self._buffer) > limit):
+                status, message = too_long or (431, f"request headers exceed {limit} bytes")
+                raise HttpError(status, message)
             if index >= 0:
                 out = bytes(self._buffer[: index + len(separator)])
                 del self._buffer[: index + len(separator)]
                 return out
-            if len(self._buffer) > limit:
-                raise HttpError(431, f"request headers exceed {limit} bytes")
             data = await self._reader.read(65536)
             if not data:
                 raise EOFError(bytes(self._buffer))
@@ -174,6 +183,23 @@ class _Reader:
         return await self._reader.read(65536)
 
 
+# RFC 9110 token characters: a header name of anything else is malformed.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Control characters other than a tab may not appear in a header value (RFC 9110 section 5.5: CR,
+# LF and NUL must be refused; the others have no meaning there either).
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(r"[0-9]+")
+_HEX = re.compile(r"[0-9A-Fa-f]+")
+
+
+def _exceeds(digits: str, limit: int, base: int) -> bool:
+    """Whether a number written with ``digits`` (already checked) is above ``limit``, without
+    converting a number of thousands of digits (int() refuses more than 4300 decimal digits, and a
+    number that long exceeds any limit anyway)."""
+    significant = digits.lstrip("0")
+    return len(significant) > 20 or int(significant or "0", base) > limit
+
+
 def _parse_head(raw: bytes, limits: Limits) -> tuple[str, str, str, dict[str, str]]:
     try:
         text = raw.decode("latin-1")
@@ -185,16 +211,21 @@ def _parse_head(raw: bytes, limits: Limits) -> tuple[str, str, str, dict[str, st
         raise HttpError(400, f"malformed request line: {lines[0][:100]!r}")
     method, target, version = parts
     if version not in ("HTTP/1.1", "HTTP/1.0"):
-        raise HttpError(505, f"{version[:20]} is not served (HTTP/1.1 and HTTP/1.0 are)")
+        # A 400, not RFC 9110's 505: a 5xx says the server failed, and the router's 5xx are what its
+        # alerts and its clients' retries count; a client speaking another protocol (an HTTP/2
+        # preface sent without negotiation) did not make the router fail.
+        raise HttpError(400, f"{version[:20]} is not served (HTTP/1.1 and HTTP/1.0 are)")
     headers: dict[str, str] = {}
     for line in lines[1:]:
         if not line:
             continue
         name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip() or any(c in name for c in ' \t()<>@,;\\"/[]?={}'):
+        if not colon or not _TOKEN.fullmatch(name):
             raise HttpError(400, f"malformed header line: {line[:100]!r}")
         key = name.lower()
-        value = value.strip()
+        value = value.strip(" \t")
+        if _BAD_VALUE.search(value):
+            raise HttpError(400, f"header {name[:100]} has a control character in its value")
         if key in headers:
             if key in ("content-length", "transfer-encoding", "host", "authorization"):
                 raise HttpError(400, f"header {name} given twice")
@@ -209,20 +240,21 @@ def _parse_head(raw: bytes, limits: Limits) -> tuple[str, str, str, dict[str, st
 async def _read_chunked(reader: _Reader, limits: Limits) -> bytes:
     body = bytearray()
     while True:
-        line = await reader.readuntil(b"\r\n", 1024)
-        try:
-            size = int(line.split(b";", 1)[0].strip(), 16)
-        except ValueError as exc:
-            raise HttpError(400, "malformed chunk size") from exc
-        if size < 0:
+        line = await reader.readuntil(b"\r\n", 1024, (400, "malformed chunk size line"))
+        # Hex digits only: int(..., 16) would also take "0x10", "+10" and "1_0", which no other
+        # parser on the way reads the same.
+        text = line[:-2].split(b";", 1)[0].strip(b" \t").decode("latin-1")
+        if not _HEX.fullmatch(text):
             raise HttpError(400, "malformed chunk size")
+        if _exceeds(text, limits.body_bytes - len(body), 16):
+            raise HttpError(413, f"request body exceeds {limits.body_bytes} bytes")
+        size = int(text, 16)
         if size == 0:
             # Trailers, then the blank line.
-            while (await reader.readuntil(b"\r\n", limits.header_bytes)) != b"\r\n":
+            too_long = (431, f"a trailer exceeds {limits.header_bytes} bytes")
+            while (await reader.readuntil(b"\r\n", limits.header_bytes, too_long)) != b"\r\n":
                 pass
             return bytes(body)
-        if len(body) + size > limits.body_bytes:
-            raise HttpError(413, f"request body exceeds {limits.body_bytes} bytes")
         body.extend(await reader.readexactly(size))
         if await reader.readexactly(2) != b"\r\n":
             raise HttpError(400, "malformed chunk")
@@ -235,21 +267,28 @@ async def _read_request(reader: _Reader, limits: Limits, peer: str, writer: asyn
         if "content-length" in headers:
             raise HttpError(400, "both Content-Length and Transfer-Encoding given")
         if headers["transfer-encoding"].lower() != "chunked":
-            raise HttpError(501, f"Transfer-Encoding {headers['transfer-encoding'][:40]} is not supported")
+            # A 400, not RFC 9112's 501, for the reason a foreign version gets one (see _parse_head).
+            raise HttpError(400, f"Transfer-Encoding {headers['transfer-encoding'][:40]} is not supported")
         if headers.get("expect", "").lower() == "100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = await asyncio.wait_for(_read_chunked(reader, limits), limits.body_seconds)
         return Request(method, target, version, headers, body, peer)
     length_text = headers.get("content-length", "0")
-    if not length_text.isdigit():
+    # ASCII digits only: str.isdigit() also takes "²" and other digits int() refuses.
+    if not _DIGITS.fullmatch(length_text):
         raise HttpError(400, f"malformed Content-Length {length_text[:40]!r}")
+    if _exceeds(length_text, limits.body_bytes, 10):
+        raise HttpError(413, f"request body of {length_text[:40]} bytes exceeds the limit of {limits.body_bytes}")
     length = int(length_text)
-    if length > limits.body_bytes:
-        raise HttpError(413, f"request body of {length} bytes exceeds the limit of {limits.body_bytes}")
     if length and headers.get("expect", "").lower() == "100-continue":
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     body = await asyncio.wait_for(reader.readexactly(length), limits.body_seconds) if length else b""
     return Request(method, target, version, headers, body, peer)
+
+
+async def _discard(stream: asyncio.StreamReader) -> None:
+    while await stream.read(65536):
+        pass
 
 
 class Server:
@@ -267,11 +306,23 @@ class Server:
     async def serve(self, host: str, port: int) -> asyncio.Server:
         return await asyncio.start_server(self._connection, host, port, backlog=4096, limit=self.limits.header_bytes)
 
-    async def _fail(self, writer: asyncio.StreamWriter, status: int, message: str) -> None:
+    async def _fail(
+        self, stream: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int, message: str
+    ) -> None:
         body, content_type = self.error_body(status, message)
         response = Response(writer, keep_alive=False)
-        with contextlib.suppress(ConnectionError, RuntimeError):
+        # OSError, not only ConnectionError: ending this side of a connection the client already
+        # reset raises ENOTCONN.
+        with contextlib.suppress(OSError, RuntimeError):
             await response.send(status, body, content_type)
+            # Closing a socket whose input was not all read makes the kernel send a reset, and a
+            # client still sending (a body over the limit) then sees "connection reset" instead of
+            # the 413. So: end this side (the client reads the answer to its end), and read and drop
+            # what it still sends until it closes, for a bounded time, before closing.
+            if writer.can_write_eof():
+                writer.write_eof()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_discard(stream), self.limits.linger_seconds)
 
     async def _connection(self, stream: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -311,11 +362,17 @@ class Server:
             return await _read_request(reader, self.limits, peer, writer)
         except EOFError as exc:
             if exc.args and exc.args[0]:
-                await self._fail(writer, 400, "the connection closed in the middle of the request head")
+                await self._fail(stream, writer, 400, "the connection closed in the middle of the request")
         except TimeoutError:
-            await self._fail(writer, 408, "the request did not arrive in time")
+            await self._fail(stream, writer, 408, "the request did not arrive in time")
         except HttpError as exc:
-            await self._fail(writer, exc.status, exc.message)
+            await self._fail(stream, writer, exc.status, exc.message)
+        except ConnectionError:
+            raise
+        except Exception:
+            # A request this reader did not foresee: answered and logged, never a dropped connection.
+            log.exception("reading a request from %s failed", peer)
+            await self._fail(stream, writer, 500, "internal error")
         return None
 
     async def _handle(self, reader: _Reader, request: Request, response: Response) -> bool:

@@ -49,15 +49,22 @@ def authenticate(presented: str | None, keys: Mapping[str, Scope]) -> Scope | No
     return found
 
 
+def admit(header: str | None, keys: Mapping[str, Scope], *, required: bool) -> tuple[int, Scope | None]:
+    """(HTTP status, scope) of a request's key, before anything of the request is looked at: 200, or
+    401 for no or a wrong key (so a client without a key learns nothing, not even which models
+    exist). ``required``: keys are configured; a server with keys configured but none readable
+    refuses everything, only one with none configured is open."""
+    if not required:
+        return 200, None
+    scope = authenticate(bearer(header), keys)
+    return (401, None) if scope is None else (200, scope)
+
+
 def verdict(
     header: str | None, keys: Mapping[str, Scope], target: Target, *, required: bool | None = None
 ) -> tuple[int, Scope | None]:
-    """(HTTP status, scope): 200 allowed, 401 no or wrong key, 403 a key that may not use the model.
-    ``required``: keys are configured (default: some are known). A server with keys configured but
-    none readable refuses everything; only one with none configured is open."""
-    if not (bool(keys) if required is None else required):
-        return 200, None
-    scope = authenticate(bearer(header), keys)
-    if scope is None:
-        return 401, None
-    return (200 if scope.allows(target) else 403), scope
+    """:func:`admit`, then 403 for a key that may not use ``target``."""
+    status, scope = admit(header, keys, required=bool(keys) if required is None else required)
+    if scope is not None and not scope.allows(target):
+        return 403, scope
+    return status, scope

@@ -84,19 +84,8 @@ async def serve(args: argparse.Namespace) -> int:
 
         server = Server(router.handle, error, limits)
 
-        async def refresh_keys() -> None:
-            while True:
-                if router.config is not None:
-                    keys.refresh(router.config)
-                    if server.limits.body_bytes != router.config.max_body_bytes:
-                        server.limits = dataclasses.replace(server.limits, body_bytes=router.config.max_body_bytes)
-                ready = sum(1 for r in fleet.replicas() if r.ready)
-                metrics.REPLICAS.labels("true").set(ready)
-                metrics.REPLICAS.labels("false").set(len(fleet.engines) - ready)
-                await asyncio.sleep(keys.period)
-
         listener = await server.serve(args.host, args.port)
-        tasks = [asyncio.ensure_future(fleet.run()), asyncio.ensure_future(refresh_keys())]
+        tasks = [asyncio.ensure_future(fleet.run()), asyncio.ensure_future(_refresh_loop(router, keys, server, fleet))]
         stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
@@ -112,6 +101,22 @@ async def serve(args: argparse.Namespace) -> int:
         if source is not None:
             source.stop()
     return 0
+
+
+async def _refresh_loop(router: Router, keys: Keys, server: Server, fleet: Fleet) -> None:
+    """Keys and the body limit from the files and the spec, and the replica gauges, each second."""
+    while True:
+        try:
+            if router.config is not None:
+                keys.refresh(router.config)
+                if server.limits.body_bytes != router.config.max_body_bytes:
+                    server.limits = dataclasses.replace(server.limits, body_bytes=router.config.max_body_bytes)
+            ready = sum(1 for r in fleet.replicas() if r.ready)
+            metrics.REPLICAS.labels("true").set(ready)
+            metrics.REPLICAS.labels("false").set(len(fleet.engines) - ready)
+        except Exception:  # a bad read must not end the loop: key rotation would stop with it
+            log.exception("refreshing keys and limits")
+        await asyncio.sleep(keys.period)
 
 
 async def _drained(server: Server) -> None:

@@ -9,6 +9,7 @@ the key's scope.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -86,7 +87,9 @@ COMPLETION_FIELDS = frozenset(_OPENAI_COMMON | _OPENAI_COMPLETIONS | _SGLANG)
 ROUTER_OWNED = frozenset({"lora_path"})
 
 
-class Invalid(Exception):
+class Invalid(ValueError):
+    """A ValueError: the caller answers it, like a body that is not JSON at all, with a 400."""
+
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -94,7 +97,11 @@ class Invalid(Exception):
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    # Python's JSON reader takes NaN and Infinity, which are not JSON: no engine is sent them. (An
+    # int is finite; math.isfinite would overflow on one of hundreds of digits.)
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int) or (isinstance(v, float) and math.isfinite(v))
 
 
 def _is_int(v: Any) -> bool:

@@ -257,11 +257,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def remove_main(argv: Sequence[str] | None = None) -> int:
-    """``kimi-operator remove-model``: delete one model's directory on this node (reclaimPolicy Delete)."""
+    """``kimi-operator remove-model``: delete directories an object left on this node (reclaimPolicy
+    Delete): a model's, a fine-tune's outputs, or adapter cache entries."""
     parser = argparse.ArgumentParser(prog="kimi-operator remove-model")
-    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--root", type=Path, action="append", required=True, help="repeatable")
     args = parser.parse_args(argv)
-    if args.root.exists():
-        shutil.rmtree(args.root)
-    print(json.dumps({"event": "removed", "path": str(args.root)}))
+    for root in args.root:
+        if root.exists():
+            shutil.rmtree(root)
+        print(json.dumps({"event": "removed", "path": str(root)}))
     return 0
