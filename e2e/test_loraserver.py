@@ -742,7 +742,11 @@ def test_deletion_removes_the_pods_and_only_the_cache_entries_no_other_server_us
 
         for name in ("drop", "keep"):
             custom(api).delete_namespaced_custom_object(GROUP, VERSION, namespace, "loraservers", name)
-            handles[name].stop()  # the kubelet's part: the pod's processes end with it
+            # The engine pods go first ("drop": its finalizer deletes them before any cleanup, or
+            # the agents would copy the files back; "keep": the garbage collector, after it), and
+            # their processes end with them (the kubelet's part).
+            wait_for(lambda name=name: not handles[name].live_pods(), 90, f"{name}'s engine pods deleted")
+            handles[name].stop()
 
             def gone(name: str = name) -> bool:
                 try:
@@ -751,8 +755,7 @@ def test_deletion_removes_the_pods_and_only_the_cache_entries_no_other_server_us
                     return exc.status == 404
                 return False
 
-            wait_for(gone, 60, f"LoraServer {name} deleted (its finalizer done)")
-            wait_for(lambda name=name: not handles[name].live_pods(), 60, f"{name}'s engine pods deleted")
+            wait_for(gone, 90, f"LoraServer {name} deleted (its finalizer done)")
     finally:
         for handle in handles.values():
             handle.stop()

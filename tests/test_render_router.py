@@ -73,6 +73,17 @@ def test_each_secret_a_key_names_is_mounted_once_where_the_router_reads_it() -> 
     pod = render.deployment(OWNER, s, image="r")["spec"]["template"]["spec"]
     secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"]}
     assert sorted(secrets.values()) == ["ops", "team"]
+    # Only the keys named, readable by the router's group (its image's user, the pod's fsGroup)
+    # and nobody else; a missing Secret does not keep the pod from starting (the router refuses all).
+    for volume in pod["volumes"]:
+        secret = volume["secret"]
+        assert secret["defaultMode"] == 0o440
+        assert secret["optional"] is True
+    items = {v["secret"]["secretName"]: [i["key"] for i in v["secret"]["items"]] for v in pod["volumes"]}
+    assert items == {"ops": ["k"], "team": ["a", "b"]}
+    context = pod["securityContext"]
+    assert context["runAsUser"] == context["fsGroup"] == render.RUN_AS
+    assert context["runAsNonRoot"] is True
     mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     assert {secrets[n]: p for n, p in mounts.items()} == {"ops": "/keys/ops", "team": "/keys/team"}
     # The router's own reading of the spec finds the same files.
@@ -92,6 +103,7 @@ def test_the_router_may_read_its_loraserver_and_the_pods_and_no_secret() -> None
     } in rules
     assert all("secrets" not in r["resources"] for r in rules)
     assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in rules)
+    assert {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]} in rules
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
 
 
@@ -99,6 +111,7 @@ def test_the_service_and_the_endpoint_name_the_same_port() -> None:
     service = render.service(OWNER)
     assert service["metadata"]["name"] == "serve-router"
     ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
-    assert ports == {"http": render.HTTP_PORT, "metrics": render.METRICS_PORT}
+    # Clients only: metrics name adapters and key ids, and are scraped from the pods.
+    assert ports == {"http": render.HTTP_PORT}
     assert render.endpoint("ml", "serve") == f"http://serve-router.ml.svc:{render.HTTP_PORT}/v1"
     assert service["spec"]["selector"] == render.labels("serve")

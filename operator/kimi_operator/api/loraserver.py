@@ -280,16 +280,50 @@ class ApiKey(ApiModel):
     )
 
 
+class RouterResources(ApiModel):
+    """Requests and limits (equal) of each router pod."""
+
+    cpu: Quantity = Field(default="2", description="CPU of each router pod.")
+    memory: Quantity = Field(
+        default="1Gi",
+        description="Memory of each router pod; leave room for maxBodyBytes times the requests in flight.",
+    )
+
+
 class Router(ApiModel):
     """The OpenAI-compatible router in front of the replicas."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.apiKeySecretRef)",
+                    "apiKeySecretRef was replaced by apiKeys (each key with the models it may use)",
+                    field_path=".apiKeySecretRef",
+                ),
+                cel(
+                    "self.apiKeys.all(a, self.apiKeys.filter(b, b.secretKeyRef.name == a.secretKeyRef.name && "
+                    "b.secretKeyRef.key == a.secretKeyRef.key).size() == 1)",
+                    "two apiKeys name the same Secret key: each key needs its own",
+                    field_path=".apiKeys",
+                ),
+            ]
+        }
+    )
+
     replicas: Annotated[int, Field(ge=1, le=32)] = Field(default=1, description="Router pods.")
+    resources: RouterResources = Field(default_factory=RouterResources, description="Resources of each router pod.")
+    api_key_secret_ref: dict[str, Any] | None = Field(
+        default=None,
+        description="Replaced by apiKeys; refused (kept in the schema so that an old manifest is not silently open).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
     api_keys: Annotated[list[ApiKey], Field(max_length=64)] = Field(
         default_factory=list,
         description="API keys; without any, the endpoint is open to whoever reaches its Service.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["id"]},
     )
-    max_body_bytes: Annotated[int, Field(ge=1024, le=1073741824)] = Field(
+    max_body_bytes: Annotated[int, Field(ge=1024, le=268435456)] = Field(
         default=16 * 1024 * 1024, description="Largest request body accepted (413 above)."
     )
 

@@ -15,7 +15,7 @@ from kimi_operator.api.conditions import Reason, Verdict
 from kimi_operator.api.exitcodes import OOM_EXIT, TrainExit
 from kimi_operator.api.finetunejob import FineTuneJobSpec
 from kimi_operator.api.kinds import KIMI_MODEL
-from kimi_operator.controller.kimimodel import job_state, model_or_wait
+from kimi_operator.controller.kimimodel import cleanup_waiting, job_state, model_or_wait
 from kimi_operator.controller.kube import Kube
 from kimi_operator.controller.pods import unscheduled
 from kimi_operator.render import cleanup, llamafactory
@@ -240,4 +240,4 @@ def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: Fine
         image=settings.trainer_image,
         pod_metadata=spec.pod_metadata,
     )
-    return [] if job_state(kube.create(job)) == "complete" else [job["metadata"]["name"]]
+    return cleanup_waiting(job, kube.create(job))

@@ -163,7 +163,7 @@ def register(registry: kopf.OperatorRegistry, kube: Kube, controllers: Mapping[s
                 spec = None  # an object that never validated left nothing to undo beyond labels
             waiting = controller.finalize(body, spec)
             if waiting:
-                raise kopf.TemporaryError(f"waiting for cleanup Jobs {', '.join(waiting)}", delay=5)
+                raise kopf.TemporaryError(f"waiting for {', '.join(waiting)}", delay=5)
             metrics.forget(kind.kind, body["metadata"]["namespace"], body["metadata"]["name"])
 
         kopf.on.delete(*resource, registry=registry, id="finalize")(finalize)

@@ -7,6 +7,7 @@ spec; running it twice creates nothing twice.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,8 @@ from kimi_operator.api.kinds import KIMI_MODEL
 from kimi_operator.controller.kube import Kube, controlled_by
 from kimi_operator.render import kimimodel as render
 from kimi_operator.render.labels import common
+
+log = logging.getLogger("kimi_operator.controller")
 
 
 class KmReason(Reason):
@@ -88,6 +91,21 @@ def model_or_wait(kube: Kube, namespace: str, name: str) -> dict[str, Any] | Ver
         return model
     message = f"KimiModel {name} does not exist in namespace {namespace}"
     return Verdict(state="progressing", reason=KmReason.WAITING_FOR_MODEL, message=message)
+
+
+def cleanup_waiting(job: Mapping[str, Any], created: Mapping[str, Any] | None) -> list[str]:
+    """What a finalizer still waits for after creating (or finding) a cleanup Job: nothing once it
+    completed, or once it failed (its files stay: said in the log, the deletion is not held forever
+    by a node that is gone or a directory that cannot be removed)."""
+    state = job_state(created)
+    if state == "failed":
+        log.warning(
+            "cleanup Job %s/%s failed; its files may remain on the node: %s",
+            job["metadata"]["namespace"],
+            job["metadata"]["name"],
+            " ".join(job["spec"]["template"]["spec"]["containers"][0]["args"]),
+        )
+    return [] if state in ("complete", "failed") else [f"cleanup Job {job['metadata']['name']}"]
 
 
 def job_state(job: Mapping[str, Any] | None) -> str:
@@ -220,6 +238,5 @@ def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: Kimi
     waiting = []
     for node in holding:
         job = render.cleanup_job(owner, spec, node, image=settings.prepare_image)
-        if job_state(kube.create(job)) != "complete":
-            waiting.append(job["metadata"]["name"])
+        waiting += cleanup_waiting(job, kube.create(job))
     return waiting

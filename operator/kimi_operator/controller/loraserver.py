@@ -16,7 +16,7 @@ from kimi_operator.api.kinds import FINE_TUNE_JOB, KIMI_MODEL, LORA_SERVER
 from kimi_operator.api.loraserver import Adapter, LoraServerSpec
 from kimi_operator.api.serving import AdapterFiles, PlannedAdapter, ReplicaPlan, ServingPlan
 from kimi_operator.controller import pods as pods_
-from kimi_operator.controller.kimimodel import job_state, model_or_wait
+from kimi_operator.controller.kimimodel import cleanup_waiting, model_or_wait
 from kimi_operator.controller.kube import Kube
 from kimi_operator.controller.loraserver_status import LsReason, ModelState, Replica, RouterState, Wanted, observe
 from kimi_operator.render import cleanup, placement, sglang
@@ -268,14 +268,18 @@ def _digests(obj: Mapping[str, Any]) -> set[str]:
     return {d for d in found if isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d)}
 
 
-def reclaimable(body: Mapping[str, Any], others: Sequence[Mapping[str, Any]]) -> list[str]:
+def reclaimable(
+    body: Mapping[str, Any], others: Sequence[Mapping[str, Any]], exports: Mapping[str, set[str]] | None = None
+) -> list[str]:
     """The cache entries of this LoraServer that no other LoraServer serves: the node cache is shared
-    by every LoraServer on the node, keyed by digest only."""
+    by every LoraServer on the node, keyed by digest only. ``exports``: by LoraServer uid, the
+    digests of the FineTuneJob exports it names."""
     uid = body["metadata"].get("uid")
     theirs: set[str] = set()
     for other in others:
-        if other["metadata"].get("uid") != uid:
-            theirs |= _digests(other)
+        other_uid = other["metadata"].get("uid")
+        if other_uid != uid:
+            theirs |= _digests(other) | (exports or {}).get(str(other_uid), set())
     return sorted(_digests(body) - theirs)
 
 
@@ -292,11 +296,21 @@ def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: Lora
     if model is None:
         # The storage path is declared only in the KimiModel; without it there is nothing to mount.
         return []
+    # The agents copy back whatever their plan names while they run: the engine pods go first
+    # (the garbage collector would delete them only after this finalizer is done).
+    selector = router_render.engine_selector(name)
+    for live in kube.list_objects("apps/v1", "StatefulSet", namespace, selector):
+        if not live["metadata"].get("deletionTimestamp"):
+            kube.delete(live)
+    engines = kube.list_objects("v1", "Pod", namespace, selector)
+    if engines:
+        return [f"{len(engines)} engine pods to end before the adapter cache is cleaned"]
     others = kube.list_objects(LORA_SERVER.api_version, LORA_SERVER.kind, None)
-    digests = reclaimable(body, others)
+    digests = reclaimable(body, others, _exports_of(kube, others))
     if not digests:
         return []
     owner = render.owner(namespace, name, meta["uid"])
+    # The nodes the model is on (a node it never reached holds no cache of it).
     holding = [n.get("name") for n in (model.get("status") or {}).get("nodes") or [] if n.get("phase") == "Ready"]
     waiting = []
     for node in holding:
@@ -307,6 +321,31 @@ def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: Lora
             root=[f"{MOUNT}/{render.CACHE_DIR}/{d}" for d in digests],
             image=settings.engine_image,
         )
-        if job_state(kube.create(job)) != "complete":
-            waiting.append(job["metadata"]["name"])
+        waiting += cleanup_waiting(job, kube.create(job))
     return waiting
+
+
+def _exports_of(kube: Kube, servers: Sequence[Mapping[str, Any]]) -> dict[str, set[str]]:
+    """By LoraServer uid: the digests of the FineTuneJob exports it names (an agent may have copied
+    one it has not reported yet)."""
+    named = {
+        (s["metadata"]["namespace"], a["fineTuneJob"]["name"])
+        for s in servers
+        for a in (s.get("spec") or {}).get("adapters") or []
+        if a.get("fineTuneJob")
+    }
+    if not named:
+        return {}
+    exports = {
+        (f["metadata"]["namespace"], f["metadata"]["name"]): ((f.get("status") or {}).get("adapter") or {}).get(
+            "sha256"
+        )
+        for f in kube.list_objects(FINE_TUNE_JOB.api_version, FINE_TUNE_JOB.kind, None)
+    }
+    found: dict[str, set[str]] = {}
+    for s in servers:
+        for a in (s.get("spec") or {}).get("adapters") or []:
+            sha = exports.get((s["metadata"]["namespace"], (a.get("fineTuneJob") or {}).get("name")))
+            if sha:
+                found.setdefault(str(s["metadata"].get("uid")), set()).add(str(sha))
+    return found

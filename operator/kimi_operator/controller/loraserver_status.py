@@ -239,7 +239,8 @@ def _verdict(
             f"{len(adapters) - len(pending)}/{len(adapters)} adapters loaded; pending: {', '.join(pending)}",
         ),
         (
-            router is not None and router.ready == 0,
+            # Without any engine replica (scaled to zero) no router can be ready: nothing to wait for.
+            router is not None and router.ready == 0 and bool(desired),
             "progressing",
             LsReason.ROUTER,
             f"no router pod is ready yet (0/{router.desired if router else 0})",

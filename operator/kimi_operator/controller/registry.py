@@ -134,7 +134,8 @@ def build(kube: Kube, images: Images) -> dict[str, Controller]:
             lambda body, ns, name: None,
             # The agents' engine reports are the facts its conditions follow.
             follows_status=True,
-            watched_pods={MANAGED_BY: OPERATOR, "app.kubernetes.io/component": loraserver_render.ENGINE},
+            # Engine and router pods (both carry the owner annotation owner_of reads).
+            watched_pods={MANAGED_BY: OPERATOR},
             owner_fn=_engine_owner,
         ),
     ]

@@ -41,6 +41,9 @@ def cleanup_job(
         "metadata": {"name": name, "namespace": owner.namespace, "labels": labels},
         "spec": {
             "backoffLimit": 3,
+            # A node that went away leaves the pod Pending forever: the Job fails instead, and the
+            # finalizer waiting for it lets the object go (saying the files may remain).
+            "activeDeadlineSeconds": 1800,
             "ttlSecondsAfterFinished": 3600,
             "template": {
                 "metadata": template_metadata(pod_metadata or PodMetadata(), labels),

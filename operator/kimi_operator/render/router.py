@@ -13,7 +13,7 @@ from typing import Any
 from kimi_operator.api.base import GROUP
 from kimi_operator.api.loraserver import KIND, LoraServerSpec
 from kimi_operator.render.labels import bounded, common
-from kimi_operator.render.loraserver import ENGINE
+from kimi_operator.render.loraserver import ENGINE, OWNER_ANNOTATION
 from kimi_operator.render.owner import Owner
 
 ROUTER = "router"
@@ -46,7 +46,7 @@ def rbac(owner: Owner) -> list[dict[str, Any]]:
     rules: list[dict[str, Any]] = [
         {"apiGroups": [GROUP], "resources": [owner.plural], "resourceNames": [owner.name], "verbs": ["get"]},
         # Pods cannot be listed by name: the namespace's pods, filtered by the engines' labels.
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     ]
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
@@ -68,21 +68,31 @@ def service(owner: Owner) -> dict[str, Any]:
         "metadata": owner.metadata(router_name(owner.name), ROUTER),
         "spec": {
             "selector": labels(owner.name),
-            "ports": [
-                {"name": "http", "port": HTTP_PORT, "targetPort": "http"},
-                {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"},
-            ],
+            # Clients only: the metrics (adapter names, key ids, traffic per key) are scraped from
+            # the pods (the chart's PodMonitor), not offered to whoever reaches the endpoint.
+            "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http"}],
         },
     }
 
 
+# The router image's user; the key files are its group's (fsGroup), readable by nobody else.
+RUN_AS = 65532
+
+
 def _key_volumes(spec: LoraServerSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """One Secret volume per Secret the keys name, at <KEYS_MOUNT>/<secret>."""
-    secrets = sorted({k.secret_key_ref.name for k in spec.router.api_keys})
+    """One Secret volume per Secret the keys name, at <KEYS_MOUNT>/<secret>, holding only the keys
+    named. Optional: a missing Secret or key does not hold the pod in ContainerCreating; the router
+    starts, refuses every request (keys are configured, none readable) and logs which is missing."""
+    by_secret: dict[str, set[str]] = {}
+    for k in spec.router.api_keys:
+        by_secret.setdefault(k.secret_key_ref.name, set()).add(k.secret_key_ref.key)
     volumes, mounts = [], []
-    for i, secret in enumerate(secrets):
+    for i, secret in enumerate(sorted(by_secret)):
         volume = f"key-{i}"
-        volumes.append({"name": volume, "secret": {"secretName": secret, "defaultMode": 0o440}})
+        items = [{"key": key, "path": key} for key in sorted(by_secret[secret])]
+        volumes.append(
+            {"name": volume, "secret": {"secretName": secret, "items": items, "defaultMode": 0o440, "optional": True}}
+        )
         mounts.append({"name": volume, "mountPath": f"{KEYS_MOUNT}/{secret}", "readOnly": True})
     return volumes, mounts
 
@@ -91,7 +101,11 @@ def deployment(owner: Owner, spec: LoraServerSpec, *, image: str) -> dict[str, A
     name = router_name(owner.name)
     pod_labels = labels(owner.name)
     volumes, mounts = _key_volumes(spec)
-    resources = {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"cpu": "2", "memory": "1Gi"}}
+    r = spec.router.resources
+    resources = {
+        "requests": {"cpu": str(r.cpu), "memory": str(r.memory)},
+        "limits": {"cpu": str(r.cpu), "memory": str(r.memory)},
+    }
     container = {
         "name": ROUTER,
         "image": image,
@@ -115,6 +129,7 @@ def deployment(owner: Owner, spec: LoraServerSpec, *, image: str) -> dict[str, A
         # to a router that could only answer 503.
         "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5, "failureThreshold": 2},
         "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6},
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True},
         "volumeMounts": mounts,
     }
     return {
@@ -127,12 +142,21 @@ def deployment(owner: Owner, spec: LoraServerSpec, *, image: str) -> dict[str, A
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
                 # spec.podMetadata is for the engine pods (GPU scheduling, ...), not the router's.
-                "metadata": {"labels": pod_labels},
+                # The owner's full name rides in an annotation (labels are bounded), so a router
+                # pod's change runs a pass of its LoraServer.
+                "metadata": {"labels": pod_labels, "annotations": {OWNER_ANNOTATION: owner.name}},
                 "spec": {
                     "serviceAccountName": name,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": RUN_AS,
+                        "runAsGroup": RUN_AS,
+                        "fsGroup": RUN_AS,
+                    },
                     "containers": [container],
                     "volumes": volumes,
-                    # Streams in progress get time to end after the Service stopped sending new ones.
+                    # On SIGTERM the router answers /ready 503 for --drain-delay seconds (the Service
+                    # stops sending to it), then stops accepting and lets answers in progress end.
                     "terminationGracePeriodSeconds": 60,
                 },
             },

@@ -105,6 +105,8 @@ class Router:
         self.config: RouterConfig | None = None
         self.rng = rng or random.Random()  # noqa: S311 (load spreading, not security)
         self.clock = clock
+        # Set on SIGTERM: /ready answers 503 so the Service stops sending here before the port closes.
+        self.draining = False
         self._routes: dict[str, tuple[str, Callable[[Request, Response], Awaitable[None]]]] = {
             "/v1/chat/completions": ("POST", self._chat),
             "/v1/completions": ("POST", self._completions),
@@ -122,6 +124,19 @@ class Router:
         self.keys.refresh(config)
 
     # -- HTTP ----------------------------------------------------------------------------------
+
+    def gate(self, method: str, path: str, headers: Mapping[str, str]) -> tuple[int, bytes, str] | None:
+        """Before a body is read: with keys configured, no key or a wrong one is refused at once, so
+        a client without a key uploads nothing and learns nothing (not even the body limit)."""
+        config = self.config
+        if config is None or not config.keys or path not in _KEYED:
+            return None
+        status, _ = admit(headers.get("authorization"), self.keys.table, required=True)
+        if status != 401:
+            return None
+        metrics.REQUESTS.labels("unknown", "invalid", "401").inc()
+        body, content_type = error_body(401, "Incorrect API key provided", code="invalid_api_key")
+        return 401, body, content_type
 
     async def handle(self, request: Request, response: Response) -> None:
         path = request.path
@@ -144,7 +159,7 @@ class Router:
 
     async def _ready(self, request: Request, response: Response) -> None:
         """Ready while the router knows a ready replica: a Service sends nothing to one that does not."""
-        ready = self.config is not None and self.fleet.any_ready()
+        ready = self.config is not None and not self.draining and self.fleet.any_ready()
         body = b'{"status":"ready"}' if ready else b'{"status":"no ready replica known"}'
         await response.send(200 if ready else 503, body, JSON)
 
@@ -346,6 +361,8 @@ class Router:
 
 
 _RETRY = [("Retry-After", "5")]
+# The paths a key is needed for (the probes are not).
+_KEYED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
 # Connecting is quick or the replica is down; an answer may take as long as generation does.
 _UPSTREAM = aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5, sock_read=None)
 

@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 log = logging.getLogger("kimi_operator.router.http")
 
@@ -133,6 +133,17 @@ class Response:
 Handler = Callable[[Request, Response], Awaitable[None]]
 # Answers a request that could not be read (status, message) in the application's error shape.
 ErrorBody = Callable[[int, str], tuple[bytes, str]]
+# Looks at a request's head before its body is read: None to go on, or the whole answer (status,
+# body, content type), given before any byte of the body is read (a wrong key uploads nothing).
+Gate = Callable[[str, str, Mapping[str, str]], tuple[int, bytes, str] | None]
+
+
+class Refused(Exception):
+    """A gate's answer to a request whose body was not read: sent, then the connection closed."""
+
+    def __init__(self, status: int, body: bytes, content_type: str) -> None:
+        super().__init__(status)
+        self.status, self.body, self.content_type = status, body, content_type
 
 
 class _Reader:
@@ -260,9 +271,13 @@ async def _read_chunked(reader: _Reader, limits: Limits) -> bytes:
             raise HttpError(400, "malformed chunk")
 
 
-async def _read_request(reader: _Reader, limits: Limits, peer: str, writer: asyncio.StreamWriter) -> Request:
+async def _read_request(
+    reader: _Reader, limits: Limits, peer: str, writer: asyncio.StreamWriter, gate: Gate | None = None
+) -> Request:
     raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n", limits.header_bytes), limits.header_seconds)
     method, target, version, headers = _parse_head(raw[:-4], limits)
+    if gate is not None and (answer := gate(method, target.split("?", 1)[0], headers)) is not None:
+        raise Refused(*answer)
     if "transfer-encoding" in headers:
         if "content-length" in headers:
             raise HttpError(400, "both Content-Length and Transfer-Encoding given")
@@ -292,7 +307,10 @@ async def _discard(stream: asyncio.StreamReader) -> None:
 
 
 class Server:
-    def __init__(self, handler: Handler, error_body: ErrorBody, limits: Limits | None = None) -> None:
+    def __init__(
+        self, handler: Handler, error_body: ErrorBody, limits: Limits | None = None, gate: Gate | None = None
+    ) -> None:
+        self.gate = gate
         self.handler = handler
         self.error_body = error_body
         self.limits = limits or Limits()
@@ -307,9 +325,14 @@ class Server:
         return await asyncio.start_server(self._connection, host, port, backlog=4096, limit=self.limits.header_bytes)
 
     async def _fail(
-        self, stream: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int, message: str
+        self,
+        stream: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        status: int,
+        message: str,
+        answer: tuple[bytes, str] | None = None,
     ) -> None:
-        body, content_type = self.error_body(status, message)
+        body, content_type = answer or self.error_body(status, message)
         response = Response(writer, keep_alive=False)
         # OSError, not only ConnectionError: ending this side of a connection the client already
         # reset raises ENOTCONN.
@@ -359,7 +382,7 @@ class Server:
                 if not first:
                     return None
                 reader.push(first)
-            return await _read_request(reader, self.limits, peer, writer)
+            return await _read_request(reader, self.limits, peer, writer, self.gate)
         except EOFError as exc:
             if exc.args and exc.args[0]:
                 await self._fail(stream, writer, 400, "the connection closed in the middle of the request")
@@ -367,6 +390,8 @@ class Server:
             await self._fail(stream, writer, 408, "the request did not arrive in time")
         except HttpError as exc:
             await self._fail(stream, writer, exc.status, exc.message)
+        except Refused as exc:
+            await self._fail(stream, writer, exc.status, "", answer=(exc.body, exc.content_type))
         except ConnectionError:
             raise
         except Exception:

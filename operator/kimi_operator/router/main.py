@@ -42,6 +42,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a request's headers may take")
     p.add_argument("--body-timeout", type=float, default=60.0, help="seconds a request's body may take")
     p.add_argument("--grace", type=float, default=30.0, help="seconds to finish answers on SIGTERM")
+    p.add_argument(
+        "--drain-delay",
+        type=float,
+        default=5.0,
+        help="seconds between SIGTERM and closing the listener, answering /ready 503 meanwhile",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -82,7 +88,7 @@ async def serve(args: argparse.Namespace) -> int:
         def error(status: int, message: str) -> tuple[bytes, str]:
             return error_body(status, message)
 
-        server = Server(router.handle, error, limits)
+        server = Server(router.handle, error, limits, gate=router.gate)
 
         listener = await server.serve(args.host, args.port)
         tasks = [asyncio.ensure_future(fleet.run()), asyncio.ensure_future(_refresh_loop(router, keys, server, fleet))]
@@ -91,7 +97,14 @@ async def serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stopping.set)
         log.info("router on %s:%d", args.host, args.port)
         await stopping.wait()
-        log.info("stopping: no new connections; %.0f s for the answers in progress", args.grace)
+        # Not ready first, still accepting: endpoints drop the pod before its port closes.
+        router.draining = True
+        log.info(
+            "stopping: /ready 503 for %.0f s, then no new connections and %.0f s for answers in progress",
+            args.drain_delay,
+            args.grace,
+        )
+        await asyncio.sleep(args.drain_delay)
         listener.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(_drained(server), args.grace)
