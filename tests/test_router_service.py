@@ -850,7 +850,7 @@ def test_probes(router: Router) -> None:
         ("PUT", "/v1/completions", 405),
         ("POST", "/health", 405),
         ("DELETE", "/v1/models", 405),
-        ("HEAD", "/ready", 405),
+        ("TRACE", "/ready", 405),
         ("PATCH", "/v1/chat/completions?x=1", 405),
     ],
 )
@@ -866,6 +866,23 @@ def test_unknown_paths_and_wrong_methods(router: Router, method: str, path: str,
         assert method in error["message"]
     else:
         assert error["code"] == "not_found"
+
+
+def test_head_is_the_head_of_get_without_a_body_and_the_connection_stays_usable(router: Router) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=5)
+    try:
+        conn.request("HEAD", "/health")
+        head = conn.getresponse()
+        assert head.status == 200
+        assert head.read() == b""
+        assert int(head.getheader("Content-Length") or 0) > 0
+        # The same connection: no body was left on it to be read as the next answer.
+        conn.request("GET", "/health")
+        again = conn.getresponse()
+        assert again.status == 200
+        assert json.loads(again.read()) == {"status": "ok"}
+    finally:
+        conn.close()
 
 
 def test_models_without_keys(router: Router) -> None:

@@ -5,10 +5,12 @@ engine sends it (a stream event by event).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -29,8 +31,6 @@ log = logging.getLogger("kimi_operator.router")
 
 JSON = "application/json"
 SSE = "text/event-stream; charset=utf-8"
-# SGLang's words when a request names an adapter the engine does not hold (REFERENCE.md).
-NEVER_LOADED = b"never been loaded"
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "invalid_request_error",
@@ -96,8 +96,10 @@ class Router:
         fleet: Fleet,
         session: aiohttp.ClientSession,
         keys: Keys,
+        *,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        read_timeout: float = 900.0,
     ) -> None:
         self.fleet = fleet
         self.session = session
@@ -105,6 +107,7 @@ class Router:
         self.config: RouterConfig | None = None
         self.rng = rng or random.Random()  # noqa: S311 (load spreading, not security)
         self.clock = clock
+        self.timeout = upstream_timeout(read_timeout)
         # Set on SIGTERM: /ready answers 503 so the Service stops sending here before the port closes.
         self.draining = False
         self._routes: dict[str, tuple[str, Callable[[Request, Response], Awaitable[None]]]] = {
@@ -144,7 +147,7 @@ class Router:
         if route is None:
             return await self._error(response, 404, f"no route {path}", code="not_found")
         method, serve = route
-        if request.method != method:
+        if request.method != method and not (method == "GET" and request.method == "HEAD"):
             return await self._error(response, 405, f"{request.method} is not allowed on {path}: use {method}")
         return await serve(request, response)
 
@@ -204,6 +207,7 @@ class Router:
         began = self.clock()
         config = self.config
         model_label, key_label = "unknown", "none"
+        failed = False
         try:
             if config is None:
                 await self._error(response, 503, "the router has not read its LoraServer yet", headers=_RETRY)
@@ -234,8 +238,14 @@ class Router:
                 await self._error(response, 403, message, param="model", code="model_not_allowed")
                 return
             await self._forward(response, body, target, config, model=model_label, key=key_label, began=began)
+        except asyncio.CancelledError:
+            raise  # the client went away: counted as 499 below
+        except Exception:
+            failed = True  # the server answers 500 once this returns
+            raise
         finally:
-            metrics.REQUESTS.labels(model_label, key_label, str(response.status or 499)).inc()
+            code = response.status or (500 if failed else 499)
+            metrics.REQUESTS.labels(model_label, key_label, str(code)).inc()
             metrics.LATENCY.labels(model_label).observe(self.clock() - began)
 
     async def _forward(
@@ -280,12 +290,23 @@ class Router:
                         message = config.why_unavailable(target.adapter)
                     await self._error(response, 503, message, code="no_replica", headers=_RETRY)
                     return
+                if tried:
+                    metrics.RETRIES.labels(model).inc()
                 tried.add(replica.name)
                 if await self._attempt(response, replica, call):
                     return
-                metrics.RETRIES.labels(model).inc()
         finally:
             in_flight.dec()
+
+    async def _post(self, replica: Replica, call: Call) -> aiohttp.ClientResponse:
+        """The engine's answer head. A pooled connection that the engine closed while it was idle
+        fails before any byte went out: that is tried once more, on a fresh connection, before the
+        replica counts as unreachable."""
+        url = f"{replica.url}{call.path}"
+        try:
+            return await self.session.post(url, data=call.payload, headers=_UPSTREAM_HEADERS, timeout=self.timeout)
+        except aiohttp.ServerDisconnectedError:
+            return await self.session.post(url, data=call.payload, headers=_UPSTREAM_HEADERS, timeout=self.timeout)
 
     async def _attempt(self, response: Response, replica: Replica, call: Call) -> bool:
         """One try on one replica. False: nothing reached the client and another may take it."""
@@ -294,10 +315,16 @@ class Router:
             engine.in_flight += 1
         try:
             try:
-                resp = await self.session.post(
-                    f"{replica.url}{call.path}", data=call.payload, headers={"Content-Type": JSON}, timeout=_UPSTREAM
-                )
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                resp = await self._post(replica, call)
+            except aiohttp.SocketTimeoutError:
+                # Connected, but no answer for --read-timeout: the engine is stuck (or the prefill
+                # is longer than allowed). The request may be running there: not sent elsewhere.
+                metrics.UPSTREAM.labels(replica.name, call.model, "0").inc()
+                self.fleet.wake()
+                message = f"the engine replica {replica.name} gave no answer in {self.timeout.sock_read:.0f} s"
+                await self._error(response, 504, message, code="engine_timeout")
+                return True
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 metrics.UPSTREAM.labels(replica.name, call.model, "0").inc()
                 self.fleet.unreachable(replica.name, str(exc) or type(exc).__name__)
                 return not may_retry(connected=False, status=None, sent_to_client=False)
@@ -306,11 +333,9 @@ class Router:
                     metrics.UPSTREAM.labels(replica.name, call.model, str(resp.status)).inc()
                     if resp.status != 200:
                         raw = await _read(resp)
-                        not_here = resp.status == 400 and NEVER_LOADED in raw
-                        if not_here:
-                            # The engine lost the adapter since it listed it: ask it again now.
-                            self.fleet.wake()
-                        if resp.status == 503:
+                        not_here = resp.status == 400 and any(words in raw for words in NOT_HERE)
+                        if not_here or resp.status == 503:
+                            # The engine lost the adapter since it listed it, or is busy: ask it again now.
                             self.fleet.wake()
                         if may_retry(connected=True, status=resp.status, sent_to_client=False, not_here=not_here):
                             return False
@@ -341,9 +366,10 @@ class Router:
         try:
             async for data in resp.content.iter_any():
                 pending += data
-                # Whole events only, each as soon as it is whole.
-                while (end := pending.find(b"\n\n")) >= 0:
-                    event, pending = pending[: end + 2], pending[end + 2 :]
+                # Whole events only, each as soon as it is whole (SSE ends an event with a blank
+                # line: \n\n, \r\n\r\n or \r\r).
+                while (found := _EVENT_END.search(pending)) is not None:
+                    event, pending = pending[: found.end()], pending[found.end() :]
                     if b'"usage"' in event and _usage_event(event, call.model, call.key) and call.strip_usage:
                         continue
                     if first:
@@ -352,19 +378,34 @@ class Router:
                     await response.write(event)
             if pending.strip():
                 await response.write(pending)
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-            # The engine went away mid-stream: the client gets an error event and the end, not a hang.
-            self.fleet.unreachable(replica.name, str(exc) or type(exc).__name__)
-            message = f"the engine replica {replica.name} stopped in the middle of the answer"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The engine went away or went silent mid-stream: the client gets an error event and the
+            # end, not a hang.
+            if isinstance(exc, aiohttp.SocketTimeoutError):
+                self.fleet.wake()
+                message = f"the engine replica {replica.name} sent nothing for {self.timeout.sock_read:.0f} s"
+            else:
+                self.fleet.unreachable(replica.name, str(exc) or type(exc).__name__)
+                message = f"the engine replica {replica.name} stopped in the middle of the answer"
             error = {"error": {"message": message, "type": "server_error", "param": None, "code": 502}}
             await response.write(b"data: " + json.dumps(error).encode() + b"\n\ndata: [DONE]\n\n")
 
 
 _RETRY = [("Retry-After", "5")]
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# SGLang's words when a request names an adapter the engine does not hold (REFERENCE.md), and when
+# it was evicted between the listing and the request.
+NOT_HERE = (b"never been loaded", b"are not loaded")
+# The engine's answer is relayed as it is: never compressed on the way.
+_UPSTREAM_HEADERS = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
 # The paths a key is needed for (the probes are not).
 _KEYED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
-# Connecting is quick or the replica is down; an answer may take as long as generation does.
-_UPSTREAM = aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5, sock_read=None)
+
+
+def upstream_timeout(read_seconds: float) -> aiohttp.ClientTimeout:
+    """Connecting is quick or the replica is down; between two bytes of an answer (or before its
+    head: a prefill) at most ``read_seconds``, or the engine counts as stuck."""
+    return aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5, sock_read=read_seconds)
 
 
 async def _read(resp: aiohttp.ClientResponse) -> bytes:
@@ -379,7 +420,8 @@ class _Dropped(aiohttp.ClientConnectionError):
 
 
 def _json(raw: bytes) -> Any:
-    """A body as JSON: strict UTF-8 (no lone surrogates), RFC 8259 numbers (no NaN or Infinity)."""
+    """A body as JSON: strict UTF-8 (no lone surrogate bytes; a \\ud800 escape is JSON's own and
+    passes), RFC 8259 numbers (no NaN or Infinity)."""
 
     def refuse(name: str) -> Any:
         raise ValueError(f"{name} is not a JSON number")
@@ -406,7 +448,8 @@ def _add_usage(usage: Any, model: str, key: str) -> None:
 
 
 def _usage_event(event: bytes, model: str, key: str) -> bool:
-    """Count an event's usage; True when the event is the usage-only one (no choices)."""
+    """True when the event is the usage-only one (no choices), whose usage is then counted. Other
+    events may carry running totals (stream_options.continuous_usage_stats): never counted."""
     text = event.strip()
     if not text.startswith(b"data:"):
         return False
@@ -414,7 +457,7 @@ def _usage_event(event: bytes, model: str, key: str) -> bool:
         data = json.loads(text[5:])
     except ValueError:
         return False
-    if not isinstance(data, dict) or not data.get("usage"):
+    if not isinstance(data, dict) or not data.get("usage") or data.get("choices") != []:
         return False
     _add_usage(data["usage"], model, key)
-    return data.get("choices") == []
+    return True

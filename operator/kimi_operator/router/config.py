@@ -112,5 +112,9 @@ def read_keys(config: RouterConfig, root: Path) -> tuple[dict[str, Scope], list[
         if not value:
             problems.append(f"key {ref.id}: {ref.secret}/{ref.key} is empty")
             continue
+        if value in keys:
+            # Two ids, one value: whichever scope won would be a silent choice.
+            problems.append(f"keys {keys[value].key_id} and {ref.id} have the same value: {ref.id} is not accepted")
+            continue
         keys[value] = config.scope(ref)
     return keys, problems

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 log = logging.getLogger("kimi_operator.router.http")
 
@@ -87,9 +88,15 @@ class Request:
 class Response:
     """What a handler writes to: one whole answer, or a stream of chunks."""
 
-    def __init__(self, writer: asyncio.StreamWriter, keep_alive: bool) -> None:
+    def __init__(
+        self, writer: asyncio.StreamWriter, keep_alive: bool, *, head_only: bool = False, chunked: bool = True
+    ) -> None:
         self._writer = writer
         self.keep_alive = keep_alive
+        # HEAD: the head of the answer GET would give, without its body.
+        self.head_only = head_only
+        # An HTTP/1.0 client knows no chunks: a stream is its bytes, ended by closing.
+        self.chunked = chunked
         self.status: int | None = None
         self.streaming = False
         self.finished = False
@@ -107,27 +114,31 @@ class Response:
         assert not self.started, "an answer was already started"
         self.status, self.started, self.finished = status, True, True
         head = self._head(status, [("Content-Type", content_type), ("Content-Length", str(len(body))), *headers])
-        self._writer.write(head + body)
+        self._writer.write(head if self.head_only else head + body)
         await self._writer.drain()
 
     async def start_stream(self, status: int, content_type: str, headers: Sequence[tuple[str, str]] = ()) -> None:
         assert not self.started, "an answer was already started"
         self.status, self.started, self.streaming = status, True, True
-        all_headers = [("Content-Type", content_type), ("Transfer-Encoding", "chunked"), ("Cache-Control", "no-cache")]
+        if not self.chunked:
+            self.keep_alive = False
+        framing = [("Transfer-Encoding", "chunked")] if self.chunked else []
+        all_headers = [("Content-Type", content_type), *framing, ("Cache-Control", "no-cache")]
         self._writer.write(self._head(status, [*all_headers, *headers]))
         await self._writer.drain()
 
     async def write(self, data: bytes) -> None:
         """One chunk, sent at once (an event of a stream is never held back)."""
-        if data:
-            self._writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+        if data and not self.head_only:
+            self._writer.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
             await self._writer.drain()
 
     async def end(self) -> None:
         if self.streaming and not self.finished:
             self.finished = True
-            self._writer.write(b"0\r\n\r\n")
-            await self._writer.drain()
+            if self.chunked and not self.head_only:
+                self._writer.write(b"0\r\n\r\n")
+                await self._writer.drain()
 
 
 Handler = Callable[[Request, Response], Awaitable[None]]
@@ -315,7 +326,10 @@ class Server:
         self.error_body = error_body
         self.limits = limits or Limits()
         self._connections: set[asyncio.Task[None]] = set()
+        # Connections waiting for their next request, closed at once when draining starts.
+        self._idle: set[asyncio.Task[Any]] = set()
         self._active = 0
+        self.draining = False
 
     def busy(self) -> bool:
         """Whether a request is being answered."""
@@ -356,11 +370,17 @@ class Server:
         reader = _Reader(stream)
         try:
             while (request := await self._next_request(stream, reader, writer, peer)) is not None:
-                keep_alive = request.version == "HTTP/1.1" and request.header("connection") != "close"
-                response = Response(writer, keep_alive)
+                tokens = {t.strip().lower() for t in (request.header("connection") or "").split(",")}
+                keep_alive = request.version == "HTTP/1.1" and "close" not in tokens and not self.draining
+                response = Response(
+                    writer, keep_alive, head_only=request.method == "HEAD", chunked=request.version == "HTTP/1.1"
+                )
                 if not await self._handle(reader, request, response) or not response.keep_alive:
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        except asyncio.CancelledError:
+            # Closed by the server (an idle connection while draining, or the grace period over).
             return
         finally:
             self._connections.discard(task)
@@ -374,11 +394,19 @@ class Server:
         """The connection's next request; None when it is done (closed, or answered with an error)."""
         try:
             if not reader.pending:
-                # Waiting for the next request of a keep-alive connection: an idle one just closes.
+                # Waiting for the next request of a keep-alive connection: an idle one just closes
+                # (and at once when the server drains).
+                if self.draining:
+                    return None
+                task = asyncio.current_task()
+                assert task is not None
+                self._idle.add(task)
                 try:
                     first = await asyncio.wait_for(stream.read(65536), self.limits.idle_seconds)
                 except TimeoutError:
                     return None
+                finally:
+                    self._idle.discard(task)
                 if not first:
                     return None
                 reader.push(first)
@@ -413,23 +441,25 @@ class Server:
         work = asyncio.ensure_future(self.handler(request, response))
         watch = asyncio.ensure_future(reader.read_some())
         try:
-            done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if watch in done and work not in done:
+            while True:
+                done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if work in done:
+                    break
                 data = watch.result() if not watch.cancelled() and watch.exception() is None else b""
                 if not data:
                     work.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await work
                     return False
-                # A pipelined next request: keep its bytes, finish this one first.
+                # Bytes of a pipelined next request (or a stray CRLF): kept for later, and the
+                # client is still watched, for it may go away after sending them.
                 reader.push(data)
-                await work
-            else:
-                watch.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    data = await watch
-                    if data:
-                        reader.push(data)
+                watch = asyncio.ensure_future(reader.read_some())
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                data = await watch
+                if data:
+                    reader.push(data)
             if work.exception() is not None:
                 raise work.exception()  # type: ignore[misc]
             if not response.started:
@@ -452,6 +482,12 @@ class Server:
         response.keep_alive = False
         with contextlib.suppress(ConnectionError, RuntimeError):
             await response.send(status, body, content_type)
+
+    def drain(self) -> None:
+        """No more keep-alive: every answer from now on closes its connection, idle ones close now."""
+        self.draining = True
+        for task in list(self._idle):
+            task.cancel()
 
     async def close(self) -> None:
         for task in list(self._connections):

@@ -41,6 +41,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--period", type=float, default=2.0, help="seconds between reads of the engines and the spec")
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a request's headers may take")
     p.add_argument("--body-timeout", type=float, default=60.0, help="seconds a request's body may take")
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        default=900.0,
+        help="seconds an engine may send nothing (a prefill included) before its request fails (504 or an error event)",
+    )
+    p.add_argument("--upstream-keepalive", type=float, default=4.0, help="seconds an idle engine connection is kept")
     p.add_argument("--grace", type=float, default=30.0, help="seconds to finish answers on SIGTERM")
     p.add_argument(
         "--drain-delay",
@@ -54,11 +61,15 @@ def parser() -> argparse.ArgumentParser:
 
 async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
-    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+    # Idle connections to an engine are dropped before the engine drops them (SGLang's uvicorn keeps
+    # them 5 s): a request never goes out on a connection the engine is closing.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=args.upstream_keepalive)
+    async with aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, skip_auto_headers=("Accept-Encoding",)
+    ) as session:
         fleet = Fleet(session, period=args.period)
         keys = Keys(args.keys_dir)
-        router = Router(fleet, session, keys)
+        router = Router(fleet, session, keys, read_timeout=args.read_timeout)
         source: KubeSource | None = None
         body_limit = 16 * 1024 * 1024
 
@@ -99,6 +110,7 @@ async def serve(args: argparse.Namespace) -> int:
         await stopping.wait()
         # Not ready first, still accepting: endpoints drop the pod before its port closes.
         router.draining = True
+        server.drain()
         log.info(
             "stopping: /ready 503 for %.0f s, then no new connections and %.0f s for answers in progress",
             args.drain_delay,

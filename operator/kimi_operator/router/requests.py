@@ -79,12 +79,14 @@ _SGLANG = {
     "extra_key",
     "cache_salt",
     "custom_params",
-    "custom_logit_processor",
 }
 CHAT_FIELDS = frozenset(_OPENAI_COMMON | _OPENAI_CHAT | _SGLANG)
 COMPLETION_FIELDS = frozenset(_OPENAI_COMMON | _OPENAI_COMPLETIONS | _SGLANG)
 # Fields the router decides, never the client.
 ROUTER_OWNED = frozenset({"lora_path"})
+# Serialized Python the engine would run (when started with --enable-custom-logit-processor): no
+# key may send code to the engines through the router.
+REFUSED = frozenset({"custom_logit_processor"})
 
 
 class Invalid(ValueError):
@@ -172,6 +174,8 @@ def check(body: Any, *, chat: bool) -> Mapping[str, Any]:
     for name in body:
         if name in ROUTER_OWNED:
             raise Invalid(f"'{name}' is not accepted: the adapter is chosen by 'model'", name)
+        if name in REFUSED:
+            raise Invalid(f"'{name}' is not accepted through this endpoint", name)
         if name not in allowed:
             raise Invalid(f"Unrecognized request argument supplied: {name}", name)
     if "model" not in body:

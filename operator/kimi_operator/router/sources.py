@@ -73,7 +73,9 @@ class KubeSource:
         selector = self.selector
         while not self.stopping.is_set():
             try:
-                listed = core.list_namespaced_pod(self.namespace, label_selector=selector)
+                # Client-side bounds: a half-open connection to the apiserver must not freeze what
+                # the router knows.
+                listed = core.list_namespaced_pod(self.namespace, label_selector=selector, _request_timeout=(10, 60))
                 pods = {p.metadata.name: api.sanitize_for_serialization(p) for p in listed.items}
                 self._deliver_members(pods)
                 watch = watch_module.Watch()
@@ -83,6 +85,7 @@ class KubeSource:
                     label_selector=selector,
                     resource_version=listed.metadata.resource_version,
                     timeout_seconds=60,
+                    _request_timeout=(10, 90),
                 ):
                     if self.stopping.is_set():
                         watch.stop()
@@ -109,7 +112,9 @@ class KubeSource:
         last_error = None
         while not self.stopping.is_set():
             try:
-                obj = custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, self.name)
+                obj = custom.get_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, self.name, _request_timeout=(10, 30)
+                )
                 config = from_object(obj)
             except Exception as exc:  # keep serving with what was read last
                 text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
