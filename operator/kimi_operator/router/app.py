@@ -71,6 +71,18 @@ class Call:
     strip_usage: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class Whole:
+    """An engine's whole (non-streamed) answer, or why there is none (``status`` None)."""
+
+    status: int | None
+    body: bytes = b""
+    content_type: str = JSON
+    # timeout: silent for --read-timeout; dropped: closed mid-answer; unreachable: no answer at all.
+    failure: str | None = None
+    error: str = ""
+
+
 class Keys:
     """The keys as their mounted files say now, re-read on a short period (a rotated Secret takes
     effect without a restart)."""
@@ -108,6 +120,8 @@ class Router:
         self.rng = rng or random.Random()  # noqa: S311 (load spreading, not security)
         self.clock = clock
         self.timeout = upstream_timeout(read_timeout)
+        # Whole answers still being fetched for clients that left (held so they are not collected).
+        self._detached: set[asyncio.Task[Whole]] = set()
         # Set on SIGTERM: /ready answers 503 so the Service stops sending here before the port closes.
         self.draining = False
         self._routes: dict[str, tuple[str, Callable[[Request, Response], Awaitable[None]]]] = {
@@ -310,6 +324,68 @@ class Router:
 
     async def _attempt(self, response: Response, replica: Replica, call: Call) -> bool:
         """One try on one replica. False: nothing reached the client and another may take it."""
+        if call.stream:
+            return await self._attempt_stream(response, replica, call)
+        # A whole (non-streamed) answer is fetched by a task of its own that a client leaving does
+        # not cancel: SGLang 0.5.16 never releases an adapter's in-flight count when such a request
+        # is aborted, and that adapter can then never be unloaded (seen on a real engine,
+        # e2e/gpu/serve/RESULTS.md). An aborted stream releases it: streams are cancelled.
+        task = asyncio.ensure_future(self._whole(replica, call))
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
+        whole = await asyncio.shield(task)
+        if whole.failure == "timeout":
+            message = f"the engine replica {replica.name} gave no answer in {self.timeout.sock_read:.0f} s"
+            await self._error(response, 504, message, code="engine_timeout")
+            return True
+        if whole.status is None:
+            self.fleet.unreachable(replica.name, whole.error)
+            # Unreachable, or closed before the whole answer came: nothing reached the client yet.
+            return not may_retry(connected=False, status=None, sent_to_client=False)
+        if whole.status != 200:
+            return await self._refusal(response, replica, whole.status, whole.body, whole.content_type)
+        metrics.FIRST_TOKEN.labels(call.model).observe(self.clock() - call.began)
+        _count_usage(whole.body, call.model, call.key)
+        await response.send(200, whole.body, whole.content_type)
+        return True
+
+    async def _whole(self, replica: Replica, call: Call) -> Whole:
+        engine = self.fleet.engines.get(replica.name)
+        if engine is not None:
+            engine.in_flight += 1
+        try:
+            try:
+                resp = await self._post(replica, call)
+                async with resp:
+                    metrics.UPSTREAM.labels(replica.name, call.model, str(resp.status)).inc()
+                    return Whole(resp.status, await _read(resp), resp.headers.get("Content-Type", JSON))
+            except aiohttp.SocketTimeoutError:
+                # Connected, but silent for --read-timeout: stuck (or a prefill longer than allowed).
+                # The request may be running there: it is not sent elsewhere.
+                metrics.UPSTREAM.labels(replica.name, call.model, "0").inc()
+                self.fleet.wake()
+                return Whole(None, failure="timeout")
+            except _Dropped as exc:
+                return Whole(None, failure="dropped", error=str(exc))
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                metrics.UPSTREAM.labels(replica.name, call.model, "0").inc()
+                return Whole(None, failure="unreachable", error=str(exc) or type(exc).__name__)
+        finally:
+            if engine is not None:
+                engine.in_flight -= 1
+
+    async def _refusal(self, response: Response, replica: Replica, status: int, raw: bytes, content_type: str) -> bool:
+        """An engine's answer other than 200: passed on, or (False) left for another replica."""
+        not_here = status == 400 and any(words in raw for words in NOT_HERE)
+        if not_here or status == 503:
+            # The engine lost the adapter since it listed it, or is busy: ask it again now.
+            self.fleet.wake()
+        if may_retry(connected=True, status=status, sent_to_client=False, not_here=not_here):
+            return False
+        await response.send(status, raw, content_type)
+        return True
+
+    async def _attempt_stream(self, response: Response, replica: Replica, call: Call) -> bool:
         engine = self.fleet.engines.get(replica.name)
         if engine is not None:
             engine.in_flight += 1
@@ -317,8 +393,6 @@ class Router:
             try:
                 resp = await self._post(replica, call)
             except aiohttp.SocketTimeoutError:
-                # Connected, but no answer for --read-timeout: the engine is stuck (or the prefill
-                # is longer than allowed). The request may be running there: not sent elsewhere.
                 metrics.UPSTREAM.labels(replica.name, call.model, "0").inc()
                 self.fleet.wake()
                 message = f"the engine replica {replica.name} gave no answer in {self.timeout.sock_read:.0f} s"
@@ -331,23 +405,15 @@ class Router:
             try:
                 async with resp:
                     metrics.UPSTREAM.labels(replica.name, call.model, str(resp.status)).inc()
+                    content_type = resp.headers.get("Content-Type", JSON)
                     if resp.status != 200:
+                        return await self._refusal(response, replica, resp.status, await _read(resp), content_type)
+                    if resp.content_type != "text/event-stream":
                         raw = await _read(resp)
-                        not_here = resp.status == 400 and any(words in raw for words in NOT_HERE)
-                        if not_here or resp.status == 503:
-                            # The engine lost the adapter since it listed it, or is busy: ask it again now.
-                            self.fleet.wake()
-                        if may_retry(connected=True, status=resp.status, sent_to_client=False, not_here=not_here):
-                            return False
-                        await response.send(resp.status, raw, resp.headers.get("Content-Type", JSON))
-                        return True
-                    if call.stream and resp.content_type == "text/event-stream":
-                        await self._relay_stream(response, resp, replica, call)
-                    else:
-                        raw = await _read(resp)
-                        metrics.FIRST_TOKEN.labels(call.model).observe(self.clock() - call.began)
                         _count_usage(raw, call.model, call.key)
-                        await response.send(200, raw, resp.headers.get("Content-Type", JSON))
+                        await response.send(200, raw, content_type)
+                        return True
+                    await self._relay_stream(response, resp, replica, call)
                     return True
             except _Dropped as exc:
                 # Closed before the whole answer came, and nothing of it reached the client yet.
