@@ -15,6 +15,7 @@ from kimi_operator.controller.loraserver_status import (
     adapter_status,
     observe,
 )
+from kimi_operator.controller.pods import crashed
 
 SHA1, SHA2 = "1" * 64, "2" * 64
 
@@ -244,3 +245,38 @@ def test_the_endpoint_is_given_only_while_a_router_answers_on_it(
     assert result.status["routerReadyReplicas"] == router_ready
     if state != "ready":
         assert result.verdict.reason == "StartingRouter"
+
+
+def test_an_expert_engine_that_exits_at_start_fails_its_adapter_with_the_engines_words() -> None:
+    crashing = {
+        "x0": Replica("x0", pod_ready=False, crashed="Error (exit code 1): ValueError: LoRA rank 32 > max_lora_rank 16")
+    }
+    entry = adapter_status(Wanted("x", "Expert", ("x0",), SHA1), crashing, {})
+    assert entry["state"] == "Failed"
+    assert entry["message"] == (
+        "replica x0: the engine exits at start: Error (exit code 1): ValueError: LoRA rank 32 > max_lora_rank 16"
+    )
+    # A shared engine that crashed says nothing about one adapter: it is only not serving.
+    shared_crash = {"r0": Replica("r0", pod_ready=False, crashed="OOMKilled (exit code 137)")}
+    assert adapter_status(shared("a", "r0"), shared_crash, {})["state"] == "Pending"
+
+
+def test_crashed_reads_the_last_termination_of_the_container() -> None:
+    pod = {
+        "status": {
+            "containerStatuses": [
+                {"name": "adapter-agent", "state": {"running": {}}},
+                {
+                    "name": "engine",
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {
+                        "terminated": {"reason": "Error", "exitCode": 1, "message": "loading\nValueError: rank 32"}
+                    },
+                },
+            ]
+        }
+    }
+    assert crashed(pod, "engine") == "Error (exit code 1): ValueError: rank 32"
+    assert crashed(pod, "adapter-agent") is None
+    running = {"status": {"containerStatuses": [{"name": "engine", "state": {"running": {}}, "lastState": {}}]}}
+    assert crashed(running, "engine") is None

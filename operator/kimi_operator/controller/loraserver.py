@@ -225,7 +225,12 @@ def reconcile(
     pods = {p["metadata"]["name"]: p for p in kube.list_objects("v1", "Pod", namespace, selector)}
     replicas = {
         n: Replica(
-            n, pods_.ready(p), (p.get("spec") or {}).get("nodeName"), p["metadata"].get("uid"), pods_.unscheduled(p)
+            n,
+            pods_.ready(p),
+            (p.get("spec") or {}).get("nodeName"),
+            p["metadata"].get("uid"),
+            pods_.unscheduled(p),
+            pods_.crashed(p, render.ENGINE),
         )
         for n, p in pods.items()
     }

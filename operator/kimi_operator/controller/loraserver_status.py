@@ -47,6 +47,9 @@ class Replica:
     uid: str | None = None
     # The scheduler's word on a pod it cannot place (Insufficient nvidia.com/gpu, affinity, ...).
     unschedulable: str | None = None
+    # Why its engine keeps exiting (it is not running): an expert engine that cannot start with its
+    # adapter (a rank above maxLoraRank, corrupt files) says so only this way.
+    crashed: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +124,17 @@ def adapter_status(
         for n in adapter.placed
         if n in replicas and _current(replicas[n], reports.get(n)) and (p := _problem(reports.get(n), adapter))
     ]
+    # A dedicated engine loads its adapter at start: one that keeps exiting refused it.
+    crashes = [
+        (n, replicas[n].crashed)
+        for n in adapter.placed
+        if adapter.kind == "Expert" and n in replicas and replicas[n].crashed and n not in serving
+    ]
     if adapter.blocked is not None:
         entry["state"], entry["message"] = adapter.blocked
+    elif crashes:
+        name, why = crashes[0]
+        entry["state"], entry["message"] = "Failed", _bounded(f"replica {name}: the engine exits at start: {why}")
     elif problems:
         name, (state, message) = problems[0]
         entry["state"], entry["message"] = state, _bounded(f"replica {name}: {message}")

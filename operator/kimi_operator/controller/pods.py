@@ -14,6 +14,22 @@ def ready(pod: Mapping[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
+def crashed(pod: Mapping[str, Any], container: str) -> str | None:
+    """Why ``container`` keeps ending, while it is not running: its last termination's message (the
+    tail of its log, FallbackToLogsOnError) or reason and exit code."""
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") != container or (status.get("state") or {}).get("running"):
+            continue
+        last = (status.get("lastState") or {}).get("terminated") or (status.get("state") or {}).get("terminated")
+        if not last:
+            continue
+        message = str(last.get("message") or "").strip()
+        tail = message.splitlines()[-1] if message else ""
+        reason = f"{last.get('reason') or 'exited'} (exit code {last.get('exitCode')})"
+        return f"{reason}: {tail}" if tail else reason
+    return None
+
+
 def unscheduled(pod: Mapping[str, Any]) -> str | None:
     """The scheduler's word on a pod it has not placed (e.g. Insufficient nvidia.com/gpu)."""
     for c in (pod.get("status") or {}).get("conditions") or []:

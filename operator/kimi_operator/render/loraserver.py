@@ -238,6 +238,9 @@ def engine_set(
         "ports": [{"name": "http", "containerPort": sglang.ENGINE_PORT}],
         "resources": {"requests": resources, "limits": resources},
         "volumeMounts": [*engine_mounts, {"name": "dshm", "mountPath": "/dev/shm"}],  # noqa: S108 (shared memory)
+        # The tail of its log as its termination message: an engine that cannot start (an expert
+        # adapter it refuses) is reported with its own words.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         **_probes(),
     }
     agent_resources = {"cpu": "500m", "memory": "512Mi"}
