@@ -15,12 +15,14 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e.engines import sglang_standin
 
 ENGINES = Path(__file__).parents[1] / "e2e" / "engines"
 STANDIN, TINY = ENGINES / "sglang_standin.py", ENGINES / "tiny_lora.py"
@@ -34,6 +36,8 @@ NEVER_LOADED = "Got LoRA adapter that has never been loaded: nope\nAll loaded ad
 STARTUP_S = 120.0
 # What the operator sets in the engine pods (a real SGLang has no /ready): /health does not generate.
 CHEAP_HEALTH = {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "false"}
+# SGLang looks whether a client left after each wait this long (4 s by default) without an output for it.
+LOOK_S = 1
 
 Refs = dict[str, dict[str, Any]]
 
@@ -71,9 +75,11 @@ class Engine:
     port: int
     log: Path
     seen: list[int] = dataclasses.field(default_factory=list)
+    warm_up: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def call(self, method: str, path: str, body: Any = None) -> Answer:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+    def call(self, method: str, path: str, body: Any = None, *, timeout: float = 120) -> Answer:
+        """The answer; TimeoutError when none came within ``timeout`` (the client then leaves)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             payload = None if body is None else json.dumps(body)
             conn.request(method, path, body=payload, headers={"Content-Type": "application/json"})
@@ -85,11 +91,11 @@ class Engine:
     def get(self, path: str) -> Answer:
         return self.call("GET", path)
 
-    def post(self, path: str, body: Any) -> Answer:
-        return self.call("POST", path, body)
+    def post(self, path: str, body: Any, *, timeout: float = 120) -> Answer:
+        return self.call("POST", path, body, timeout=timeout)
 
-    def complete(self, model: str, **extra: Any) -> Answer:
-        return self.post("/v1/completions", {"model": model, "prompt": PROMPT, **GREEDY, **extra})
+    def complete(self, model: str, *, timeout: float = 120, **extra: Any) -> Answer:
+        return self.post("/v1/completions", {"model": model, "prompt": PROMPT, **GREEDY, **extra}, timeout=timeout)
 
     def text(self, model: str, **extra: Any) -> str:
         answer = self.complete(model, **extra)
@@ -195,17 +201,76 @@ def expert_args(tiny: Path) -> list[str]:
     ]
 
 
+def wedge_args(tiny: Path) -> list[str]:
+    """A replica to wedge with an abandoned request (its adapter updates hang for good after that):
+    a warm-up long enough to send requests during it, and tokens slow enough to leave one running."""
+    return [
+        *("--model-path", str(tiny / "model"), "--served-model-name", SERVED, "--enable-lora"),
+        *("--lora-paths", f"a0={adapter(tiny, 'a0')}", f"a1={adapter(tiny, 'a1')}", "--max-lora-rank", "16"),
+        *("--lora-target-modules", "q_proj", "k_proj", "v_proj", "o_proj", "--enable-metrics"),
+        *("--standin-startup-delay", "5", "--standin-token-delay", "0.005"),
+    ]
+
+
+def during_warm_up(engine: Engine) -> dict[str, Any]:
+    """As soon as the port is open (the warm-up running): a request for a1 that waits for its answer,
+    and one for a0 whose client gives up after a second; then /health until it is 200."""
+    deadline = time.monotonic() + STARTUP_S
+    while True:
+        assert engine.proc.poll() is None, f"the stand-in exited {engine.proc.returncode}:\n{engine.output()}"
+        assert time.monotonic() < deadline, f"the port did not open within {STARTUP_S} s:\n{engine.output()}"
+        with contextlib.suppress(OSError):
+            seen: dict[str, Any] = {"models": engine.get("/v1/models").status}
+            break
+        time.sleep(0.05)
+    seen["health"] = engine.get("/health").status
+    held: dict[str, Any] = {"sent": time.monotonic()}
+
+    def wait_for_answer() -> None:
+        answer = engine.complete(f"{SERVED}:a1")
+        held.update(answered=time.monotonic(), status=answer.status, body=answer.json())
+
+    waiting = threading.Thread(target=wait_for_answer, daemon=True)
+    waiting.start()
+    try:
+        engine.complete(f"{SERVED}:a0", timeout=1, max_tokens=2000, ignore_eos=True)
+        seen["abandoned"] = "answered"
+    except TimeoutError:
+        seen["abandoned"] = "left"
+    while (health := engine.get("/health").status) != 200:
+        assert health == 503
+        seen["unhealthy_until"] = time.monotonic()
+        time.sleep(0.05)
+    waiting.join(60)
+    return seen | {"held": held}
+
+
 @pytest.fixture(scope="session")
 def engines(train_python: str, tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Engine]]:
-    """The three stand-ins of these tests, started side by side (each spends seconds importing torch)."""
+    """The stand-ins of these tests, started side by side (each spends seconds importing torch)."""
     logs = tmp_path_factory.mktemp("logs")
+    wedge_env = CHEAP_HEALTH | {"SGLANG_REQUEST_STATE_WAIT_TIMEOUT": str(LOOK_S)}
     started = {
         "shared": launch(train_python, logs, "shared", shared_args(tiny), CHEAP_HEALTH),
         "small": launch(train_python, logs, "small", small_args(tiny)),
         "expert": launch(train_python, logs, "expert", expert_args(tiny)),
+        "wedge": launch(train_python, logs, "wedge", wedge_args(tiny), wedge_env),
     }
+    wedge = started["wedge"]
+
+    def observe() -> None:
+        try:
+            wedge.warm_up.update(during_warm_up(wedge))
+        except Exception as exc:  # the warm-up's test reports it
+            wedge.warm_up["error"] = f"{exc!r}\n{wedge.output()}"
+
+    # The others' warm-ups are watched meanwhile: they are shorter.
+    observing = threading.Thread(target=observe, daemon=True)
+    observing.start()
     try:
         for engine in started.values():
+            if engine is wedge:
+                observing.join(STARTUP_S)
             engine.wait_healthy()
         yield started
     finally:
@@ -229,6 +294,20 @@ def test_health_is_503_during_the_warm_up_then_200(standin: Engine) -> None:
     assert time.monotonic() - began >= 1.0
     ready = standin.get("/ready")
     assert (ready.status, ready.json()) == (404, {"detail": "Not Found"})
+
+
+def test_requests_sent_during_the_warm_up_wait_for_its_end(engines: dict[str, Engine], completions: Refs) -> None:
+    """As sglang 0.5.16 did (RESULTS.md, "The router against the real engine"): while /health is 503,
+    /v1/models answers, and a generation request is held until the warm-up is over, then answered."""
+    seen = engines["wedge"].warm_up
+    assert "error" not in seen, seen["error"]
+    assert (seen["models"], seen["health"]) == (200, 503)
+    held = seen["held"]
+    assert held["status"] == 200, held
+    assert held["body"]["choices"][0]["text"] == completions["a1"]["text"]
+    assert held["answered"] > seen["unhealthy_until"]
+    assert held["answered"] - held["sent"] > 2  # the warm-up lasts 5 s from the port's opening
+    assert seen["abandoned"] == "left"
 
 
 def test_models_lists_the_base_then_each_adapter(standin: Engine, tiny: Path) -> None:
@@ -410,6 +489,85 @@ def test_chat_streams_as_sglang_does(standin: Engine) -> None:
     assert last["usage"] == whole["usage"]
 
 
+@pytest.mark.parametrize("model", [SERVED, f"{SERVED}:a0"], ids=["base", "adapter"])
+def test_completions_stream_a_chunk_per_token_each_with_usage_null(
+    standin: Engine, completions: Refs, model: str
+) -> None:
+    """As sglang 0.5.16 streams completions: a chunk for every token (text or not), each with
+    ``"usage": null`` whether usage was asked or not; the usage alone after them when it was."""
+    request = {"model": model, "prompt": PROMPT, **GREEDY, "ignore_eos": True}
+    whole = standin.post("/v1/completions", request).json()
+    if model == SERVED:
+        # The tiny base model's continuation starts with bytes that make no character: they go out as
+        # "" chunks, then as replacement characters with the first token that ends cleanly.
+        assert completions["base"]["text"].startswith("\ufffd")
+        assert whole["choices"][0]["text"] == completions["base"]["text"]
+    for options in ({}, {"stream_options": {"include_usage": True}}):
+        streamed = standin.post("/v1/completions", request | {"stream": True} | options)
+        assert (streamed.status, streamed.content_type) == (200, "text/event-stream; charset=utf-8")
+        events = streamed.events()
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(event) for event in events[:-1]]
+        tokens = [chunk for chunk in chunks if chunk["choices"]]
+        assert len(tokens) == TOKENS, options
+        for chunk in tokens:
+            assert list(chunk) == ["id", "object", "created", "model", "choices", "usage"]
+            assert chunk["usage"] is None
+            assert list(chunk["choices"][0]) == ["index", "text", "logprobs", "finish_reason", "matched_stop"]
+            assert (chunk["object"], chunk["model"]) == ("text_completion", model)
+            assert chunk["id"] == tokens[0]["id"]
+        assert re.fullmatch("[0-9a-f]{32}", tokens[0]["id"])
+        assert [chunk["choices"][0]["finish_reason"] for chunk in tokens] == [None] * (TOKENS - 1) + ["length"]
+        texts = [chunk["choices"][0]["text"] for chunk in tokens]
+        assert "".join(texts) == whole["choices"][0]["text"]
+        if model == SERVED:
+            assert texts[0] == ""
+            assert next(text for text in texts if text).startswith("\ufffd")
+        if not options:
+            assert chunks == tokens
+            continue
+        (last,) = chunks[len(tokens) :]
+        assert last["choices"] == []
+        assert last["usage"] == {
+            "prompt_tokens": whole["usage"]["prompt_tokens"],
+            "total_tokens": whole["usage"]["total_tokens"],
+            "completion_tokens": TOKENS,
+            "reasoning_tokens": 0,
+        }
+        assert list(last["usage"]) == ["prompt_tokens", "total_tokens", "completion_tokens", "reasoning_tokens"]
+
+
+def test_streamed_text_is_released_as_sglangs_detokenizer_releases_it() -> None:
+    """SGLang's incremental detokenizer, on bytes: the texts of the tokens of the real engine's
+    completion stream (RESULTS.md): bytes that make no character yet go out as "", and as replacement
+    characters once a later token ends cleanly (or at the end)."""
+    pieces = {1: b"The", 2: b" capital", 3: b"llo", 4: b"\xff", 5: b"\xfe", 6: b"query", 7: b"\xe4"}
+    pieces |= {8: b" is \xe4", 9: b"\xbd\xa0", 10: b"</s>"}
+
+    def decode(ids: list[int]) -> str:
+        return b"".join(pieces[i] for i in ids).decode(errors="replace")
+
+    def feed(detokenizer: Any, ids: list[int], finish: dict[str, Any]) -> list[str]:
+        return [detokenizer.feed([i], None) for i in ids[:-1]] + [detokenizer.feed(ids[-1:], finish)]
+
+    length = {"type": "length", "length": 8}
+    released = feed(sglang_standin.Detokenizer(decode, [1, 2]), [3, 3, 4, 5, 6, 3, 3, 7], length)
+    assert released == ["llo", "llo", "", "", "\ufffd\ufffdquery", "llo", "llo", "\ufffd"]
+    # Half a character: the text up to the last space goes out, the rest once the character is whole.
+    assert feed(sglang_standin.Detokenizer(decode, [1]), [3, 8, 9, 6], length) == ["llo", " is ", "\u4f60", "query"]
+    # A matched stop token is cut, and so is a matched stop string (what was sent stays sent).
+    assert feed(sglang_standin.Detokenizer(decode, [1]), [3, 6, 10], {"type": "stop", "matched": 10}) == [
+        "llo",
+        "query",
+        "",
+    ]
+    assert feed(sglang_standin.Detokenizer(decode, [1]), [3, 6, 3], {"type": "stop", "matched": "query"}) == [
+        "llo",
+        "query",
+        "",
+    ]
+
+
 def test_a_client_gone_mid_stream_frees_its_adapter(standin: Engine, tiny: Path) -> None:
     assert standin.post("/load_lora_adapter", {"lora_name": "t-gone", "lora_path": adapter(tiny, "a3")}).status == 200
     request = {"model": f"{SERVED}:t-gone", "prompt": PROMPT, "max_tokens": 2000, "temperature": 0, "stream": True}
@@ -421,6 +579,78 @@ def test_a_client_gone_mid_stream_frees_its_adapter(standin: Engine, tiny: Path)
     began = time.monotonic()
     assert standin.post("/unload_lora_adapter", {"lora_name": "t-gone"}).status == 200
     assert time.monotonic() - began < 20
+
+
+def stream_and_leave(engine: Engine, body: dict[str, Any], events: int) -> None:
+    """A stream whose client reads ``events`` events, then closes the connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", engine.port, timeout=120)
+    conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response, seen = conn.getresponse(), b""
+    while seen.count(b"\n\n") < events:
+        piece = response.read1(65536)
+        assert piece, seen
+        seen += piece
+    conn.close()
+
+
+def wait_until(check: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
+        time.sleep(0.1)
+
+
+def test_an_abandoned_non_streamed_request_keeps_its_adapter_from_ever_unloading(
+    engines: dict[str, Engine], tiny: Path
+) -> None:
+    """sglang 0.5.16's leak (RESULTS.md, "The real engine against what the router assumes"): a
+    non-streamed request whose client leaves is aborted without its adapter's count of requests
+    going down, so the adapter's unload waits for good, holding the lock that every later load,
+    unload and implicit reload waits on; generation with loaded adapters and /health go on. A stream
+    abandoned while it runs is released. The engine also needs killing: a SIGTERM waits for the
+    requests in flight, and one waits behind the hung unload."""
+    wedge = engines["wedge"]
+    for name in ("a2", "a3"):
+        loaded = wedge.post("/load_lora_adapter", {"lora_name": name, "lora_path": adapter(tiny, name)})
+        assert loaded.status == 200, loaded.raw
+    long = {"prompt": PROMPT, "max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+    stream_and_leave(wedge, long | {"model": f"{SERVED}:a3", "stream": True}, events=3)
+    unloaded = wedge.post("/unload_lora_adapter", {"lora_name": "a3"}, timeout=20)
+    assert (unloaded.status, unloaded.json()["success"]) == (200, True)
+    with pytest.raises(TimeoutError):
+        wedge.post("/v1/completions", long | {"model": f"{SERVED}:a2"}, timeout=0.5)
+    # The stand-in looks every LOOK_S seconds (SGLang every 4): it finds the client gone and stops.
+    running = re.compile(r"^sglang:num_running_reqs\{[^}]*\} 0\.0$", re.MULTILINE)
+    wait_until(lambda: bool(running.search(wedge.get("/metrics").raw.decode())), 20, "the generation stopped")
+    assert "but the state was deleted in TokenizerManager" in wedge.output()
+    # Three requests aborted: a0 (during the warm-up), the a3 stream and the a2 request.
+    labels = f'engine_type="unified",model_name="{SERVED}"'
+    assert f"sglang:num_aborted_requests_total{{{labels}}} 3.0" in wedge.get("/metrics").raw.decode()
+    assert wedge.complete(f"{SERVED}:a1").status == 200
+    assert wedge.get("/health").status == 200
+    # The unload of a2 never answers: only the client's own timeout ends its wait.
+    began = time.monotonic()
+    with pytest.raises(TimeoutError):
+        wedge.post("/unload_lora_adapter", {"lora_name": "a2"}, timeout=3)
+    assert time.monotonic() - began >= 3
+    assert "a2" not in wedge.cards()  # no longer listed, as SGLang lists it meanwhile
+    # Everything that needs the LoRA lock waits behind it: a load, the unload of a0 (abandoned during
+    # the warm-up: leaked too, but here it cannot be told apart), a request that reloads a3.
+    with pytest.raises(TimeoutError):
+        wedge.post("/load_lora_adapter", {"lora_name": "later", "lora_path": adapter(tiny, "a3")}, timeout=1.5)
+    with pytest.raises(TimeoutError):
+        wedge.post("/unload_lora_adapter", {"lora_name": "a0"}, timeout=1.5)
+    with pytest.raises(TimeoutError):
+        wedge.complete(f"{SERVED}:a3", timeout=1.5)
+    # Loaded adapters still generate, and /health is still 200.
+    assert wedge.complete(f"{SERVED}:a0").status == 200
+    assert wedge.get("/health").status == 200
+    wedge.proc.terminate()
+    with pytest.raises(subprocess.TimeoutExpired):
+        wedge.proc.wait(timeout=3)
+    assert "Gracefully exiting... Remaining number of requests 1." in wedge.output()
+    wedge.proc.kill()
+    wedge.proc.wait()
 
 
 def test_metrics_carry_sglangs_names_and_labels(standin: Engine) -> None:

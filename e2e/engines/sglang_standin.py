@@ -10,7 +10,8 @@ Every behaviour below is SGLang's: as recorded in REFERENCE.md ("KTransformers s
 
 - Start: flags and start adapters are checked first (a refusal exits non-zero at once); the port
   opens once the weights are loaded; then a warm-up generation runs, during which ``/health`` says
-  503 while every other endpoint already answers. There is no ``/ready`` (404).
+  503 while every other endpoint already answers, generation requests included: they are admitted
+  (their adapter is checked and counted) and held until the warm-up ends. There is no ``/ready`` (404).
 - ``/health`` and ``/health_generate`` generate one token and look once a second whether any
   request produced one, so they take a second; with ``SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=false``
   ``/health`` only says whether the server is up.
@@ -24,6 +25,19 @@ Every behaviour below is SGLang's: as recorded in REFERENCE.md ("KTransformers s
 - ``"model": "<anything>:<adapter>"`` (or a ``lora_path`` field) selects an adapter; a bare
   adapter name silently runs the base model and is echoed back. An adapter never loaded is a 400
   before anything is generated, streamed or not.
+- Streams: one event per generated token, with the text SGLang's incremental detokenizer releases
+  for it (``""`` while a character is incomplete, replacement characters once a later token ends
+  cleanly); a token whose text ends with the start of a stop string is sent with a later one.
+  Completion chunks carry ``"usage": null``, chat chunks no ``usage`` key.
+- A client that leaves: SGLang looks whether the client is still there each time it has waited
+  ``SGLANG_REQUEST_STATE_WAIT_TIMEOUT`` (4) seconds without an output for it, so a non-streamed
+  request is looked at every 4 s while it waits or runs. One found gone is aborted, and its adapter
+  is never counted as released (sglang 0.5.16's leak): that adapter's unload then waits forever,
+  holding the lock every later load, unload and implicit reload waits on, while generation with
+  loaded adapters and ``/health`` go on. A running stream whose client leaves fails its next write
+  and is released cleanly.
+- SIGTERM: generation requests in flight are drained first (one stuck behind a hung unload keeps
+  the server up until it is killed).
 - ``/metrics`` (``--enable-metrics``): SGLang's names and label sets; no metric is per adapter.
 - An adapter given at start that carries expert LoRA (``.mlp.experts.`` keys) puts the server under
   sglang-kt's static pairing: it must be the only adapter, load and unload are refused, and every
@@ -47,6 +61,9 @@ import logging
 import math
 import os
 import re
+import select
+import signal
+import socket
 import sys
 import threading
 import time
@@ -308,12 +325,79 @@ class Sampling:
 
 @dataclasses.dataclass
 class Step:
-    """One generated token, and the text it completes (empty while a character is incomplete)."""
+    """One generated token and the text SGLang's detokenizer releases with it. ``sent`` is False for a
+    token SGLang's scheduler does not stream (its text ends with the start of a stop string): its
+    text comes with the next token that is sent."""
 
     token: int
     delta: str
     logprob: float
     finish: dict[str, Any] | None = None
+    sent: bool = True
+
+
+# SGLang's incremental detokenizer starts with this many prompt tokens of context before the output.
+DETOKENIZE_CONTEXT = 5
+
+
+def is_cjk(char: str) -> bool:
+    """SGLang's ``_is_chinese_char``: the CJK Unified Ideographs blocks."""
+    cp = ord(char)
+    blocks = [
+        *((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F)),
+        *((0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)),
+    ]
+    return any(low <= cp <= high for low, high in blocks)
+
+
+def printable_text(text: str) -> str:
+    """SGLang's ``find_printable_text``: the part of ``text`` that can go out before it is complete."""
+    if text.endswith("\n"):
+        return text
+    if text and is_cjk(text[-1]):
+        return text
+    if len(text) > 1 and is_cjk(text[-2]):
+        return text[:-1]
+    return text[: text.rfind(" ") + 1]
+
+
+class Detokenizer:
+    """SGLang's incremental detokenizer for one request (``DetokenizerManager`` and its
+    ``DecodeStatus``): each output decodes the tokens since the last clean text, with the tokens
+    before them as context. Text ending in an incomplete character is not committed: only its part up
+    to the last space goes out, and the rest follows, replacement characters and all, once a later
+    token makes the text end cleanly, or when the request finishes."""
+
+    def __init__(self, decode: Callable[[list[int]], str], prompt: list[int]) -> None:
+        self.decode = decode
+        self.ids = list(prompt[max(len(prompt) - DETOKENIZE_CONTEXT, 0) :])
+        self.surr, self.read = 0, len(self.ids)
+        self.decoded, self.sent = "", 0
+
+    def feed(self, tokens: list[int], finish: dict[str, Any] | None) -> str:
+        """The text to send for ``tokens``, the output ids since the previous call."""
+        self.ids.extend(tokens)
+        matched = finish.get("matched") if finish else None
+        read_ids = self.ids[self.surr :]
+        if matched and isinstance(matched, int):
+            read_ids = read_ids[:-1]  # a matched stop token is no part of the text
+        new = self.decode(read_ids)[len(self.decode(self.ids[self.surr : self.read])) :]
+        if finish is None:
+            pending = self.sent - len(self.decoded)  # printable text sent before it was committed
+            if new and not new.endswith("\ufffd"):
+                self.decoded += new
+                self.surr, self.read = self.read, len(self.ids)
+                self.sent = len(self.decoded)
+                return new[pending:]
+            printable = printable_text(new)
+            self.sent = len(self.decoded) + len(printable)
+            return printable[pending:]
+        output = self.decoded + new
+        if matched and isinstance(matched, str) and matched in output:
+            output = output[: output.index(matched)]  # the stop string is cut (what was sent stays sent)
+        delta = output[self.sent :]
+        self.sent = len(output)
+        return delta
 
 
 class Engine:
@@ -402,37 +486,48 @@ class Engine:
 
     def generate(
         self, prompt: list[int], internal: str | None, sampling: Sampling, token_delay: float
-    ) -> Iterator[Step]:
-        """Tokens until a stop: EOS (unless ignored), a stop token or string, or the token budget."""
+    ) -> Generator[Step, None, None]:
+        """Tokens until a stop, checked in SGLang's order: the token budget, a stop string, then EOS
+        or a stop token (neither with ``ignore_eos``)."""
         generator = torch.Generator()
         generator.manual_seed(sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(4), "little"))
+        detokenizer = Detokenizer(self.decode, prompt)
+        stops = [stop for stop in sampling.stop if stop]
+        # SGLang looks for stop strings in the text of the last tokens: one more than the longest stop.
+        tail = 1 + max((len(self.encode(stop, special=False)) for stop in stops), default=0)
         logits, cache = self._forward(internal, torch.tensor([prompt]), None)
         out: list[int] = []
-        text = ""
+        unsent = 0  # tokens not yet given to the detokenizer
         while True:
             token = self._pick(logits, sampling, generator)
             logprob = float(torch.log_softmax(logits, dim=-1)[token])
             out.append(token)
+            unsent += 1
             if token_delay > 0:
                 time.sleep(token_delay)
             finish: dict[str, Any] | None = None
-            if token in sampling.stop_token_ids or (token in self.eos and not sampling.ignore_eos):
-                finish = {"type": "stop", "matched": token}
-            elif sampling.max_new_tokens is not None and len(out) >= sampling.max_new_tokens:
+            hit = next((stop for stop in stops if stop in self.decode(out)), None) if stops else None
+            if sampling.max_new_tokens is not None and len(out) >= sampling.max_new_tokens:
                 finish = {"type": "length", "length": sampling.max_new_tokens}
-            full = self.decode(out)
-            if full.endswith("\ufffd") and finish is None:
-                delta = ""  # half a character: it is sent with the token that completes it, or at the end
-            else:
-                delta, text = full[len(text) :], full
-            hit = next((stop for stop in sampling.stop if stop and stop in text), None)
-            if hit is not None and (finish is None or finish["type"] == "length"):
-                delta = delta[: max(0, len(delta) - (len(text) - text.index(hit)))]  # the stop string is cut
+            elif hit is not None:
                 finish = {"type": "stop", "matched": hit}
-            yield Step(token, delta, logprob, finish)
+            elif not sampling.ignore_eos and (token in sampling.stop_token_ids or token in self.eos):
+                finish = {"type": "stop", "matched": token}
+            held = finish is None and bool(stops) and self._ends_with_stop_start(out[-tail:], stops)
+            if held:
+                yield Step(token, "", logprob, None, sent=False)
+            else:
+                yield Step(token, detokenizer.feed(out[len(out) - unsent :], finish), logprob, finish)
+                unsent = 0
             if finish is not None:
                 return
             logits, cache = self._forward(internal, torch.tensor([[token]]), cache)
+
+    def _ends_with_stop_start(self, tail: list[int], stops: list[str]) -> bool:
+        """SGLang's ``check_match_stop_str_prefix``: the text of the last tokens holds a stop string
+        or ends with the start of one."""
+        text = self.decode(tail)
+        return any(stop in text or any(text.endswith(stop[:n]) for n in range(1, len(stop) + 1)) for stop in stops)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,7 +563,7 @@ class Metrics:
         self.lock = threading.Lock()
         self.request_labels = {"engine_type": "unified", "model_name": model_name}
         self.engine_labels = {**self.request_labels, "moe_ep_rank": "0", "pp_rank": "0", "tp_rank": "0"}
-        self.prompt_tokens = self.generation_tokens = self.requests = 0
+        self.prompt_tokens = self.generation_tokens = self.requests = self.aborted = 0
         self.running = self.queued = self.used_tokens = 0
         # Running requests per adapter (None: the base model): the LoRA pool slots in use.
         self.adapters: collections.Counter[str | None] = collections.Counter()
@@ -544,6 +639,7 @@ class Metrics:
             counter("prompt_tokens_total", "Number of prefill tokens processed.", self.prompt_tokens)
             counter("generation_tokens_total", "Number of generation tokens processed.", self.generation_tokens)
             counter("num_requests_total", "Number of requests processed.", self.requests)
+            counter("num_aborted_requests_total", "Number of requests aborted.", self.aborted)
             histogram("time_to_first_token_seconds", "Histogram of time to first token in seconds.", self.ttft)
             histogram("inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", self.itl)
             histogram("e2e_request_latency_seconds", "Histogram of End-to-end request latency in seconds", self.e2e)
@@ -877,6 +973,7 @@ def sse(payload: Any) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
+GENERATION_PATHS = {"/v1/chat/completions", "/v1/completions", "/generate"}
 
 
 def missing_fields(body: dict[str, Any], names: list[str]) -> RequestError | None:
@@ -924,18 +1021,57 @@ class Outcome:
         self.finish = step.finish
 
 
+class Client:
+    """The connection a request came on, looked at as SGLang's ``request.is_disconnected()`` does."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def gone(self) -> bool:
+        """The client closed or reset the connection (the bytes of a next request do not count)."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            return bool(readable) and self.sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+
+class ClientGone(RequestError):
+    """SGLang's abort of a request whose client has left (its 400 answer goes nowhere)."""
+
+
 class Job:
-    """An admitted request. Its adapter cannot be unloaded until the job is closed, which also ends
-    a generation left unfinished (a client gone mid-stream)."""
+    """An admitted request. Its adapter cannot be unloaded until the job is closed, which also ends a
+    generation left unfinished (a client gone mid-stream).
+
+    Like SGLang's tokenizer manager, a job looks whether its client is still there each time it has
+    waited ``SGLANG_REQUEST_STATE_WAIT_TIMEOUT`` seconds without an output for it: in the queue (the
+    warm-up included) and, since a non-streamed request gets no output before its end, every so
+    often while it runs. A job whose client is gone is abandoned: its generation stops, and its
+    adapter is never released (sglang 0.5.16 drops the request's state without releasing it)."""
 
     def __init__(
-        self, server: Server, prompt: list[int], ref: LoraRef | None, sampling: Sampling, *, record: bool
+        self,
+        server: Server,
+        prompt: list[int],
+        ref: LoraRef | None,
+        sampling: Sampling,
+        *,
+        record: bool,
+        held: bool,
+        client: Client | None,
     ) -> None:
         self.server, self.prompt, self.ref, self.sampling, self.record = server, prompt, ref, sampling, record
+        self.held, self.client = held, client  # held: it waits for the warm-up's end
+        self.rid = uuid.uuid4().hex
         self.running: Generator[Step, None, None] | None = None
-        self.closed = False
+        self.stream = True
+        self.closed = self.finished = False
+        self.look_at = 0.0  # when the client is looked at next
 
-    def steps(self) -> Iterator[Step]:
+    def steps(self, *, stream: bool = True) -> Iterator[Step]:
+        self.stream = stream
+        self.look_at = time.monotonic() + self.server.wait_timeout
         self.running = self._steps()
         return self.running
 
@@ -944,14 +1080,35 @@ class Job:
             self.running.close()
         if not self.closed:
             self.closed = True
+            if not self.finished:  # a stream whose client left: SGLang aborts it, and releases it
+                with self.server.metrics.lock:
+                    self.server.metrics.aborted += 1
             self.server.loras.release(self.ref)
 
     def complete(self) -> Outcome:
+        """The whole answer; ClientGone when the client is found gone before it."""
         outcome = Outcome()
         with contextlib.closing(self):
-            for step in self.steps():
+            for step in self.steps(stream=False):
                 outcome.add(step)
         return outcome
+
+    def _look_at_client(self) -> None:
+        if self.client is None or time.monotonic() < self.look_at:
+            return
+        self.look_at = time.monotonic() + self.server.wait_timeout
+        if not self.client.gone():
+            return
+        self.closed = True  # and not released: the adapter's count of requests stays up for good
+        with self.server.metrics.lock:
+            self.server.metrics.aborted += 1
+        log.info("Received output for rid=%r but the state was deleted in TokenizerManager.", self.rid)
+        raise ClientGone(f"Request is disconnected from the client side (type 1). Abort request obj.rid={self.rid!r}")
+
+    def _wait(self, ready: Callable[[float | None], bool]) -> None:
+        """Until ``ready(timeout)`` says so, looking at the client on SGLang's schedule meanwhile."""
+        while not ready(None if self.client is None else max(0.0, self.look_at - time.monotonic())):
+            self._look_at_client()
 
     def _steps(self) -> Generator[Step, None, None]:
         server, metrics, prompt = self.server, self.server.metrics, self.prompt
@@ -959,9 +1116,14 @@ class Job:
         began = time.monotonic()
         with metrics.lock:
             metrics.queued += 1
-        server.slots.acquire()
+        try:
+            if self.held:  # SGLang's scheduler serves requests once its warm-up is done
+                self._wait(server.warm.wait)
+            self._wait(lambda timeout: server.slots.acquire(timeout=timeout))
+        finally:
+            with metrics.lock:
+                metrics.queued -= 1
         with metrics.lock:
-            metrics.queued -= 1
             metrics.running += 1
             metrics.adapters[adapter] += 1
             metrics.used_tokens += len(prompt)
@@ -969,13 +1131,22 @@ class Job:
         try:
             engine = server.engine
             assert engine is not None
-            for step in engine.generate(prompt, adapter, self.sampling, server.args.standin_token_delay):
-                now = server.last_token = time.monotonic()
-                generated += 1
-                if self.record:
-                    metrics.token(now, first=generated == 1, since=now - (began if generated == 1 else last))
-                last = now
-                yield step
+            with contextlib.closing(
+                engine.generate(prompt, adapter, self.sampling, server.args.standin_token_delay)
+            ) as tokens:
+                for step in tokens:
+                    now = server.last_token = time.monotonic()
+                    generated += 1
+                    if self.record:
+                        metrics.token(now, first=generated == 1, since=now - (began if generated == 1 else last))
+                    last = now
+                    self.finished = step.finish is not None
+                    yield step
+                    if self.finished:
+                        break
+                    if self.stream and step.sent:  # an output went to the client's handler
+                        self.look_at = time.monotonic() + server.wait_timeout
+                    self._look_at_client()
         finally:
             with metrics.lock:
                 metrics.running -= 1
@@ -995,6 +1166,12 @@ class Server:
         self.metrics = Metrics(self.served)
         self.engine: Engine | None = None
         self.up = False  # after the warm-up: what /health waits for
+        self.warm = threading.Event()  # set with up: generation requests wait for it
+        # How long SGLang waits for a request's next output before it looks whether the client left.
+        self.wait_timeout = float(os.environ.get("SGLANG_REQUEST_STATE_WAIT_TIMEOUT", "4"))
+        self.local = threading.local()  # the Client of the request a handler thread serves
+        self.inflight = 0  # generation requests being served: what a SIGTERM waits for
+        self.inflight_changed = threading.Condition()
         self.context_len = 0
         self.slots = threading.Semaphore(args.max_running_requests or 1024)
         self.last_token = 0.0
@@ -1031,8 +1208,28 @@ class Server:
         if self.args.standin_startup_delay > 0:
             time.sleep(self.args.standin_startup_delay)
         adapter = self.loras.expert.name if self.loras.expert is not None else None
-        self.admit([0], adapter, Sampling(max_new_tokens=1, temperature=0.0), record=False).complete()
+        self.admit([0], adapter, Sampling(max_new_tokens=1, temperature=0.0), record=False, held=False).complete()
         self.up = True
+        self.warm.set()
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """Counts a generation request in flight while it is served."""
+        with self.inflight_changed:
+            self.inflight += 1
+        try:
+            yield
+        finally:
+            with self.inflight_changed:
+                self.inflight -= 1
+                self.inflight_changed.notify_all()
+
+    def drain(self) -> None:
+        """SGLang's SIGTERM: the generation requests in flight finish first (it looks every 5 s)."""
+        with self.inflight_changed:
+            while self.inflight:
+                log.info("Gracefully exiting... Remaining number of requests %d.", self.inflight)
+                self.inflight_changed.wait(5.0)
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -1169,9 +1366,11 @@ class Server:
             )
         return adapter
 
-    def admit(self, prompt: list[int], adapter: str | None, sampling: Sampling, *, record: bool = True) -> Job:
+    def admit(
+        self, prompt: list[int], adapter: str | None, sampling: Sampling, *, record: bool = True, held: bool = True
+    ) -> Job:
         """SGLang's tokenizer manager: lengths and adapter are checked before anything is answered (so
-        a stream for an unknown adapter is a 400, not an event)."""
+        a stream for an unknown adapter is a 400, not an event), during the warm-up too."""
         if len(prompt) >= self.context_len:
             raise RequestError(
                 f"The input ({len(prompt)} tokens) is longer than the model's context length "
@@ -1187,7 +1386,9 @@ class Server:
                 f"messages and {budget} tokens for the completion. Please reduce the number of tokens in the input "
                 "messages or the completion to fit within the limit."
             )
-        return Job(self, prompt, self.loras.acquire(adapter, self.served), sampling, record=record)
+        ref = self.loras.acquire(adapter, self.served)
+        client = getattr(self.local, "client", None)
+        return Job(self, prompt, ref, sampling, record=record, held=held, client=client)
 
     def _sampling(self, body: dict[str, Any], *, chat: bool) -> Sampling:
         defaults = self._engine().generation_defaults if chat else {}
@@ -1227,7 +1428,7 @@ class Server:
             [self._message(m) for m in messages], field(body, "chat_template_kwargs", dict) or {}
         )
         job = self.admit(prompt, adapter, sampling)
-        rid, created = uuid.uuid4().hex, int(time.time())
+        rid, created = job.rid, int(time.time())
         if field(body, "stream", bool, False):
             options = field(body, "stream_options", dict) or {}
             return self._stream(job, self._chat_chunks(job, rid, created, model, options))
@@ -1277,11 +1478,14 @@ class Server:
             return sse(head | {"choices": [choice]})
 
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-        completion, finish = 0, None
+        completion, first, finish = 0, True, None
         for step in job.steps():
-            if completion == 0:
-                yield chunk({"role": "assistant", "content": ""})
             completion += 1
+            if not step.sent:
+                continue
+            if first:
+                yield chunk({"role": "assistant", "content": ""})
+                first = False
             finish = step.finish
             if step.delta:
                 yield chunk({"content": step.delta})
@@ -1304,14 +1508,13 @@ class Server:
             raise RequestError(message, kind="Bad Request")
         model = field(body, "model", str, DEFAULT_MODEL_NAME)
         job = self.admit(prompt, self.adapter_of(model, body.get("lora_path")), self._sampling(body, chat=False))
-        rid, created = uuid.uuid4().hex, int(time.time())
+        rid, created = job.rid, int(time.time())
+        echo = prompt_field if field(body, "echo", bool, False) and isinstance(prompt_field, str) else ""
         if field(body, "stream", bool, False):
             options = field(body, "stream_options", dict) or {}
-            return self._stream(job, self._completion_chunks(job, rid, created, model, options))
+            return self._stream(job, self._completion_chunks(job, rid, created, model, options, echo))
         outcome = job.complete()
-        text = outcome.text
-        if field(body, "echo", bool, False) and isinstance(prompt_field, str):
-            text = prompt_field + text
+        text = echo + outcome.text
         finish = outcome.finish or {}
         choice = {
             "index": 0,
@@ -1333,22 +1536,28 @@ class Server:
         )
 
     @staticmethod
-    def _completion_chunks(job: Job, rid: str, created: int, model: str, options: dict[str, Any]) -> Iterator[bytes]:
-        """SGLang's completion stream: text chunks, the last one with its finish_reason; usage if asked."""
+    def _completion_chunks(
+        job: Job, rid: str, created: int, model: str, options: dict[str, Any], echo: str
+    ) -> Iterator[bytes]:
+        """SGLang's completion stream, as sglang 0.5.16 writes it: a chunk for every output (every
+        token, text or not, the last one with its finish_reason), each with ``"usage": null`` whether
+        usage was asked or not; then, if asked, the usage alone (no null fields); then [DONE]."""
         head = {"id": rid, "object": "text_completion", "created": created, "model": model}
         completion = 0
         for step in job.steps():
             completion += 1
-            if step.delta or step.finish:
-                finish = step.finish or {}
-                choice = {
-                    "index": 0,
-                    "text": step.delta,
-                    "logprobs": None,
-                    "finish_reason": finish.get("type"),
-                    "matched_stop": finish.get("matched"),
-                }
-                yield sse(head | {"choices": [choice]})
+            if not step.sent:
+                continue
+            finish = step.finish or {}
+            choice = {
+                "index": 0,
+                "text": echo + step.delta,
+                "logprobs": None,
+                "finish_reason": finish.get("type"),
+                "matched_stop": finish.get("matched"),
+            }
+            echo = ""  # the prompt goes with the first chunk only
+            yield sse(head | {"choices": [choice], "usage": None})
         if options.get("include_usage"):
             counted = {k: v for k, v in usage(len(job.prompt), completion).items() if v is not None}
             yield sse(head | {"choices": [], "usage": counted})
@@ -1367,7 +1576,7 @@ class Server:
             job = self.admit(prompt, self.adapter_of("", body.get("lora_path")), sampling)
         except RequestError as exc:
             return json_reply({"error": {"message": str(exc)}}, 400)
-        rid, began = uuid.uuid4().hex, time.monotonic()
+        rid, began = job.rid, time.monotonic()
 
         def answer(outcome: Outcome) -> dict[str, Any]:
             meta: dict[str, Any] = {
@@ -1391,11 +1600,15 @@ class Server:
                 outcome = Outcome()
                 for step in job.steps():
                     outcome.add(step)
-                    yield sse(answer(outcome))
+                    if step.sent:
+                        yield sse(answer(outcome))
                 yield SSE_DONE
 
             return self._stream(job, events())
-        return json_reply(answer(job.complete()))
+        try:
+            return json_reply(answer(job.complete()))
+        except ClientGone as exc:
+            return json_reply({"error": {"message": str(exc)}}, 400)
 
     @staticmethod
     def _stream(job: Job, chunks: Iterator[bytes]) -> Reply:
@@ -1440,6 +1653,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def _serve(self, method: str) -> None:
         path = self.path.split("?", 1)[0]
+        serving = self.standin.serving() if path in GENERATION_PATHS else contextlib.nullcontext()
+        self.standin.local.client = Client(self.connection)
+        try:
+            with serving:
+                self._answer(method, path)
+        finally:
+            self.standin.local.client = None
+
+    def _answer(self, method: str, path: str) -> None:
         try:
             reply = self.standin.route(method, path, self._body())
         except Exception as exc:  # the server stays up, as SGLang's does, and says what broke
@@ -1449,6 +1671,9 @@ class Handler(BaseHTTPRequestHandler):
         self.standin.metrics.http(path, method, reply.status)
         try:
             self._send(reply, method, path)
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("%s %s: the client went away before its answer", method, path)
+            self.close_connection = True
         finally:
             if reply.done is not None:
                 reply.done()
@@ -1472,6 +1697,9 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             log.info("%s %s: the client went away; generation stopped", method, path)
+            self.close_connection = True
+        except ClientGone as exc:
+            log.info("%s %s: %s", method, path, exc)
             self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -1503,11 +1731,19 @@ def main(argv: list[str]) -> int:
     log.info("Uvicorn running on http://%s:%d; warming up", args.host, args.port)
     server.warm_up()
     log.info("The server is fired up and ready to roll!")
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     try:
-        threading.Event().wait()
+        stopping.wait()
+        log.warning("SIGTERM received. Draining requests and shutting down...")
+        server.drain()
     except KeyboardInterrupt:
         httpd.shutdown()
-    return 0
+        return 0
+    # SGLang then kills its own process tree: nothing is torn down in order (a hung unload's thread
+    # included).
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":
