@@ -7,7 +7,9 @@ import random
 
 import pytest
 
+from kimi_operator.router.config import RouterConfig
 from kimi_operator.router.defaults import merged
+from kimi_operator.router.fleet import lora_listing
 from kimi_operator.router.keys import Scope, bearer, verdict
 from kimi_operator.router.names import BASE, Target, resolve
 from kimi_operator.router.routing import Replica, candidates, choose, may_retry
@@ -200,3 +202,29 @@ def test_ties_are_spread_not_sent_to_one_replica() -> None:
     rng = random.Random(3)  # noqa: S311 (load spreading, not secrets)
     picks = {choose(idle, rng).name for _ in range(50)}  # type: ignore[union-attr]
     assert picks == {"a", "b"}
+
+
+SHA_A, SHA_B = "a" * 64, "b" * 64
+
+
+def test_llama_server_adapters_are_known_by_their_files_digest_directory() -> None:
+
+    config = RouterConfig(
+        served=SERVED, adapters=frozenset({"support", "legal"}), defaults={}, digests={SHA_A: "support", SHA_B: "legal"}
+    )
+    assert config.adapter_of_file(f"/adapter-cache/{SHA_A}/adapter.gguf") == "support"
+    assert config.adapter_of_file(f"/adapter-cache/{SHA_B}/gguf/adapter.gguf") == "legal"
+    # The file name itself is never taken for a digest directory, and an unknown digest is nobody.
+    assert config.adapter_of_file(f"/x/{SHA_A}") is None
+    assert config.adapter_of_file("/adapter-cache/" + "c" * 64 + "/adapter.gguf") is None
+    listed = [
+        {"id": 0, "path": f"/adapter-cache/{SHA_A}/adapter.gguf", "scale": 0.0},
+        {"id": 1, "path": "/elsewhere/unknown.gguf", "scale": 0.0},
+        {"id": 2, "path": f"/adapter-cache/{SHA_B}/adapter.gguf", "scale": 0.0},
+    ]
+    ids, every = lora_listing(listed, config.adapter_of_file)
+    assert ids == {"support": 0, "legal": 2}
+    # The unknown file is still an id every request must set (to 0).
+    assert every == (0, 1, 2)
+    with pytest.raises(ValueError, match="lora-adapters"):
+        lora_listing({"data": []}, config.adapter_of_file)

@@ -64,6 +64,11 @@ class Call:
 
     path: str
     payload: bytes
+    # The request as sent (before serialisation), the adapter it is for and the served name: a
+    # llama.cpp engine is sent its own adapter ids, which differ from replica to replica.
+    body: Mapping[str, Any]
+    adapter: str | None
+    served: str
     model: str
     key: str
     began: float
@@ -285,6 +290,9 @@ class Router:
         call = Call(
             path="/v1/chat/completions" if "messages" in body else "/v1/completions",
             payload=json.dumps(upstream, separators=(",", ":")).encode(),
+            body=upstream,
+            adapter=target.adapter,
+            served=config.served,
             model=model,
             key=key,
             began=began,
@@ -317,10 +325,23 @@ class Router:
         fails before any byte went out: that is tried once more, on a fresh connection, before the
         replica counts as unreachable."""
         url = f"{replica.url}{call.path}"
+        data = self._payload(replica, call)
         try:
-            return await self.session.post(url, data=call.payload, headers=_UPSTREAM_HEADERS, timeout=self.timeout)
+            return await self.session.post(url, data=data, headers=_UPSTREAM_HEADERS, timeout=self.timeout)
         except aiohttp.ServerDisconnectedError:
-            return await self.session.post(url, data=call.payload, headers=_UPSTREAM_HEADERS, timeout=self.timeout)
+            return await self.session.post(url, data=data, headers=_UPSTREAM_HEADERS, timeout=self.timeout)
+
+    def _payload(self, replica: Replica, call: Call) -> bytes:
+        """What the engine is sent. llama-server: its model name, and every adapter id it has with
+        the chosen one at scale 1 and all others at 0. Never fewer: an adapter left out of the list
+        runs at its start scale, and a request without the list reuses the prompt cache of the
+        slot's last adapter (REFERENCE.md); an id it does not list would be ignored without a word."""
+        engine = self.fleet.engines.get(replica.name)
+        if self.fleet.api != "llamacpp" or engine is None:
+            return call.payload
+        chosen = engine.lora_ids.get(call.adapter) if call.adapter is not None else None
+        lora = [{"id": i, "scale": 1.0 if i == chosen else 0.0} for i in engine.all_ids]
+        return json.dumps({**call.body, "model": call.served, "lora": lora}, separators=(",", ":")).encode()
 
     async def _attempt(self, response: Response, replica: Replica, call: Call) -> bool:
         """One try on one replica. False: nothing reached the client and another may take it."""

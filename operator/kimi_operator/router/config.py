@@ -45,6 +45,17 @@ class RouterConfig:
     keys: tuple[KeyRef, ...] = ()
     states: Mapping[str, AdapterState] = dataclasses.field(default_factory=dict)
     max_body_bytes: int = 16 * 1024 * 1024
+    # The adapter each file digest is (the spec's sha256, or the one the status reports).
+    digests: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def adapter_of_file(self, path: str) -> str | None:
+        """The adapter an engine's adapter file is: files live in the node cache under their digest
+        (``<cache>/<sha256>/...``), so the directory names it."""
+        parts = [p for p in path.split("/") if p]
+        for part in reversed(parts[:-1]):
+            if part in self.digests:
+                return self.digests[part]
+        return None
 
     def scope(self, ref: KeyRef) -> Scope:
         every = "*" in ref.models
@@ -85,8 +96,13 @@ def from_object(obj: Mapping[str, Any]) -> RouterConfig:
     keys = tuple(
         KeyRef(k.id, k.secret_key_ref.name, k.secret_key_ref.key, frozenset(k.models)) for k in spec.router.api_keys
     )
+    digests = {a.sha256: a.name for a in spec.adapters if a.sha256}
+    for a in status.get("adapters") or []:
+        if a.get("sha256") and a.get("name") in {x.name for x in spec.adapters}:
+            digests.setdefault(str(a["sha256"]), str(a["name"]))
     return RouterConfig(
         served=spec.served_model_name,
+        digests=digests,
         adapters=frozenset(a.name for a in spec.adapters),
         defaults=sampling_defaults(spec),
         keys=keys,

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import aiohttp
@@ -42,6 +42,9 @@ class Engine:
     member: Member
     up: bool = False
     listed: frozenset[str] = frozenset()
+    # llama-server: each listed adapter's id, and every id it has (a request names them all).
+    lora_ids: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    all_ids: tuple[int, ...] = ()
     in_flight: int = 0
     polled_at: float = 0.0
     error: str | None = None
@@ -81,6 +84,24 @@ def pod_member(pod: Mapping[str, Any], *, kind_label: str, engine_container: str
     return Member(meta["name"], f"http://{host}:{port}", bool(ready), dedicated)
 
 
+def lora_listing(body: Any, name_of: Callable[[str], str | None]) -> tuple[dict[str, int], tuple[int, ...]]:
+    """llama-server's ``GET /lora-adapters`` ([{"id", "path", "scale"}]): each adapter it has, by the
+    name ``name_of`` gives its file, and all its ids. Adapters are fixed at its start; a file no name
+    is known for is still an id every request must set (to 0)."""
+    if not isinstance(body, list):
+        raise ValueError("not a /lora-adapters answer")
+    ids: dict[str, int] = {}
+    every: list[int] = []
+    for entry in body:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), int):
+            raise ValueError("not a /lora-adapters answer")
+        every.append(int(entry["id"]))
+        name = name_of(str(entry.get("path") or ""))
+        if name is not None:
+            ids[name] = int(entry["id"])
+    return ids, tuple(sorted(every))
+
+
 def listing(body: Any) -> frozenset[str]:
     """The adapters an engine's ``/v1/models`` lists: the cards that have a parent."""
     data = body.get("data") if isinstance(body, dict) else None
@@ -91,10 +112,24 @@ def listing(body: Any) -> frozenset[str]:
     )
 
 
+# How the router asks an engine what it holds: SGLang's /v1/models, or llama.cpp's /lora-adapters.
+ENGINE_APIS = ("sglang", "llamacpp")
+
+
 class Fleet:
-    def __init__(self, session: aiohttp.ClientSession, period: float = 2.0) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        period: float = 2.0,
+        *,
+        api: str = "sglang",
+        name_of: Callable[[str], str | None] | None = None,
+    ) -> None:
         self.session = session
         self.period = period
+        self.api = api
+        # llama.cpp: the adapter name of an adapter file the engine lists.
+        self.name_of = name_of or (lambda path: None)
         self.engines: dict[str, Engine] = {}
         self._wake = asyncio.Event()
         self.polls = 0
@@ -142,14 +177,18 @@ class Fleet:
         self.wake()
 
     async def poll_one(self, engine: Engine) -> None:
-        url = f"{engine.member.url}/v1/models"
+        url = f"{engine.member.url}{'/lora-adapters' if self.api == 'llamacpp' else '/v1/models'}"
         try:
             timeout = aiohttp.ClientTimeout(total=5)
             async with self.session.get(url, timeout=timeout) as resp:
                 raw = await resp.read()
                 if resp.status != 200:
                     raise ValueError(f"HTTP {resp.status}")
-                listed = listing(json.loads(raw))
+                if self.api == "llamacpp":
+                    engine.lora_ids, engine.all_ids = lora_listing(json.loads(raw), self.name_of)
+                    listed = frozenset(engine.lora_ids)
+                else:
+                    listed = listing(json.loads(raw))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             if engine.up:
                 log.warning("engine %s: /v1/models failed (%s)", engine.member.name, exc)

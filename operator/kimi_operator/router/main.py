@@ -17,7 +17,7 @@ from prometheus_client import start_http_server
 from kimi_operator.router import metrics
 from kimi_operator.router.app import Keys, Router, error_body
 from kimi_operator.router.config import KEYS_MOUNT
-from kimi_operator.router.fleet import Fleet, Member
+from kimi_operator.router.fleet import ENGINE_APIS, Fleet, Member
 from kimi_operator.router.httpserver import Limits, Server
 from kimi_operator.router.sources import KubeSource, static_config, static_members
 
@@ -30,6 +30,12 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--loraserver", help="NAMESPACE/NAME: read it and watch its engine pods")
     where.add_argument("--spec-file", type=Path, help="a LoraServer manifest, for a router outside a cluster")
     p.add_argument("--engine-selector", help="with --loraserver: the label selector of its engine pods")
+    p.add_argument(
+        "--engine-api",
+        choices=ENGINE_APIS,
+        default="sglang",
+        help="sglang: adapters by name (served:adapter); llamacpp: llama-server's adapter ids",
+    )
     p.add_argument("--engine", action="append", default=[], help="with --spec-file: NAME=URL of a shared engine")
     p.add_argument(
         "--dedicated-engine", action="append", default=[], help="with --spec-file: NAME=URL of an expert engine"
@@ -67,7 +73,7 @@ async def serve(args: argparse.Namespace) -> int:
     async with aiohttp.ClientSession(
         connector=connector, auto_decompress=False, skip_auto_headers=("Accept-Encoding",)
     ) as session:
-        fleet = Fleet(session, period=args.period)
+        fleet = Fleet(session, period=args.period, api=args.engine_api, name_of=lambda path: _adapter_of(router, path))
         keys = Keys(args.keys_dir)
         router = Router(fleet, session, keys, read_timeout=args.read_timeout)
         source: KubeSource | None = None
@@ -142,6 +148,10 @@ async def _refresh_loop(router: Router, keys: Keys, server: Server, fleet: Fleet
         except Exception:  # a bad read must not end the loop: key rotation would stop with it
             log.exception("refreshing keys and limits")
         await asyncio.sleep(keys.period)
+
+
+def _adapter_of(router: Router, path: str) -> str | None:
+    return router.config.adapter_of_file(path) if router.config is not None else None
 
 
 async def _drained(server: Server) -> None:

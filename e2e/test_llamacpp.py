@@ -1,0 +1,214 @@
+"""The router in front of a real llama.cpp server (built from source by `make llamacpp`), called
+with the official ``openai`` client: for the base model and each adapter, the same greedy tokens as
+transformers + PEFT, also for a base request right after an adapter request on the same slot.
+
+llama-server fixes its adapters at start and picks them per request by id; its traps (REFERENCE.md)
+are the router's to avoid: a request without the full list of ids runs every adapter at its start
+scale, and the prompt cache of a slot leaks its last adapter into the next request that has no list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+
+from e2e.conftest import stop
+from e2e.helpers import wait_for
+from kimi_operator.devcluster.paths import repo_root
+
+pytestmark = pytest.mark.e2e
+
+ENGINES = repo_root() / "e2e" / "engines"
+OPERATOR = repo_root() / "operator"
+SERVED = "kimi-k2.5"
+PROMPT = "hello world"
+ADAPTERS = ("a0", "a1", "a2")
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (loopback)
+            return int(resp.status), json.load(resp)
+    except OSError as exc:
+        return 0, str(exc)
+
+
+@pytest.fixture(scope="module")
+def llamacpp() -> Path:
+    found = os.environ.get("KIMI_LLAMACPP")
+    if not found or not (Path(found) / "bin" / "llama-server").exists():
+        pytest.fail("KIMI_LLAMACPP is not set to a llama.cpp build: run the tests with `make e2e`")
+    return Path(found)
+
+
+@pytest.fixture(scope="module")
+def served(llamacpp: Path, train_python: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The tiny model and three adapters in GGUF, where a node cache keeps them (by digest), and
+    transformers + PEFT's own greedy continuations of the prompt."""
+    work = tmp_path_factory.mktemp("llamacpp")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    subprocess.run(
+        [
+            *(train_python, str(ENGINES / "tiny_lora.py"), str(work / "tiny"), "--adapters", str(len(ADAPTERS))),
+            *("--reference-prompt", PROMPT, "--max-tokens", "8"),
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=600,
+    )
+    convert = [train_python, str(ENGINES / "gguf_convert.py"), str(llamacpp / "src")]
+    model = work / "tiny" / "model"
+    subprocess.run([*convert, "model", str(model), str(work / "base.gguf")], check=True, capture_output=True, env=env)
+    files = {}
+    for name in ADAPTERS:
+        source = work / "tiny" / "adapters" / name
+        digest = hashlib.sha256((source / "adapter_model.safetensors").read_bytes()).hexdigest()
+        target = work / "cache" / digest / "adapter.gguf"
+        target.parent.mkdir(parents=True)
+        subprocess.run(
+            [*convert, "lora", str(source), str(model), str(target)], check=True, capture_output=True, env=env
+        )
+        files[name] = (digest, target)
+    references = json.loads((work / "tiny" / "references.json").read_text())
+    return {"work": work, "files": files, "references": references}
+
+
+class Process:
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+@pytest.fixture
+def stack(llamacpp: Path, served: dict[str, Any], tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """llama-server with the adapters at scale 0 and its prompt cache on (one slot: a request reuses
+    the previous one's slot), and the router in front of it."""
+    work = served["work"]
+    host = "127.0.0.71"
+    engine_port, router_port = free_port(host), free_port(host)
+    files = ",".join(f"{path}:0" for _, path in served["files"].values())
+    engine = Process(
+        [
+            *(str(llamacpp / "bin" / "llama-server"), "-m", str(work / "base.gguf"), "--lora-scaled", files),
+            *("--alias", SERVED, "--host", host, "--port", str(engine_port), "-c", "512", "-np", "1", "-t", "1"),
+        ],
+        tmp_path / "llama-server.log",
+    )
+    spec = {
+        "apiVersion": "kimi-operator.io/v1alpha1",
+        "kind": "LoraServer",
+        "metadata": {"name": "gguf"},
+        "spec": {
+            "model": {"name": "kimi"},
+            "servedModelName": SERVED,
+            "adapters": [
+                {"name": name, "path": f"/models/{name}", "sha256": digest}
+                for name, (digest, _) in served["files"].items()
+            ],
+        },
+    }
+    (tmp_path / "lsrv.yaml").write_text(yaml.safe_dump(spec))
+    router = Process(
+        [
+            *(sys.executable, "-m", "kimi_operator", "router", "--spec-file", str(tmp_path / "lsrv.yaml")),
+            *("--engine-api", "llamacpp", "--engine", f"e0=http://{host}:{engine_port}", "--period", "0.5"),
+            *("--host", host, "--port", str(router_port), "--metrics-port", "0", "--keys-dir", str(tmp_path)),
+        ],
+        tmp_path / "router.log",
+        env={**os.environ, "PYTHONPATH": str(OPERATOR)},
+    )
+    try:
+        wait_for(lambda: not engine.alive() or get(f"http://{host}:{engine_port}/health")[0] == 200, 60, "llama-server")
+        assert engine.alive(), engine.log.read_text()[-3000:]
+        wait_for(lambda: not router.alive() or get(f"http://{host}:{router_port}/ready")[0] == 200, 60, "router")
+        assert router.alive(), router.log.read_text()[-3000:]
+        yield {"engine": f"http://{host}:{engine_port}", "router": f"http://{host}:{router_port}", "log": router.log}
+    finally:
+        stop(router.proc)
+        stop(engine.proc)
+
+
+def direct_stream(engine: str, lora: list[dict[str, Any]]) -> str:
+    """The engine's own stream of the prompt with this list of adapter scales."""
+    body = {"model": SERVED, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True, "lora": lora}
+    request = urllib.request.Request(  # noqa: S310 (loopback)
+        f"{engine}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    text = []
+    with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310 (loopback)
+        for line in resp.read().decode().splitlines():
+            if line.startswith("data: {"):
+                text.extend(c.get("text") or "" for c in json.loads(line[6:]).get("choices") or [])
+    return "".join(text)
+
+
+def test_each_adapter_through_the_router_gives_transformers_own_tokens(
+    stack: dict[str, Any], served: dict[str, Any]
+) -> None:
+    client = openai.OpenAI(base_url=f"{stack['router']}/v1", api_key="unused", max_retries=0, timeout=60)
+    wait_for(lambda: {m.id for m in client.models.list()} == {SERVED, *ADAPTERS}, 30, "every adapter listed")
+    expected = served["references"]["completion"]
+    assert len({expected[n]["text"] for n in ("base", *ADAPTERS)}) == 4
+
+    def complete(model: str, *, stream: bool = False) -> str:
+        if stream:
+            chunks = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0, stream=True)
+            return "".join(c.choices[0].text for c in chunks if c.choices)
+        return client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text
+
+    # Each adapter after another, and the base right after each: one slot, its cache on.
+    for name in ADAPTERS:
+        for model in (name, f"{SERVED}:{name}"):
+            assert complete(model) == expected[name]["text"], model
+            assert complete(SERVED) == expected["base"]["text"], f"base after {model}"
+    # Streams: event by event as the engine sends them. (llama-server holds back the bytes of a
+    # character its last tokens leave unfinished, which transformers decodes as U+FFFD: a stream's
+    # text is the engine's own stream, a prefix of the whole answer.)
+    _, listed = get(f"{stack['engine']}/lora-adapters")
+    ids = {name: next(e["id"] for e in listed if str(path) == e["path"]) for name, (_, path) in served["files"].items()}
+    for name in ("a1", None):
+        lora = [{"id": i, "scale": 1.0 if i == ids.get(name or "") else 0.0} for i in sorted(ids.values())]
+        through = complete(name or SERVED, stream=True)
+        assert through == direct_stream(stack["engine"], lora)
+        assert expected[name or "base"]["text"].startswith(through)
+        assert through
+
+    # The trap the router avoids, shown on the engine itself: a request without the list of ids,
+    # right after an adapter's request on the same slot, gets that adapter's cached prefix.
+    a0 = ids["a0"]
+
+    def direct(**extra: Any) -> str:
+        body = {"model": SERVED, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, **extra}
+        request = urllib.request.Request(  # noqa: S310 (loopback)
+            f"{stack['engine']}/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310 (loopback)
+            return str(json.load(resp)["choices"][0]["text"])
+
+    assert direct(lora=[{"id": a0, "scale": 1.0}]) == expected["a0"]["text"]
+    assert direct() != expected["base"]["text"]
