@@ -148,8 +148,8 @@ prometheus: $(PROMETHEUS)
 # (about 4 minutes on 2 cores), cached by version like the control plane.
 LLAMACPP_VERSION := 11434
 LLAMACPP := $(CACHE)/llamacpp-b$(LLAMACPP_VERSION)
-$(LLAMACPP)/.complete:
-	bash e2e/engines/build_llamacpp.sh $(LLAMACPP)
+$(LLAMACPP)/.complete: | $(VENV)/.complete
+	PYTHON=$(PY) bash e2e/engines/build_llamacpp.sh $(LLAMACPP)
 
 llamacpp: $(LLAMACPP)/.complete
 

