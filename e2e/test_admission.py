@@ -204,6 +204,43 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.sampling.temperature",
         "less than or equal to 2",
     ),
+    (
+        "lsrv-old-api-key",
+        vary(LORA_SERVER, "spec.router", {"apiKeySecretRef": {"name": "k", "key": "key"}}),
+        "spec.router.apiKeySecretRef",
+        "replaced by apiKeys",
+    ),
+    (
+        "lsrv-one-secret-key-two-ids",
+        vary(
+            LORA_SERVER,
+            "spec.router",
+            {
+                "apiKeys": [
+                    {"id": "a", "secretKeyRef": {"name": "k", "key": "key"}, "models": ["*"]},
+                    {"id": "b", "secretKeyRef": {"name": "k", "key": "key"}, "models": ["kimi-k2.5"]},
+                ]
+            },
+        ),
+        "spec.router.apiKeys",
+        "each key needs its own",
+    ),
+    (
+        "lsrv-key-model-with-colon",
+        vary(
+            LORA_SERVER,
+            "spec.router",
+            {"apiKeys": [{"id": "a", "secretKeyRef": {"name": "k", "key": "key"}, "models": ["kimi-k2.5:x"]}]},
+        ),
+        "spec.router.apiKeys[0].models[0]",
+        "should match",
+    ),
+    (
+        "lsrv-huge-body",
+        vary(LORA_SERVER, "spec.router", {"maxBodyBytes": 1073741824}),
+        "spec.router.maxBodyBytes",
+        "less than or equal to 268435456",
+    ),
 ]
 
 

@@ -313,10 +313,9 @@ class Router(ApiModel):
 
     replicas: Annotated[int, Field(ge=1, le=32)] = Field(default=1, description="Router pods.")
     resources: RouterResources = Field(default_factory=RouterResources, description="Resources of each router pod.")
-    api_key_secret_ref: dict[str, Any] | None = Field(
+    api_key_secret_ref: SecretKeyRef | None = Field(
         default=None,
         description="Replaced by apiKeys; refused (kept in the schema so that an old manifest is not silently open).",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
     api_keys: Annotated[list[ApiKey], Field(max_length=64)] = Field(
         default_factory=list,
