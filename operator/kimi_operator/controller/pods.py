@@ -15,12 +15,16 @@ def ready(pod: Mapping[str, Any]) -> bool:
 
 
 def crashed(pod: Mapping[str, Any], container: str) -> str | None:
-    """Why ``container`` keeps ending, while it is not running: its last termination's message (the
-    tail of its log, FallbackToLogsOnError) or reason and exit code."""
+    """Why ``container`` keeps ending (the kubelet backs off restarting it): its last termination's
+    message (the tail of its log, FallbackToLogsOnError) or reason and exit code. Not a single exit
+    (an OOM after days of serving, a rollout's stop): only a crash loop."""
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return None
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        if status.get("name") != container or (status.get("state") or {}).get("running"):
+        state = status.get("state") or {}
+        if status.get("name") != container or (state.get("waiting") or {}).get("reason") != "CrashLoopBackOff":
             continue
-        last = (status.get("lastState") or {}).get("terminated") or (status.get("state") or {}).get("terminated")
+        last = state.get("terminated") or (status.get("lastState") or {}).get("terminated")
         if not last:
             continue
         message = str(last.get("message") or "").strip()

@@ -21,7 +21,7 @@ import aiohttp
 from kimi_operator.router import metrics, requests
 from kimi_operator.router.config import RouterConfig, read_keys
 from kimi_operator.router.defaults import merged
-from kimi_operator.router.fleet import Fleet
+from kimi_operator.router.fleet import Engine, Fleet
 from kimi_operator.router.httpserver import Request, Response
 from kimi_operator.router.keys import Scope, admit, authenticate, bearer
 from kimi_operator.router.names import Target, resolve
@@ -144,6 +144,10 @@ class Router:
             log.info("serving %s with adapters %s", config.served, sorted(config.adapters) or "none")
         self.config = config
         self.keys.refresh(config)
+
+    def detached(self) -> set[asyncio.Task[Whole]]:
+        """Whole answers still being fetched for clients that left."""
+        return set(self._detached)
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -320,41 +324,62 @@ class Router:
         finally:
             in_flight.dec()
 
-    async def _post(self, replica: Replica, call: Call) -> aiohttp.ClientResponse:
+    async def _post(self, replica: Replica, call: Call, data: bytes) -> aiohttp.ClientResponse:
         """The engine's answer head. A pooled connection that the engine closed while it was idle
         fails before any byte went out: that is tried once more, on a fresh connection, before the
         replica counts as unreachable."""
         url = f"{replica.url}{call.path}"
-        data = self._payload(replica, call)
         try:
             return await self.session.post(url, data=data, headers=_UPSTREAM_HEADERS, timeout=self.timeout)
         except aiohttp.ServerDisconnectedError:
             return await self.session.post(url, data=data, headers=_UPSTREAM_HEADERS, timeout=self.timeout)
 
-    def _payload(self, replica: Replica, call: Call) -> bytes:
-        """What the engine is sent. llama-server: its model name, and every adapter id it has with
-        the chosen one at scale 1 and all others at 0. Never fewer: an adapter left out of the list
-        runs at its start scale, and a request without the list reuses the prompt cache of the
-        slot's last adapter (REFERENCE.md); an id it does not list would be ignored without a word."""
-        engine = self.fleet.engines.get(replica.name)
-        if self.fleet.api != "llamacpp" or engine is None:
+    def _payload(self, replica: Replica, call: Call) -> bytes | None:
+        """What the engine is sent; None when it no longer has the adapter. llama-server: its model
+        name, every adapter id it has (the chosen one at scale 1, the others at 0: a request without
+        a list runs them all at their start scale; an id it does not have would be ignored without a
+        word) and no prompt cache: its caches restore a prefix computed under another adapter."""
+        if self.fleet.api != "llamacpp":
             return call.payload
-        chosen = engine.lora_ids.get(call.adapter) if call.adapter is not None else None
+        engine = self.fleet.engines.get(replica.name)
+        if engine is None:
+            return None
+        chosen = None
+        if call.adapter is not None:
+            chosen = engine.lora_ids.get(call.adapter)
+            if chosen is None:
+                return None
         lora = [{"id": i, "scale": 1.0 if i == chosen else 0.0} for i in engine.all_ids]
-        return json.dumps({**call.body, "model": call.served, "lora": lora}, separators=(",", ":")).encode()
+        body = {**call.body, "model": call.served, "lora": lora, "cache_prompt": False}
+        return json.dumps(body, separators=(",", ":")).encode()
 
     async def _attempt(self, response: Response, replica: Replica, call: Call) -> bool:
         """One try on one replica. False: nothing reached the client and another may take it."""
+        data = self._payload(replica, call)
+        if data is None:
+            # The engine no longer has the adapter it listed (a llama-server restarted with other
+            # adapters): not sent, for it would answer as the base model without a word.
+            self.fleet.wake()
+            return False
+        engine = self.fleet.engines.get(replica.name)
+        if engine is not None:
+            # Counted now, before any await: requests arriving meanwhile choose on current counts.
+            engine.in_flight += 1
         if call.stream:
-            return await self._attempt_stream(response, replica, call)
-        # A whole (non-streamed) answer is fetched by a task of its own that a client leaving does
-        # not cancel: SGLang 0.5.16 never releases an adapter's in-flight count when such a request
-        # is aborted, and that adapter can then never be unloaded (seen on a real engine,
-        # e2e/gpu/serve/RESULTS.md). An aborted stream releases it: streams are cancelled.
-        task = asyncio.ensure_future(self._whole(replica, call))
-        self._detached.add(task)
-        task.add_done_callback(self._detached.discard)
-        whole = await asyncio.shield(task)
+            return await self._attempt_stream(response, replica, call, data, engine)
+        whole_fetch = self._whole(replica, call, data, engine)
+        if self.fleet.api != "sglang":
+            whole = await whole_fetch
+        else:
+            # A whole (non-streamed) answer is fetched by a task of its own that a client leaving
+            # does not cancel: SGLang 0.5.16 never releases an adapter's in-flight count when such
+            # a request is aborted, and that adapter can then never be unloaded (seen on a real
+            # engine, e2e/gpu/serve/RESULTS.md). An aborted stream releases it: streams are cancelled.
+            task = asyncio.ensure_future(whole_fetch)
+            self._detached.add(task)
+            task.add_done_callback(self._detached.discard)
+            task.add_done_callback(_finished)
+            whole = await asyncio.shield(task)
         if whole.failure == "timeout":
             message = f"the engine replica {replica.name} gave no answer in {self.timeout.sock_read:.0f} s"
             await self._error(response, 504, message, code="engine_timeout")
@@ -370,13 +395,11 @@ class Router:
         await response.send(200, whole.body, whole.content_type)
         return True
 
-    async def _whole(self, replica: Replica, call: Call) -> Whole:
-        engine = self.fleet.engines.get(replica.name)
-        if engine is not None:
-            engine.in_flight += 1
+    async def _whole(self, replica: Replica, call: Call, data: bytes, engine: Engine | None) -> Whole:
+        """The engine's whole answer (``engine``'s in-flight count, taken by the caller, is given back)."""
         try:
             try:
-                resp = await self._post(replica, call)
+                resp = await self._post(replica, call, data)
                 async with resp:
                     metrics.UPSTREAM.labels(replica.name, call.model, str(resp.status)).inc()
                     return Whole(resp.status, await _read(resp), resp.headers.get("Content-Type", JSON))
@@ -406,13 +429,12 @@ class Router:
         await response.send(status, raw, content_type)
         return True
 
-    async def _attempt_stream(self, response: Response, replica: Replica, call: Call) -> bool:
-        engine = self.fleet.engines.get(replica.name)
-        if engine is not None:
-            engine.in_flight += 1
+    async def _attempt_stream(
+        self, response: Response, replica: Replica, call: Call, data: bytes, engine: Engine | None
+    ) -> bool:
         try:
             try:
-                resp = await self._post(replica, call)
+                resp = await self._post(replica, call, data)
             except aiohttp.SocketTimeoutError:
                 metrics.UPSTREAM.labels(replica.name, call.model, "0").inc()
                 self.fleet.wake()
@@ -450,6 +472,10 @@ class Router:
         await response.start_stream(200, SSE)
         pending = b""
         first = True
+        # The usage of the usage-only event (SGLang, llama-server's chat), else of the last event
+        # carrying one (llama-server's completions put it beside the final choice).
+        usage: Any = None
+        usage_only = False
         try:
             async for data in resp.content.iter_any():
                 pending += data
@@ -457,14 +483,19 @@ class Router:
                 # line: \n\n, \r\n\r\n or \r\r).
                 while (found := _EVENT_END.search(pending)) is not None:
                     event, pending = pending[: found.end()], pending[found.end() :]
-                    if b'"usage"' in event and _usage_event(event, call.model, call.key) and call.strip_usage:
-                        continue
+                    if b'"usage"' in event:
+                        found_usage, only = _usage_of(event)
+                        if found_usage is not None and not usage_only:
+                            usage, usage_only = found_usage, only
+                        if only and call.strip_usage:
+                            continue
                     if first:
                         metrics.FIRST_TOKEN.labels(call.model).observe(self.clock() - call.began)
                         first = False
                     await response.write(event)
             if pending.strip():
                 await response.write(pending)
+            _add_usage(usage, call.model, call.key)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The engine went away or went silent mid-stream: the client gets an error event and the
             # end, not a hang.
@@ -487,6 +518,12 @@ NOT_HERE = (b"never been loaded", b"are not loaded")
 _UPSTREAM_HEADERS = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
 # The paths a key is needed for (the probes are not).
 _KEYED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models"})
+
+
+def _finished(task: asyncio.Task[Whole]) -> None:
+    """A detached fetch ended: forget it, and never leave its failure unread (and unlogged)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("fetching a whole answer failed", exc_info=task.exception())
 
 
 def upstream_timeout(read_seconds: float) -> aiohttp.ClientTimeout:
@@ -534,17 +571,16 @@ def _add_usage(usage: Any, model: str, key: str) -> None:
         metrics.COMPLETION_TOKENS.labels(model, key).inc(completion)
 
 
-def _usage_event(event: bytes, model: str, key: str) -> bool:
-    """True when the event is the usage-only one (no choices), whose usage is then counted. Other
-    events may carry running totals (stream_options.continuous_usage_stats): never counted."""
+def _usage_of(event: bytes) -> tuple[Any, bool]:
+    """An event's usage (None: none), and whether it is the usage-only event (no choices). Running
+    totals on other events (continuous usage) are superseded by the usage-only event's."""
     text = event.strip()
     if not text.startswith(b"data:"):
-        return False
+        return None, False
     try:
         data = json.loads(text[5:])
     except ValueError:
-        return False
-    if not isinstance(data, dict) or not data.get("usage") or data.get("choices") != []:
-        return False
-    _add_usage(data["usage"], model, key)
-    return True
+        return None, False
+    if not isinstance(data, dict) or not data.get("usage"):
+        return None, False
+    return data["usage"], data.get("choices") == []

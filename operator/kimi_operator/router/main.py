@@ -124,8 +124,13 @@ async def serve(args: argparse.Namespace) -> int:
         )
         await asyncio.sleep(args.drain_delay)
         listener.close()
+        deadline = loop.time() + args.grace
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(_drained(server), args.grace)
+        # Whole answers still fetched for clients that left: closing the session would abort them,
+        # which is what they are detached to avoid (SGLang leaks the adapter of an aborted one).
+        if router.detached():
+            await asyncio.wait(router.detached(), timeout=max(0.0, deadline - loop.time()))
         await server.close()
         for task in tasks:
             task.cancel()
