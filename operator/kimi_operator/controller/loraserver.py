@@ -289,10 +289,10 @@ def reclaimable(
 
 
 def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: LoraServerSpec | None) -> list[str]:
-    """Engine and router pods go with the LoraServer (owner references), which ends their engines'
-    adapters with them. The node copies of its adapters are kept unless adapterCache.reclaimPolicy is
-    Delete; then a Job on each node of the model removes those no other LoraServer serves. Returns
-    the cleanup Jobs still running."""
+    """Engine and router pods go with the LoraServer (owner references), and their engines' adapters
+    with them. The node copies of its adapters are kept unless adapterCache.reclaimPolicy is Delete;
+    then the engines go first (their agents would copy the files back), and a Job on each node of the
+    model removes the copies no other LoraServer uses. Returns what is still awaited."""
     if spec is None or spec.adapter_cache.reclaim_policy != "Delete":
         return []
     meta = body["metadata"]

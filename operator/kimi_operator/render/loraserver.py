@@ -24,7 +24,7 @@ from kimi_operator.render.jobs import template_metadata
 from kimi_operator.render.kimimodel import READY, model_label
 from kimi_operator.render.kimimodel_paths import MOUNT
 from kimi_operator.render.labels import bounded, common
-from kimi_operator.render.owner import Owner
+from kimi_operator.render.owner import Owner, account, status_rule
 
 ENGINE = "engine"
 CACHE_MOUNT = "/adapter-cache"
@@ -97,28 +97,11 @@ def model_paths(namespace: str, model: ModelFacts) -> sglang.ModelPaths:
 def rbac(owner: Owner) -> list[dict[str, Any]]:
     """The agents may read the plan and report into this LoraServer's status; nothing else (a hub
     token reaches them as an environment variable, so neither they nor the operator read Secrets)."""
-    name = service_account_name(owner.name)
-    meta = owner.metadata(name, ENGINE)
     rules: list[dict[str, Any]] = [
-        {
-            "apiGroups": [GROUP],
-            "resources": [f"{owner.plural}/status"],
-            "resourceNames": [owner.name],
-            "verbs": ["get", "patch"],
-        },
+        status_rule(owner),
         {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [plan_name(owner.name)], "verbs": ["get"]},
     ]
-    return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta, "rules": rules},
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": meta,
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
-        },
-    ]
+    return account(owner, service_account_name(owner.name), ENGINE, rules)
 
 
 def plan_config_map(owner: Owner, plan: ServingPlan) -> dict[str, Any]:

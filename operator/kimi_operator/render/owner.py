@@ -39,24 +39,22 @@ class Owner:
         }
 
 
-def status_rbac(owner: Owner, name: str, component: str) -> list[dict[str, Any]]:
-    """A ServiceAccount whose only right is to read and patch this one object's status."""
+def status_rule(owner: Owner) -> dict[str, Any]:
+    """Reading and patching this one object's status."""
+    return {
+        "apiGroups": [GROUP],
+        "resources": [f"{owner.plural}/status"],
+        "resourceNames": [owner.name],
+        "verbs": ["get", "patch"],
+    }
+
+
+def account(owner: Owner, name: str, component: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A ServiceAccount of this object's pods, with a Role of exactly ``rules`` bound to it."""
     meta = owner.metadata(name, component)
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": meta,
-            "rules": [
-                {
-                    "apiGroups": [GROUP],
-                    "resources": [f"{owner.plural}/status"],
-                    "resourceNames": [owner.name],
-                    "verbs": ["get", "patch"],
-                }
-            ],
-        },
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta, "rules": rules},
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "RoleBinding",
@@ -65,3 +63,8 @@ def status_rbac(owner: Owner, name: str, component: str) -> list[dict[str, Any]]
             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
         },
     ]
+
+
+def status_rbac(owner: Owner, name: str, component: str) -> list[dict[str, Any]]:
+    """A ServiceAccount whose only right is to read and patch this one object's status."""
+    return account(owner, name, component, [status_rule(owner)])

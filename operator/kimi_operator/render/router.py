@@ -14,7 +14,7 @@ from kimi_operator.api.base import GROUP
 from kimi_operator.api.loraserver import KIND, LoraServerSpec
 from kimi_operator.render.labels import bounded, common
 from kimi_operator.render.loraserver import ENGINE, OWNER_ANNOTATION
-from kimi_operator.render.owner import Owner
+from kimi_operator.render.owner import Owner, account
 
 ROUTER = "router"
 HTTP_PORT = 8000
@@ -42,23 +42,12 @@ def labels(owner: str) -> dict[str, str]:
 
 def rbac(owner: Owner) -> list[dict[str, Any]]:
     name = router_name(owner.name)
-    meta = owner.metadata(name, ROUTER)
     rules: list[dict[str, Any]] = [
         {"apiGroups": [GROUP], "resources": [owner.plural], "resourceNames": [owner.name], "verbs": ["get"]},
         # Pods cannot be listed by name: the namespace's pods, filtered by the engines' labels.
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     ]
-    return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta, "rules": rules},
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": meta,
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
-        },
-    ]
+    return account(owner, name, ROUTER, rules)
 
 
 def service(owner: Owner) -> dict[str, Any]:
