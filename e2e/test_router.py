@@ -336,7 +336,8 @@ def test_the_openai_client_reaches_each_adapter_where_an_engine_holds_it(
             return True
         except openai.InternalServerError as exc:
             # 503 meanwhile: the agent may unload it before the router has read the new spec.
-            assert exc.status_code == 503, exc
+            if exc.status_code != 503:
+                raise
         return False
 
     wait_for(refused, 30, "a3 refused by the router once it left the spec")
