@@ -191,8 +191,10 @@ def observe(
     if router is not None:
         status["routerReadyReplicas"] = router.ready
         # The URL is given only while a router answers on it (a router is ready only while it
-        # knows a ready engine replica).
-        status["endpoint"] = router.endpoint if router.ready > 0 else None
+        # knows a ready engine replica). Left out otherwise: server-side apply then removes it
+        # (a null is refused by the schema).
+        if router.ready > 0:
+            status["endpoint"] = router.endpoint
     verdict = _verdict(adapters, serving, desired_replicas, replicas, model or ModelState(name=""), router=router)
     return Observation(verdict, status)
 
