@@ -320,6 +320,19 @@ def adapters_by_name(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {a["name"]: a for a in (obj.get("status") or {}).get("adapters") or []}
 
 
+def shared_and_expert_adapters(tiny: Path, nodes: dict[str, Node]) -> list[dict[str, Any]]:
+    """a0..a3 and the expert adapter "legal", copied onto every node, as spec entries."""
+    adapters: list[dict[str, Any]] = []
+    for name, directory in [(f"a{i}", f"a{i}") for i in range(4)] + [("legal", "expert")]:
+        source = tiny / "adapters" / directory
+        path = ""
+        for node in nodes.values():
+            path = node.put_adapter(source, directory)
+        adapters.append({"name": name, "path": path, "sha256": sha256(source)})
+    adapters[-1]["expert"] = True
+    return adapters
+
+
 @pytest.fixture
 def nodes(tmp_path: Path, namespace: str, tiny: Path) -> dict[str, Node]:
     return {n: Node(tmp_path / "nodes" / n, namespace, tiny) for n in NODES}
@@ -351,17 +364,7 @@ def test_shared_and_expert_adapters_are_served_where_the_engines_list_them(
     serving: Serving,
 ) -> None:
     model_on(api, namespace, NODES)
-    adapters: list[dict[str, Any]] = []
-    for i in range(4):
-        source = tiny / "adapters" / f"a{i}"
-        path = ""
-        for node in nodes.values():
-            path = node.put_adapter(source, f"a{i}")
-        adapters.append({"name": f"a{i}", "path": path, "sha256": sha256(source)})
-    expert = tiny / "adapters" / "expert"
-    for node in nodes.values():
-        expert_path = node.put_adapter(expert, "expert")
-    adapters.append({"name": "legal", "path": expert_path, "sha256": sha256(expert), "expert": True})
+    adapters = shared_and_expert_adapters(tiny, nodes)
     custom(api).create_namespaced_custom_object(
         GROUP, VERSION, namespace, "loraservers", lsrv("serve", replicas=2, adapters=adapters)
     )

@@ -46,7 +46,7 @@ from e2e.test_loraserver import (
     model_on,
     nodes,  # noqa: F401 (a fixture)
     serving,  # noqa: F401 (a fixture)
-    sha256,
+    shared_and_expert_adapters,
     tiny,  # noqa: F401 (a fixture)
 )
 from kimi_operator.devcluster.cluster import Cluster
@@ -203,16 +203,7 @@ def test_the_openai_client_reaches_each_adapter_where_an_engine_holds_it(
     core.create_namespaced_secret(
         namespace, {"metadata": {"name": "api-keys"}, "stringData": {"admin": ADMIN, "team": TEAM}}
     )
-    adapters: list[dict[str, Any]] = []
-    for i in range(4):
-        source = tiny / "adapters" / f"a{i}"
-        for node in nodes.values():
-            path = node.put_adapter(source, f"a{i}")
-        adapters.append({"name": f"a{i}", "path": path, "sha256": sha256(source)})
-    expert = tiny / "adapters" / "expert"
-    for node in nodes.values():
-        expert_path = node.put_adapter(expert, "expert")
-    adapters.append({"name": "legal", "path": expert_path, "sha256": sha256(expert), "expert": True})
+    adapters = shared_and_expert_adapters(tiny, nodes)
     keys = {
         "apiKeys": [
             {"id": "admin", "secretKeyRef": {"name": "api-keys", "key": "admin"}, "models": ["*"]},

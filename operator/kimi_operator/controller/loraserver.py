@@ -245,8 +245,7 @@ def reconcile(
         ready_nodes=sum(n.get("phase") == "Ready" for n in model_status.get("nodes") or []),
         stalled=f"{stalled.get('reason')}: {stalled.get('message')}" if stalled else None,
     )
-    router_selector = ",".join(f"{k}={v}" for k, v in sorted(router_render.labels(name).items()))
-    routers = kube.list_objects("v1", "Pod", namespace, router_selector)
+    routers = kube.list_objects("v1", "Pod", namespace, router_render.pod_selector(name))
     router = RouterState(
         desired=spec.router.replicas,
         ready=sum(1 for p in routers if pods_.ready(p)),

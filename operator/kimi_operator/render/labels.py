@@ -22,3 +22,8 @@ def bounded(value: str, limit: int = MAX_LABEL_VALUE) -> str:
 def common(kind: str, name: str) -> dict[str, str]:
     """Labels of every object the operator creates for ``kind``/``name``."""
     return {MANAGED_BY: OPERATOR, f"{GROUP}/{kind.lower()}": bounded(name)}
+
+
+def selector(labels: dict[str, str]) -> str:
+    """A label selector matching exactly ``labels``."""
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))

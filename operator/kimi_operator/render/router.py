@@ -12,7 +12,7 @@ from typing import Any
 
 from kimi_operator.api.base import GROUP
 from kimi_operator.api.loraserver import KIND, LoraServerSpec
-from kimi_operator.render.labels import bounded, common
+from kimi_operator.render.labels import bounded, common, selector
 from kimi_operator.render.loraserver import ENGINE, OWNER_ANNOTATION
 from kimi_operator.render.owner import Owner, account
 
@@ -32,12 +32,16 @@ def endpoint(namespace: str, owner: str) -> str:
 
 
 def engine_selector(owner: str) -> str:
-    labels = {**common(KIND, owner), "app.kubernetes.io/component": ENGINE}
-    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+    return selector({**common(KIND, owner), "app.kubernetes.io/component": ENGINE})
 
 
 def labels(owner: str) -> dict[str, str]:
     return {**common(KIND, owner), "app.kubernetes.io/component": ROUTER}
+
+
+def pod_selector(owner: str) -> str:
+    """The router pods of this LoraServer."""
+    return selector(labels(owner))
 
 
 def rbac(owner: Owner) -> list[dict[str, Any]]:

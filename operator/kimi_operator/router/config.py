@@ -96,14 +96,15 @@ def from_object(obj: Mapping[str, Any]) -> RouterConfig:
     keys = tuple(
         KeyRef(k.id, k.secret_key_ref.name, k.secret_key_ref.key, frozenset(k.models)) for k in spec.router.api_keys
     )
+    names = frozenset(a.name for a in spec.adapters)
     digests = {a.sha256: a.name for a in spec.adapters if a.sha256}
     for a in status.get("adapters") or []:
-        if a.get("sha256") and a.get("name") in {x.name for x in spec.adapters}:
+        if a.get("sha256") and a.get("name") in names:
             digests.setdefault(str(a["sha256"]), str(a["name"]))
     return RouterConfig(
         served=spec.served_model_name,
         digests=digests,
-        adapters=frozenset(a.name for a in spec.adapters),
+        adapters=names,
         defaults=sampling_defaults(spec),
         keys=keys,
         states=states,
