@@ -103,10 +103,19 @@ def test_health_and_metrics_endpoints(
         60,
         "KimiModel Ready",
     )
-    status, text = operator.get(operator.metrics_url)
-    assert status == 200
-    assert 'kimi_operator_reconcile_total{kind="LoraServer",result="progressing"}' in text
-    assert 'kimi_operator_reconcile_total{kind="KimiModel",result="ready"}' in text
+    expected = [
+        'kimi_operator_reconcile_total{kind="LoraServer",result="progressing"}',
+        'kimi_operator_reconcile_total{kind="KimiModel",result="ready"}',
+    ]
     for kind, name, ready in (("LoraServer", "serve", "0.0"), ("KimiModel", "kimi", "1.0")):
         series = f'kimi_operator_resource_condition{{kind="{kind}",name="{name}",namespace="{namespace}",type="Ready"}}'
-        assert f"{series} {ready}" in text
+        expected.append(f"{series} {ready}")
+
+    def missing() -> list[str]:
+        status, text = operator.get(operator.metrics_url)
+        assert status == 200
+        return [line for line in expected if line not in text]
+
+    # The gauges follow the status write that the wait above saw, in the same pass but a moment
+    # after it: they must catch up, and stay consistent with it.
+    wait_for(lambda: not missing(), 30, f"the metrics to show all of {expected}")
