@@ -91,7 +91,7 @@ gpu-wheels: venv
 		--python-version $(GPU_PYTHON_VERSION) --implementation cp --platform manylinux_2_28_x86_64 \
 		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d build/gpu-wheels -r requirements/gpu-host.txt
 
-# The KTransformers wheels for that host (~290 MB), as tar parts of at most 58 MB in build/ktgpu/p*/
+# The KTransformers wheels for that host (~290 MB), as tar parts of at most 60 MiB in build/ktgpu/p*/
 # (e2e/gpu/run_kt.sh joins and checks them).
 gpu-kt-wheels: venv
 	rm -rf build/ktgpu build/ktgpu-wheels
@@ -99,7 +99,7 @@ gpu-kt-wheels: venv
 		--python-version $(GPU_PYTHON_VERSION) --implementation cp --platform manylinux_2_35_x86_64 \
 		-d build/ktgpu-wheels -r requirements/gpu-host-kt.txt
 	mkdir -p build/ktgpu
-	cd build/ktgpu-wheels && sha256sum *.whl > SHA256SUMS && tar -cf - *.whl SHA256SUMS | split -b 58M -d - ../ktgpu/kt.tar.
+	cd build/ktgpu-wheels && sha256sum *.whl > SHA256SUMS && tar -cf - *.whl SHA256SUMS | split -b 60M -d - ../ktgpu/kt.tar.
 	cd build/ktgpu && for part in kt.tar.*; do mkdir p$${part##*.} && mv $$part p$${part##*.}/; done
 
 # Regenerate the lock after changing dependencies in pyproject.toml.

@@ -15,12 +15,12 @@ from kimi_operator.render import llamafactory
 OPERATOR = Path(__file__).parents[1] / "operator"
 PARSE = """
 import json, os, sys
-from kimi_operator.workloads.train import command as train
+from kimi_operator.workloads.train import trainer
 args = json.load(open(sys.argv[1]))
 args["bf16"] = False  # this machine has no GPU; everything else is what the pod gets
 if sys.argv[2] == "prepared":
-    train.prepare_kt_environment(args)
-train.register_template()
+    trainer.prepare_kt_environment(args)
+trainer.register_template()
 from llamafactory.hparams import get_train_args
 model, data, training, finetuning, _ = get_train_args(args)
 kt = getattr(training, "hf_kt_config", None)
@@ -75,3 +75,57 @@ def test_without_accelerate_use_kt_the_backend_would_be_silently_off(kt_python: 
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["use_kt"] is True
     assert result["kt"] == "NoneType"
+
+
+ACCELERATE = """
+import json, sys
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.utils import DistributedType
+from accelerate.utils.dataclasses import KTransformersPlugin
+config = load_config_from_file(sys.argv[1])
+plugin = KTransformersPlugin(enabled=True)
+# What accelerate-kt checks when a KT run starts in several processes.
+plugin.validate_distributed_setup(
+    config.distributed_type,
+    is_fsdp2=int(config.fsdp_config.get("fsdp_version", 1)) == 2,
+    num_processes=config.num_processes,
+)
+print(json.dumps({"type": str(config.distributed_type), "processes": config.num_processes,
+                  "fsdp_version": config.fsdp_config["fsdp_version"]}))
+"""
+
+
+def test_the_rendered_launch_configuration_is_one_accelerate_kt_accepts(kt_python: str, tmp_path: Path) -> None:
+    """The FineTuneJob's default two GPUs run one process each under FSDP2: accelerate-kt's own
+    config loader reads the rendered file (it refuses unknown keys, such as a kt_config section)
+    and its KT plugin accepts that layout (several processes without FSDP2 it refuses)."""
+    spec = FineTuneJobSpec.model_validate({"model": {"name": "kimi"}, "dataset": {"hostPath": {"path": "/d/t.jsonl"}}})
+    files = llamafactory.config_files(
+        spec, model_path="/m", dataset_file="/o/dataset.jsonl", output_dir="/o", config_dir=str(tmp_path)
+    )
+    (tmp_path / "accelerate.yaml").write_text(files["accelerate.yaml"])
+    env = {**os.environ, "PYTHONPATH": str(OPERATOR)}
+    proc = subprocess.run(
+        [kt_python, "-c", ACCELERATE, str(tmp_path / "accelerate.yaml")],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"type": "DistributedType.FSDP", "processes": 2, "fsdp_version": 2}
+    # The oracle refuses what upstream's older examples put there.
+    with_kt = {**json.loads(files["accelerate.yaml"]), "kt_config": {}}
+    (tmp_path / "accelerate.yaml").write_text(json.dumps(with_kt))
+    refused = subprocess.run(
+        [kt_python, "-c", ACCELERATE, str(tmp_path / "accelerate.yaml")],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        timeout=600,
+    )
+    assert refused.returncode != 0
+    assert "kt_config" in refused.stderr

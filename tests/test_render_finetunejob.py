@@ -212,3 +212,25 @@ def test_a_job_rendered_differently_is_left_alone() -> None:
         image="new",
     )
     assert render.job_update(live, desired) is None
+
+
+@pytest.mark.parametrize(("gpus", "processes"), [(2, 2), (8, 8), (1, None)])
+def test_one_training_process_per_gpu(gpus: int, processes: int | None) -> None:
+    """One process may not drive several GPUs (LLaMA-Factory refuses it, and with KTransformers the
+    model would go into DataParallel): a pod with several runs one process each under FSDP2."""
+    s = spec(resources={"gpus": gpus})
+    args = render.train_job(OWNER, s, "n1", storage_path="/mnt/nvme/kimi", image="t:1")["spec"]["template"]["spec"][
+        "containers"
+    ][0]["args"]
+    files = llamafactory.config_files(s, model_path="/m", dataset_file="/o/d.jsonl", output_dir="/o", config_dir="/c")
+    if processes is None:
+        assert not [a for a in args if a.startswith("--processes")]
+        assert "accelerate.yaml" not in files
+        return
+    assert f"--processes={processes}" in args
+    config = json.loads(files["accelerate.yaml"])
+    assert config["num_processes"] == processes
+    assert (config["distributed_type"], config["fsdp_config"]["fsdp_version"]) == ("FSDP", 2)
+    assert config["mixed_precision"] == "bf16"
+    # KTransformers' settings stay in the training arguments: accelerate-kt refuses them here.
+    assert "kt_config" not in config

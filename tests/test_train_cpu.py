@@ -44,8 +44,8 @@ def tiny_model(train_python: str, tmp_path_factory: pytest.TempPathFactory) -> P
     return out
 
 
-def spec() -> FineTuneJobSpec:
-    return tiny_spec(batch=2, save_steps=3)
+def spec(gpus: int = 1) -> FineTuneJobSpec:
+    return tiny_spec(batch=2, save_steps=3, gpus=gpus)
 
 
 def test_rendered_configs_pass_llamafactory_parser(train_python: str, tiny_model: Path, tmp_path: Path) -> None:
@@ -81,13 +81,15 @@ for args in json.load(open(sys.argv[1])):
     assert "cpu_infer" in refused.stderr
 
 
-def training_command(train_python: str, tiny_model: Path, tmp_path: Path) -> tuple[list[str], Path]:
+def training_command(
+    train_python: str, tiny_model: Path, tmp_path: Path, *, processes: int = 1
+) -> tuple[list[str], Path]:
     """The training pod's command on the tiny model (CPU settings), and its output directory."""
     data, config, output = tmp_path / "train.jsonl", tmp_path / "config", tmp_path / "out"
     seed_dataset(train_python, data)
     config.mkdir()
     files = llamafactory.config_files(
-        spec(),
+        spec(gpus=processes),
         model_path=str(tiny_model),
         dataset_file=str(output / "dataset.jsonl"),
         output_dir=str(output),
@@ -103,6 +105,8 @@ def training_command(train_python: str, tiny_model: Path, tmp_path: Path) -> tup
         f"--output-dir={output}",
     ]
     common += ["--adapter-name=tiny", "--base-model=tiny", "--node=local", "--report-interval=0.2"]
+    if processes > 1:
+        common.append(f"--processes={processes}")
     return common + [f"--set={pair}" for pair in CPU], output
 
 
@@ -175,6 +179,32 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(
     assert events[-1]["progress"]["step"] == step + 2
     assert events[-1]["latestCheckpoint"] == str(output / f"checkpoint-{step + 2}")
     assert (output / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_two_processes_train_one_run_and_export_one_adapter(
+    train_python: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The default FineTuneJob's two GPUs: the pod's command launches one LLaMA-Factory process per
+    GPU with the rendered FSDP2 configuration (here on the CPU, over gloo). Both join one run; the
+    reporter and the export stay in the launching process."""
+    command, output = training_command(train_python, tiny_model, tmp_path, processes=2)
+    done = run(train_python, *command, "--set=max_steps=3")
+    said = done.stdout + done.stderr
+    # LLaMA-Factory's own line in each process.
+    for rank in (0, 1):
+        assert f"Process rank: {rank}, world size: 2, device: cpu" in said, said[-3000:]
+    assert [r["current_steps"] for r in LogTail(output / "trainer_log.jsonl").records() if "loss" in r] == [1, 2, 3]
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"event"')]
+    assert [e["event"] for e in events].count("adapter") == 1
+    assert events[-1]["event"] == "adapter"
+    assert (output / "adapter" / "adapter_model.safetensors").exists()
+
+    # A configuration LLaMA-Factory refuses, in the workers: the pod exits with the permanent code and its words.
+    refused = run(train_python, *command, "--set=max_steps=3", "--set=cpu_infer=32", check=False)
+    assert refused.returncode == 21, refused.stderr[-3000:]
+    error = json.loads(refused.stderr.strip().splitlines()[-1])
+    assert error["reason"] == "InvalidTrainingConfig"
+    assert "cpu_infer" in error["message"]
 
 
 def test_bad_dataset_fails_before_training(train_python: str, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 from kimi_operator.api.durations import seconds
 from kimi_operator.api.exitcodes import TrainExit
 from kimi_operator.workloads.train import command as train
+from kimi_operator.workloads.train import trainer
 from kimi_operator.workloads.train.command import to_llamafactory
 from kimi_operator.workloads.train.progress import (
     LogTail,
@@ -149,7 +150,7 @@ def test_reporter_after_a_resume(tmp_path: Path) -> None:
 
 def fake_llamafactory(monkeypatch: pytest.MonkeyPatch, run_exp: Callable[[dict[str, Any]], None]) -> None:
     """LLaMA-Factory's entry point, replaced: what reaches it is the test's to see."""
-    monkeypatch.setattr(train, "register_template", lambda: None)
+    monkeypatch.setattr(trainer, "register_template", lambda: None)
     for name in ("llamafactory", "llamafactory.train", "llamafactory.train.tuner"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setattr(sys.modules["llamafactory.train.tuner"], "run_exp", run_exp, raising=False)
@@ -291,3 +292,19 @@ def test_the_pod_publishes_its_adapter_to_the_shared_volume_and_says_so(
     else:
         assert "published" not in reported
         assert reported["publishError"].startswith("copying to volume adapters: ")
+
+
+def test_several_processes_without_their_launch_configuration_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(trainer.WorkloadError) as caught:
+        trainer.launch({}, config_dir=tmp_path, output_dir=tmp_path / "out", processes=2)
+    assert caught.value.code == TrainExit.INVALID_CONFIG
+    assert "accelerate.yaml is missing" in str(caught.value)
+
+
+def test_the_launch_stays_on_loopback_and_runs_our_worker(tmp_path: Path) -> None:
+    command = trainer.launch_command(tmp_path, 4, tmp_path / "args.json", 29999, cpu=False)
+    assert command[1:3] == ["-m", "accelerate.commands.launch"]
+    assert "--num_processes=4" in command
+    assert "--main_process_ip=127.0.0.1" in command
+    assert command[-3:] == ["--module", "kimi_operator.workloads.train.worker", str(tmp_path / "args.json")]
+    assert "--mixed_precision=no" in trainer.launch_command(tmp_path, 2, tmp_path / "a.json", 1, cpu=True)

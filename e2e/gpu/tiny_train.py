@@ -36,11 +36,12 @@ OVERRIDES = {
 }
 
 
-def spec(*, batch: int = 4, save_steps: int = 3) -> FineTuneJobSpec:
+def spec(*, batch: int = 4, save_steps: int = 3, gpus: int = 1) -> FineTuneJobSpec:
     """The tiny run's FineTuneJob (also the CPU test's)."""
     return FineTuneJobSpec.model_validate(
         {
             "model": {"name": "tiny"},
+            "resources": {"gpus": gpus},
             "dataset": {"hostPath": {"path": "/data/train.jsonl"}},
             "lora": {"rank": 8, "alpha": 16, "dropout": 0.05},
             "training": {
@@ -73,6 +74,7 @@ def versions() -> dict[str, Any]:
     for name in ("transformers", "peft", "accelerate", "llamafactory"):
         info[name] = __import__(name).__version__
     info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    info["visible_gpus"] = torch.cuda.device_count()
     info["cpus"] = os.cpu_count()
     return info
 
@@ -86,11 +88,17 @@ def main() -> int:
     parser.add_argument(
         "--kt", action="store_true", help="keep use_kt on (KTransformers environment, CUDA) and export the expert LoRA"
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        help="training processes, as the pod runs one per GPU (default: the GPUs torch sees, 1 on the CPU)",
+    )
     parser.add_argument("--summary", type=Path, help="also write the summary here")
     opts = parser.parse_args()
     info = versions()
     if opts.device == "cuda" and info["device"] == "cpu":
         raise SystemExit("--device cuda, but torch sees no CUDA device")
+    processes = opts.processes or max(1, info["visible_gpus"])
     work = opts.work.resolve()
     model, data, config, output = work / "model", work / "train.jsonl", work / "config", work / "out"
     work.mkdir(parents=True, exist_ok=True)
@@ -98,7 +106,7 @@ def main() -> int:
     run(str(TINY), str(model), opts.size)
     run(str(TINY), "dataset", str(data), "96")
     files = llamafactory.config_files(
-        spec(save_steps=opts.steps),
+        spec(save_steps=opts.steps, gpus=processes),
         model_path=str(model),
         dataset_file=str(output / "dataset.jsonl"),
         output_dir=str(output),
@@ -118,6 +126,7 @@ def main() -> int:
         f"--node={info['device']}",
         "--report-interval=1",
         f"--set=max_steps={opts.steps}",
+        f"--processes={processes}",
         *(f"--set={pair}" for pair in OVERRIDES[opts.device] if not (opts.kt and pair == "use_kt=false")),
         *(["--lora-experts"] if opts.kt else []),
     )
@@ -141,10 +150,12 @@ def main() -> int:
     summary = {
         **info,
         "size": opts.size,
+        "processes": processes,
         "trainer_says": where,
         "steps": progress[-1]["step"],
         "loss_first": losses[0],
         "loss_last": losses[-1],
+        "losses": losses,
         "progress_reports": len(progress),
         "status_tokens_per_second": progress[-1].get("tokensPerSecond"),
         "trainer_runtime_s": results.get("train_runtime"),

@@ -119,6 +119,9 @@ def train_job(owner: Owner, spec: FineTuneJobSpec, node: str, *, storage_path: s
         args.append(f"--messages-key={spec.dataset.messages_key}")
     if spec.lora.experts:
         args.append("--lora-experts")
+    if spec.resources.gpus > 1:
+        # One training process per GPU (accelerate launch, FSDP2): one process refuses several GPUs.
+        args.append(f"--processes={spec.resources.gpus}")
     if spec.output.publish is not None:
         claim = spec.output.publish.persistent_volume_claim.claim_name
         volumes.append({"name": "publish", "persistentVolumeClaim": {"claimName": claim}})

@@ -15,6 +15,7 @@ from kimi_operator.api.finetunejob import FineTuneJobSpec
 
 DATASET_NAME = "kimi_sft"
 TEMPLATE = "kimi_k25"
+ACCELERATE_CONFIG = "accelerate.yaml"
 
 
 def train_args(spec: FineTuneJobSpec, *, model_path: str, dataset_dir: str, output_dir: str) -> dict[str, Any]:
@@ -89,7 +90,40 @@ def config_files(
 ) -> dict[str, str]:
     """ConfigMap data: the training arguments and the dataset registration, as JSON (valid YAML)."""
     args = train_args(spec, model_path=model_path, dataset_dir=config_dir, output_dir=output_dir)
-    return {
+    files = {
         "train.yaml": json.dumps(args, indent=2, sort_keys=True) + "\n",
         "dataset_info.json": json.dumps(dataset_info(file_name=dataset_file), indent=2) + "\n",
+    }
+    if spec.resources.gpus > 1:
+        files[ACCELERATE_CONFIG] = json.dumps(accelerate_config(spec.resources.gpus), indent=2, sort_keys=True) + "\n"
+    return files
+
+
+def accelerate_config(processes: int) -> dict[str, Any]:
+    """``accelerate launch``'s configuration for one training process per GPU of the pod.
+
+    FSDP2, because accelerate-kt takes several processes with the KTransformers backend only under
+    FSDP2 (kt-kernel's CPU experts live in rank 0, which serves the other ranks' tokens), and the
+    same for plain LoRA so both backends shard alike. The settings are KTransformers' own FSDP2
+    examples'; the KT settings stay in the training arguments (accelerate-kt refuses a kt_config
+    section here).
+    """
+    return {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "FSDP",
+        "fsdp_config": {
+            "fsdp_version": 2,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_offload_params": False,
+            "fsdp_reshard_after_forward": True,
+            "fsdp_state_dict_type": "FULL_STATE_DICT",
+        },
+        "mixed_precision": "bf16",
+        "machine_rank": 0,
+        "num_machines": 1,
+        "num_processes": processes,
+        "rdzv_backend": "static",
+        "same_network": True,
+        "use_cpu": False,
     }

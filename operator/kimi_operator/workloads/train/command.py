@@ -1,8 +1,8 @@
 """``kimi-operator train``: what the training pod runs, in the trainer image (LLaMA-Factory 0.9.5).
 
 In order: validate the dataset (bad data fails here, before any GPU step); turn the records into
-LLaMA-Factory's messages format; register the Kimi K2.5 chat template; resume from the newest
-complete checkpoint in the output directory; train, while a reporter turns ``trainer_log.jsonl``
+LLaMA-Factory's messages format; resume from the newest complete checkpoint in the output
+directory; train (in this process, or one process per GPU: ``trainer``), while a reporter turns ``trainer_log.jsonl``
 into ``status.progress``; export the adapter under a temporary name, renamed when complete, and
 report it in ``status.adapter``. LLaMA-Factory is imported only by the steps that need it.
 """
@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from kimi_operator.api.exitcodes import TrainExit
 from kimi_operator.api.finetunejob import KIND, PLURAL
-from kimi_operator.render.llamafactory import TEMPLATE
 from kimi_operator.workloads import termination
 from kimi_operator.workloads.termination import WorkloadError
-from kimi_operator.workloads.train import adapter, dataset
+from kimi_operator.workloads.train import adapter, dataset, trainer
 from kimi_operator.workloads.train.progress import Reporter, latest_checkpoint
 
 if TYPE_CHECKING:
@@ -64,42 +63,6 @@ def to_llamafactory(src: Path, key: str, root: Path, dst: Path) -> int:
             count += 1
     partial.rename(dst)
     return count
-
-
-def register_template() -> None:
-    """Kimi K2.5's chat format, which LLaMA-Factory 0.9.5 lacks (``kimi`` does not exist there).
-
-    A reasoning template: the data argument ``enable_thinking`` keeps or drops the thinking section.
-    """
-    from llamafactory.data.formatter import StringFormatter  # noqa: PLC0415 (trainer image only)
-    from llamafactory.data.template import TEMPLATES, ReasoningTemplate, register_template  # noqa: PLC0415
-
-    if TEMPLATE in TEMPLATES:
-        return
-    register_template(
-        name=TEMPLATE,
-        format_user=StringFormatter(
-            slots=["<|im_user|>user<|im_middle|>{{content}}<|im_end|><|im_assistant|>assistant<|im_middle|>"]
-        ),
-        format_assistant=StringFormatter(slots=["{{content}}<|im_end|>"]),
-        format_system=StringFormatter(slots=["<|im_system|>system<|im_middle|>{{content}}<|im_end|>"]),
-        default_system="You are Kimi, an AI assistant created by Moonshot AI.",
-        stop_words=["<|im_end|>"],
-        thought_words=("<think>", "</think>"),
-        template_class=ReasoningTemplate,
-    )
-
-
-def prepare_kt_environment(args: dict[str, Any]) -> None:
-    """Turn the KTransformers backend on for this process when the configuration asks for it.
-
-    transformers-kt builds its KT configuration (the one LLaMA-Factory then fills from the ``kt_*``
-    keys) only when ``ACCELERATE_USE_KT`` is set or a kt_config is given, which ``accelerate
-    launch`` with a KT config file would do. The pod runs LLaMA-Factory in-process, so without it
-    the run would silently be plain LoRA with every expert on the GPU.
-    """
-    if args.get("use_kt"):
-        os.environ.setdefault("ACCELERATE_USE_KT", "true")
 
 
 def _override(args: dict[str, Any], pairs: Sequence[str]) -> dict[str, Any]:
@@ -156,16 +119,11 @@ def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
     checkpoint = latest_checkpoint(opts.output_dir)
     if checkpoint is not None:
         args["resume_from_checkpoint"] = str(checkpoint)
-    prepare_kt_environment(args)
-    register_template()
-    from llamafactory.train.tuner import run_exp  # noqa: PLC0415 (trainer image only)
-
     with Reporter(opts.output_dir, own, interval=opts.report_interval, resumed_from=checkpoint) as reporter:
-        try:
-            run_exp(args)
-        except (ValueError, AssertionError) as exc:
-            # LLaMA-Factory's argument checks: a config a retry cannot fix.
-            raise WorkloadError(TrainExit.INVALID_CONFIG, f"LLaMA-Factory refused the configuration: {exc}") from exc
+        if opts.processes > 1:
+            trainer.launch(args, config_dir=opts.config_dir, output_dir=opts.output_dir, processes=opts.processes)
+        else:
+            trainer.run(args)
     try:
         final, checked = adapter.export(
             opts.output_dir, experts=opts.lora_experts, base_model=str(args.get("model_name_or_path", opts.base_model))
@@ -222,6 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--publish-claim", default="", help="the PersistentVolumeClaim of --publish-dir")
     parser.add_argument("--publish-namespace", default="", help="the FineTuneJob's namespace (a directory there)")
     parser.add_argument("--report-interval", type=float, default=5.0)
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="training processes, one per GPU (over 1: accelerate launch with the config dir's accelerate.yaml)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="override a training argument")
     opts = parser.parse_args(argv)
     if (opts.dataset is None) == (opts.dataset_repo is None):
