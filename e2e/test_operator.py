@@ -95,6 +95,14 @@ def test_health_and_metrics_endpoints(
     assert operator.get(f"{operator.health_url}/healthz") == (200, "ok\n")
     assert operator.get(f"{operator.health_url}/readyz")[0] == 200
     custom = kubernetes.client.CustomObjectsApi(api)
+    # The operator serves every test of the session: its counters must grow, not merely exist.
+    passes = {
+        series: _sample(operator.get(operator.metrics_url)[1], series)
+        for series in (
+            'kimi_operator_reconcile_total{kind="LoraServer",result="progressing"}',
+            'kimi_operator_reconcile_total{kind="KimiModel",result="ready"}',
+        )
+    }
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "loraservers", LORA_SERVER)
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "kimimodels", KIMI_MODEL)
     wait_for(lambda: _observed(api, namespace, "LoraServer", "serve"), 60, "LoraServer observed")
@@ -103,10 +111,7 @@ def test_health_and_metrics_endpoints(
         60,
         "KimiModel Ready",
     )
-    expected = [
-        'kimi_operator_reconcile_total{kind="LoraServer",result="progressing"}',
-        'kimi_operator_reconcile_total{kind="KimiModel",result="ready"}',
-    ]
+    expected: list[str] = []
     for kind, name, ready in (("LoraServer", "serve", "0.0"), ("KimiModel", "kimi", "1.0")):
         series = f'kimi_operator_resource_condition{{kind="{kind}",name="{name}",namespace="{namespace}",type="Ready"}}'
         expected.append(f"{series} {ready}")
@@ -114,8 +119,17 @@ def test_health_and_metrics_endpoints(
     def missing() -> list[str]:
         status, text = operator.get(operator.metrics_url)
         assert status == 200
-        return [line for line in expected if line not in text]
+        grown = [series for series, before in passes.items() if _sample(text, series) <= before]
+        return grown + [line for line in expected if line not in text]
 
     # The gauges follow the status write that the wait above saw, in the same pass but a moment
     # after it: they must catch up, and stay consistent with it.
-    wait_for(lambda: not missing(), 30, f"the metrics to show all of {expected}")
+    wait_for(lambda: not missing(), 30, f"the metrics to show all of {expected} and more passes of {list(passes)}")
+
+
+def _sample(exposition: str, series: str) -> float:
+    """The value of one series in a Prometheus exposition; 0 while it does not exist."""
+    for line in exposition.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

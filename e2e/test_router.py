@@ -348,8 +348,13 @@ def test_the_openai_client_reaches_each_adapter_where_an_engine_holds_it(
     ):
         found = {r["metric"].get("model") or r["metric"].get("key") for r in prometheus_vector(prometheus, query)}
         assert found, query
-    keys_seen = {r["metric"]["key"] for r in prometheus_vector(prometheus, query)}
-    assert {"admin", "team", "invalid"} <= keys_seen
+
+    # The refused keys' series came last: a scrape may not have seen them yet.
+    def keys() -> set[str]:
+        return {r["metric"]["key"] for r in prometheus_vector(prometheus, query)}
+
+    wait_for(lambda: keys() >= {"admin", "team", "invalid"}, 30, "requests per key id in Prometheus")
+    keys_seen = keys()
     assert not any(k in keys_seen for k in (ADMIN, TEAM, TEAM_ROTATED))
 
     # A router restart rebuilds everything from the engines and the API.
