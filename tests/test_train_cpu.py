@@ -197,6 +197,8 @@ def test_two_processes_train_one_run_and_export_one_adapter(
     events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"event"')]
     assert [e["event"] for e in events].count("adapter") == 1
     assert events[-1]["event"] == "adapter"
+    # LLaMA-Factory's "all" reaches every MLA projection, which a llama.cpp server would not apply.
+    assert events[-1]["llamacppDroppedModules"] == ["kv_a_proj_with_mqa", "kv_b_proj", "q_a_proj", "q_b_proj"]
     assert (output / "adapter" / "adapter_model.safetensors").exists()
 
     # A configuration LLaMA-Factory refuses, in the workers: the pod exits with the permanent code and its words.

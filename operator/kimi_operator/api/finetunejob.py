@@ -308,6 +308,16 @@ class AdapterStatus(ApiModel):
     base_model: Annotated[str, Field(max_length=253)] = Field(description="KimiModel the adapter was trained on.")
     rank: Annotated[int, Field(ge=1)] = Field(description="LoRA rank.")
     expert_lora: bool = Field(default=False, description="The adapter carries LoRA of the routed experts.")
+    llamacpp_dropped_modules: Annotated[list[Annotated[str, Field(max_length=63)]], Field(max_length=64)] | None = (
+        Field(
+            default=None,
+            description=(
+                "Trained modules a llama.cpp server would not apply (by their last name; experts for the "
+                "routed experts): the MLA projections q_a_proj, q_b_proj and kv_a_proj_with_mqa are loaded "
+                "without effect, kv_b_proj cannot be converted. Empty: llama.cpp applies all of it."
+            ),
+        )
+    )
     published: PublishedAdapter | None = Field(
         default=None, description="The copy on the shared volume of spec.output.publish."
     )

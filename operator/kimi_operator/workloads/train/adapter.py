@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kimi_operator.render import llamacpp
 from kimi_operator.workloads import manifest
 from kimi_operator.workloads.safetensors_io import Reader, SafetensorsError
 
@@ -56,6 +57,7 @@ class Checked:
     target_modules: tuple[str, ...]
     tensors: int
     expert_modules: int
+    modules: tuple[str, ...] = ()  # every adapted module, by its full name
 
 
 def kt_converter() -> Path:
@@ -145,7 +147,7 @@ def check_for_sglang(directory: Path) -> Checked:
     if unpaired:
         raise ExportError(f"{weights_path}: {unpaired[0]} has lora_A or lora_B alone ({len(unpaired)} modules)")
     experts = sum(1 for module in halves if _EXPERT_KEY.search(module))
-    return Checked(rank, alpha, tuple(targets), sum(len(ab) for ab in halves.values()), experts)
+    return Checked(rank, alpha, tuple(targets), sum(len(ab) for ab in halves.values()), experts, tuple(sorted(halves)))
 
 
 def _convert_kt(output_dir: Path, partial: Path, *, experts: bool, base_model: str) -> None:
@@ -242,4 +244,6 @@ def status(final: Path, checked: Checked, *, name: str, node: str, base_model: s
         "baseModel": base_model,
         "rank": checked.rank,
         "expertLora": checked.expert_modules > 0,
+        # Said at export, before any server is asked to load it: a llama.cpp LoraServer would lose these.
+        "llamacppDroppedModules": llamacpp.dropped_modules(checked.modules),
     }
