@@ -301,10 +301,29 @@ def test_several_processes_without_their_launch_configuration_is_a_config_error(
     assert "accelerate.yaml is missing" in str(caught.value)
 
 
-def test_the_launch_stays_on_loopback_and_runs_our_worker(tmp_path: Path) -> None:
+def test_the_launch_runs_our_worker_in_each_process(tmp_path: Path) -> None:
     command = trainer.launch_command(tmp_path, 4, tmp_path / "args.json", 29999, cpu=False)
     assert command[1:3] == ["-m", "accelerate.commands.launch"]
     assert "--num_processes=4" in command
-    assert "--main_process_ip=127.0.0.1" in command
     assert command[-3:] == ["--module", "kimi_operator.workloads.train.worker", str(tmp_path / "args.json")]
     assert "--mixed_precision=no" in trainer.launch_command(tmp_path, 2, tmp_path / "a.json", 1, cpu=True)
+
+
+def test_a_checkpoint_of_several_kt_processes_counts_only_with_its_manifest(tmp_path: Path) -> None:
+    """transformers-kt writes trainer_state.json before the per-rank optimizer manifest, and refuses
+    to resume without it: a pod killed between the two resumes from the checkpoint before."""
+    for step in (3, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        (tmp_path / f"checkpoint-{step}" / "optimizer_rank_00000.pt").write_bytes(b"")
+    (tmp_path / "checkpoint-3" / "kt_optimizer.index.json").write_text("{}")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
+    (tmp_path / "checkpoint-6" / "kt_optimizer.index.json").write_text("{}")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-6"
+
+
+def test_a_refusal_left_half_written_is_not_read_as_one(tmp_path: Path) -> None:
+    args_file = tmp_path / ".launch" / "train-args.json"
+    args_file.parent.mkdir()
+    trainer.refuse(args_file, "LLaMA-Factory refused the configuration: cpu_infer")
+    assert [p.name for p in args_file.parent.iterdir()] == ["refused-0.json"]

@@ -120,7 +120,8 @@ def train_job(owner: Owner, spec: FineTuneJobSpec, node: str, *, storage_path: s
     if spec.lora.experts:
         args.append("--lora-experts")
     if spec.resources.gpus > 1:
-        # One training process per GPU (accelerate launch, FSDP2): one process refuses several GPUs.
+        # One training process per GPU (accelerate launch, FSDP2): LLaMA-Factory refuses several GPUs in
+        # one plain process, and under KT one such process takes the DataParallel path, which fails.
         args.append(f"--processes={spec.resources.gpus}")
     if spec.output.publish is not None:
         claim = spec.output.publish.persistent_volume_claim.claim_name

@@ -20,13 +20,23 @@ if TYPE_CHECKING:
 TRAINER_LOG = "trainer_log.jsonl"
 
 
+# transformers-kt's completion marker of a checkpoint saved by several KT processes, written after
+# every rank's optimizer file (and after trainer_state.json): without it such a checkpoint is refused
+# at resume, on every retry.
+KT_OPTIMIZER_INDEX = "kt_optimizer.index.json"
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest ``checkpoint-<step>`` that was written completely (its trainer state exists)."""
+    """The newest ``checkpoint-<step>`` that was written completely: its trainer state exists and,
+    for one saved by several KT processes (per-rank optimizer files), so does their manifest."""
     done = []
     for path in output_dir.glob("checkpoint-*"):
         step = path.name.removeprefix("checkpoint-")
-        if step.isdigit() and (path / "trainer_state.json").exists():
-            done.append((int(step), path))
+        if not (step.isdigit() and (path / "trainer_state.json").exists()):
+            continue
+        if any(path.glob("optimizer_rank_*.pt")) and not (path / KT_OPTIMIZER_INDEX).exists():
+            continue
+        done.append((int(step), path))
     return max(done)[1] if done else None
 
 

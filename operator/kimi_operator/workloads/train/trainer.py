@@ -2,8 +2,9 @@
 
 One process drives one GPU. A pod with several GPUs runs ``accelerate launch`` with the rendered
 FSDP2 configuration (``accelerate.yaml``): LLaMA-Factory refuses several GPUs in one plain process
-("Please launch distributed training"), and with the KTransformers backend one process would wrap
-the model in DataParallel, which cannot hold kt-kernel's CPU-side expert LoRA. accelerate-kt
+("Please launch distributed training"), and with the KTransformers backend one such process goes
+to transformers' DataParallel, which needs every parameter on the first GPU while kt-kernel keeps
+the expert LoRA on the CPU. accelerate-kt
 accepts several processes only under FSDP2; kt-kernel then runs the CPU experts in rank 0 for all.
 
 Each worker registers the Kimi template and turns the KTransformers backend on for itself: nothing
@@ -12,6 +13,7 @@ set in the launching process reaches LLaMA-Factory's registry in another one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -78,7 +80,7 @@ def run(args: dict[str, Any]) -> None:
 
 
 def _free_port() -> int:
-    # The rendezvous stays on loopback: all processes are in this pod.
+    # A port free on this pod's loopback, where torchrun's one-machine rendezvous listens.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -94,7 +96,6 @@ def launch_command(config_dir: Path, processes: int, args_file: Path, port: int,
         "accelerate.commands.launch",
         f"--config_file={config_dir / ACCELERATE_CONFIG}",
         f"--num_processes={processes}",
-        "--main_process_ip=127.0.0.1",
         f"--main_process_port={port}",
         *(["--mixed_precision=no"] if cpu else []),
         "--module",
@@ -114,15 +115,15 @@ def launch(args: dict[str, Any], *, config_dir: Path, output_dir: Path, processe
         stale.unlink()  # from an earlier attempt of this pod
     args_file = work / "train-args.json"
     args_file.write_text(json.dumps(args))
-    env = {**os.environ}
-    if args.get("use_kt"):
-        # Also for LLaMA-Factory's own launcher checks, which read USE_KT.
-        env.update(ACCELERATE_USE_KT="true", USE_KT="1")
     command = launch_command(config_dir, processes, args_file, _free_port(), cpu=bool(args.get("use_cpu")))
-    proc = subprocess.run(command, env=env, check=False)
-    refusals = [json.loads(path.read_text()) for path in sorted(work.glob("refused-*.json"))]
+    proc = subprocess.run(command, check=False)
+    refusals = []
+    for path in work.glob("refused-*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            refusals.append(json.loads(path.read_text())["message"])
     if refusals:
-        raise WorkloadError(TrainExit.INVALID_CONFIG, refusals[0]["message"])
+        # Every rank parses the same arguments: their refusals are one and the same.
+        raise WorkloadError(TrainExit.INVALID_CONFIG, min(refusals))
     if proc.returncode != 0:
         # A crash, not a refusal: the pod exits non-permanently and the Job retries from the last checkpoint.
         raise RuntimeError(f"accelerate launch of {processes} training processes exited {proc.returncode}")
@@ -131,4 +132,7 @@ def launch(args: dict[str, Any], *, config_dir: Path, output_dir: Path, processe
 def refuse(args_file: Path, message: str) -> None:
     """A worker's record of LLaMA-Factory's refusal, for the launching process to report."""
     rank = os.environ.get("RANK", "0")
-    (args_file.parent / f"refused-{rank}.json").write_text(json.dumps({"message": message}))
+    # Renamed into place: the launcher may stop this rank at any moment once another one failed.
+    partial = args_file.parent / f".refused-{rank}.json.partial"
+    partial.write_text(json.dumps({"message": message}))
+    partial.rename(args_file.parent / f"refused-{rank}.json")
