@@ -103,29 +103,20 @@ def test_the_rendered_launch_configuration_is_one_accelerate_kt_accepts(kt_pytho
     files = llamafactory.config_files(
         spec, model_path="/m", dataset_file="/o/dataset.jsonl", output_dir="/o", config_dir=str(tmp_path)
     )
-    (tmp_path / "accelerate.yaml").write_text(files["accelerate.yaml"])
-    env = {**os.environ, "PYTHONPATH": str(OPERATOR)}
-    proc = subprocess.run(
-        [kt_python, "-c", ACCELERATE, str(tmp_path / "accelerate.yaml")],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-        timeout=600,
-    )
+    path = tmp_path / "accelerate.yaml"
+
+    def load(text: str) -> subprocess.CompletedProcess[str]:
+        path.write_text(text)
+        env = {**os.environ, "PYTHONPATH": str(OPERATOR)}
+        return subprocess.run(
+            [kt_python, "-c", ACCELERATE, str(path)], capture_output=True, text=True, check=False, env=env, timeout=600
+        )
+
+    proc = load(files["accelerate.yaml"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"type": "DistributedType.FSDP", "processes": 2, "fsdp_version": 2}
     # The oracle refuses what upstream's older examples put there.
-    with_kt = {**json.loads(files["accelerate.yaml"]), "kt_config": {}}
-    (tmp_path / "accelerate.yaml").write_text(json.dumps(with_kt))
-    refused = subprocess.run(
-        [kt_python, "-c", ACCELERATE, str(tmp_path / "accelerate.yaml")],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-        timeout=600,
-    )
+    refused = load(json.dumps({**json.loads(files["accelerate.yaml"]), "kt_config": {}}))
     assert refused.returncode != 0
     assert "kt_config" in refused.stderr
