@@ -27,10 +27,13 @@ import yaml
 from e2e.conftest import stop
 from e2e.helpers import wait_for
 from kimi_operator.devcluster.paths import repo_root
+from kimi_operator.render import llamacpp as llamacpp_facts
+from kimi_operator.workloads.train.adapter import check_for_sglang
 
 pytestmark = pytest.mark.e2e
 
 ENGINES = repo_root() / "e2e" / "engines"
+TINY_DEEPSEEK = repo_root() / "tests" / "oracle" / "tiny_deepseek.py"
 OPERATOR = repo_root() / "operator"
 SERVED = "kimi-k2.5"
 PROMPT = "hello world"
@@ -219,3 +222,97 @@ def test_each_adapter_through_the_router_gives_transformers_own_tokens(
 
     assert direct(lora=[{"id": a0, "scale": 1.0}]) == expected["a0"]["text"]
     assert direct() != expected["base"]["text"]
+
+
+def test_the_modules_the_export_says_llama_cpp_drops_are_the_ones_a_real_server_drops(
+    llamacpp: Path, train_python: str, tmp_path: Path
+) -> None:
+    """On a tiny Kimi-shaped (DeepSeek-V3, MLA) model, one adapter per kind of module: the export's
+    reading of each (``status.adapter.llamacppDroppedModules``) against what llama.cpp's own
+    converter and server do with it. Every adapter changes transformers + PEFT's answer; llama-server
+    gives PEFT's answer for the ones the export says it applies, the base model's for the ones it
+    says are dropped, and its converter refuses the one it says cannot be converted."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    subprocess.run(
+        [train_python, str(ENGINES / "mla_lora.py"), str(tmp_path)], check=True, capture_output=True, env=env
+    )
+    model, adapters = tmp_path / "model", tmp_path / "adapters"
+    references = json.loads((tmp_path / "references.json").read_text())
+    convert = [train_python, str(ENGINES / "gguf_convert.py"), str(llamacpp / "src")]
+    subprocess.run(
+        [*convert, "model", str(model), str(tmp_path / "base.gguf")], check=True, capture_output=True, env=env
+    )
+    said: dict[str, list[str]] = {}
+    converted: dict[str, Path] = {}
+    for adapter in sorted(adapters.iterdir()):
+        # What the export reads of an adapter, and what it reports.
+        said[adapter.name] = llamacpp_facts.dropped_modules(check_for_sglang(adapter).modules)
+        target = tmp_path / f"{adapter.name}.gguf"
+        lora = [*convert, "lora", str(adapter), str(model), str(target)]
+        if subprocess.run(lora, check=False, capture_output=True, env=env).returncode == 0:
+            converted[adapter.name] = target
+    assert said == {
+        "kv_a_proj_with_mqa": ["kv_a_proj_with_mqa"],
+        "kv_b_proj": ["kv_b_proj"],
+        "mlp": [],
+        "o_proj": [],
+        "q_a_proj": ["q_a_proj"],
+        "q_b_proj": ["q_b_proj"],
+    }
+    # The one the export says cannot be converted is the one llama.cpp's converter refuses.
+    assert sorted(said.keys() - converted.keys()) == ["kv_b_proj"]
+
+    # f32 on both sides: llama.cpp's log probabilities differ from torch's by about 2e-5.
+    tolerance = 2e-4
+
+    def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        return bool(a["tokens"] == b["tokens"] and abs(a["logprob"] - b["logprob"]) < tolerance)
+
+    # Each adapter has an effect under transformers + PEFT that the comparison can see (q_a_proj's
+    # update goes through a norm: it moves the log probabilities, not the tokens).
+    base = references["base"]
+    for name in said:
+        assert (
+            references[name]["tokens"] != base["tokens"]
+            or abs(references[name]["logprob"] - base["logprob"]) > 3 * tolerance
+        )
+
+    host = "127.0.0.72"
+    port = free_port(host)
+    names = sorted(converted)
+    engine = Process(
+        [
+            *(str(llamacpp / "bin" / "llama-server"), "-m", str(tmp_path / "base.gguf")),
+            *("--lora-scaled", ",".join(f"{converted[n]}:0" for n in names)),
+            *("--host", host, "--port", str(port), "-c", "512", "-np", "1", "-t", "1", "--no-cache-prompt"),
+        ],
+        tmp_path / "llama-server.log",
+    )
+    try:
+        wait_for(lambda: not engine.alive() or get(f"http://{host}:{port}/health")[0] == 200, 60, "llama-server")
+        assert engine.alive(), engine.log.read_text()[-3000:]
+        _, listed = get(f"http://{host}:{port}/lora-adapters")
+        ids = {Path(e["path"]).stem: e["id"] for e in listed}
+
+        def answer(name: str | None) -> dict[str, Any]:
+            # Always the full list of ids: one left out would run at its start scale.
+            lora = [{"id": i, "scale": 1.0 if i == ids.get(name or "") else 0.0} for i in sorted(ids.values())]
+            body = {"prompt": references["prompt"], "n_predict": len(base["tokens"]), "temperature": 0}
+            body.update(ignore_eos=True, return_tokens=True, n_probs=1, lora=lora)
+            request = urllib.request.Request(
+                f"http://{host}:{port}/completion",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310 (loopback)
+                reply = json.load(resp)
+            return {"tokens": reply["tokens"], "logprob": reply["completion_probabilities"][0]["logprob"]}
+
+        served = {name: answer(name) for name in names}
+        served_base = answer(None)
+    finally:
+        stop(engine.proc)
+    assert same(served_base, base), (served_base, base)
+    for name in names:
+        expected = base if said[name] else references[name]
+        assert same(served[name], expected), (name, served[name], expected)
