@@ -17,7 +17,7 @@ from kimi_operator.api.kimimodel import KimiModelSpec, NodeStatus
 from kimi_operator.api.kinds import KIMI_MODEL
 from kimi_operator.controller.kube import Kube, controlled_by
 from kimi_operator.render import kimimodel as render
-from kimi_operator.render.labels import common
+from kimi_operator.render.labels import common, selector
 
 log = logging.getLogger("kimi_operator.controller")
 
@@ -62,8 +62,8 @@ def _candidates(kube: Kube, spec: KimiModelSpec) -> tuple[list[render.NodeFacts]
         missing = {n: "node not found" for n in spec.placement.node_names if n not in found}
         return [found[n] for n in spec.placement.node_names if n in found], missing
     assert spec.placement.node_selector is not None
-    selector = ",".join(f"{k}={v}" for k, v in sorted(spec.placement.node_selector.match_labels.items()))
-    return sorted((node_facts(n) for n in kube.list_nodes(selector)), key=lambda f: f.name), {}
+    nodes = kube.list_nodes(selector(spec.placement.node_selector.match_labels))
+    return sorted((node_facts(n) for n in nodes), key=lambda f: f.name), {}
 
 
 def _failure(kube: Kube, namespace: str, job: Mapping[str, Any]) -> tuple[str, str, bool]:
@@ -182,9 +182,7 @@ def reconcile(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: Kim
 
 
 def _job_selector(name: str) -> str:
-    return ",".join(
-        f"{k}={v}" for k, v in {**common("KimiModel", name), "app.kubernetes.io/component": "prepare"}.items()
-    )
+    return selector(common("KimiModel", name, "prepare"))
 
 
 def _sync_labels(kube: Kube, label: str, ready: set[str]) -> None:

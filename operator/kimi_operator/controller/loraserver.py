@@ -23,6 +23,7 @@ from kimi_operator.render import cleanup, placement, sglang
 from kimi_operator.render import loraserver as render
 from kimi_operator.render import router as router_render
 from kimi_operator.render.kimimodel_paths import MOUNT
+from kimi_operator.render.labels import COMPONENT, common, selector
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +172,10 @@ def layout(name: str, generation: int, spec: LoraServerSpec, resolved: list[Reso
     return Layout(sets, desired, plan, wanted)
 
 
+def _component(pod: Mapping[str, Any]) -> str | None:
+    return (pod["metadata"].get("labels") or {}).get(COMPONENT)
+
+
 def reconcile(
     kube: Kube, settings: Settings, body: Mapping[str, Any], spec: LoraServerSpec
 ) -> tuple[Verdict, dict[str, Any]]:
@@ -217,12 +222,13 @@ def reconcile(
         kube.apply(obj)
     kube.apply(router_render.service(owner))
     kube.apply(router_render.deployment(owner, spec, image=settings.router_image))
-    selector = router_render.engine_selector(name)
-    for live in kube.list_objects("apps/v1", "StatefulSet", namespace, selector):
+    for live in kube.list_objects("apps/v1", "StatefulSet", namespace, render.engine_selector(name)):
         if live["metadata"]["name"] not in plan_layout.sets and not live["metadata"].get("deletionTimestamp"):
             # An expert adapter left the spec: its replicas go (shared ones are unloaded in place).
             kube.delete(live)
-    pods = {p["metadata"]["name"]: p for p in kube.list_objects("v1", "Pod", namespace, selector)}
+    # Engine and router pods, listed once: both carry this LoraServer's labels, told apart by component.
+    owned = kube.list_objects("v1", "Pod", namespace, selector(common(LORA_SERVER.kind, name)))
+    pods = {p["metadata"]["name"]: p for p in owned if _component(p) == render.ENGINE}
     replicas = {
         n: Replica(
             n,
@@ -245,10 +251,9 @@ def reconcile(
         ready_nodes=sum(n.get("phase") == "Ready" for n in model_status.get("nodes") or []),
         stalled=f"{stalled.get('reason')}: {stalled.get('message')}" if stalled else None,
     )
-    routers = kube.list_objects("v1", "Pod", namespace, router_render.pod_selector(name))
     router = RouterState(
         desired=spec.router.replicas,
-        ready=sum(1 for p in routers if pods_.ready(p)),
+        ready=sum(1 for p in owned if _component(p) == router_render.ROUTER and pods_.ready(p)),
         endpoint=router_render.endpoint(namespace, name),
     )
     observed = observe(
@@ -302,11 +307,11 @@ def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: Lora
         return []
     # The agents copy back whatever their plan names while they run: the engine pods go first
     # (the garbage collector would delete them only after this finalizer is done).
-    selector = router_render.engine_selector(name)
-    for live in kube.list_objects("apps/v1", "StatefulSet", namespace, selector):
+    engine_selector = render.engine_selector(name)
+    for live in kube.list_objects("apps/v1", "StatefulSet", namespace, engine_selector):
         if not live["metadata"].get("deletionTimestamp"):
             kube.delete(live)
-    engines = kube.list_objects("v1", "Pod", namespace, selector)
+    engines = kube.list_objects("v1", "Pod", namespace, engine_selector)
     if engines:
         return [f"{len(engines)} engine pods to end before the adapter cache is cleaned"]
     others = kube.list_objects(LORA_SERVER.api_version, LORA_SERVER.kind, None)
@@ -316,15 +321,11 @@ def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: Lora
     owner = render.owner(namespace, name, meta["uid"])
     # The nodes the model is on (a node it never reached holds no cache of it).
     holding = [n.get("name") for n in (model.get("status") or {}).get("nodes") or [] if n.get("phase") == "Ready"]
+    storage = model["spec"]["storage"]["hostPath"]
+    roots = [f"{MOUNT}/{render.CACHE_DIR}/{d}" for d in digests]
     waiting = []
     for node in holding:
-        job = cleanup.cleanup_job(
-            owner,
-            node=str(node),
-            storage_path=model["spec"]["storage"]["hostPath"],
-            root=[f"{MOUNT}/{render.CACHE_DIR}/{d}" for d in digests],
-            image=settings.engine_image,
-        )
+        job = cleanup.cleanup_job(owner, node=str(node), storage_path=storage, root=roots, image=settings.engine_image)
         waiting += cleanup_waiting(job, kube.create(job))
     return waiting
 
@@ -332,12 +333,12 @@ def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: Lora
 def _exports_of(kube: Kube, servers: Sequence[Mapping[str, Any]]) -> dict[str, set[str]]:
     """By LoraServer uid: the digests of the FineTuneJob exports it names (an agent may have copied
     one it has not reported yet)."""
-    named = {
-        (s["metadata"]["namespace"], a["fineTuneJob"]["name"])
+    named = [
+        (s["metadata"], a["fineTuneJob"]["name"])
         for s in servers
         for a in (s.get("spec") or {}).get("adapters") or []
         if a.get("fineTuneJob")
-    }
+    ]
     if not named:
         return {}
     exports = {
@@ -347,9 +348,7 @@ def _exports_of(kube: Kube, servers: Sequence[Mapping[str, Any]]) -> dict[str, s
         for f in kube.list_objects(FINE_TUNE_JOB.api_version, FINE_TUNE_JOB.kind, None)
     }
     found: dict[str, set[str]] = {}
-    for s in servers:
-        for a in (s.get("spec") or {}).get("adapters") or []:
-            sha = exports.get((s["metadata"]["namespace"], (a.get("fineTuneJob") or {}).get("name")))
-            if sha:
-                found.setdefault(str(s["metadata"].get("uid")), set()).add(str(sha))
+    for meta, job in named:
+        if sha := exports.get((meta["namespace"], job)):
+            found.setdefault(str(meta.get("uid")), set()).add(str(sha))
     return found

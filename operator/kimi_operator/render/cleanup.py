@@ -6,10 +6,10 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from kimi_operator.api.base import GROUP, PodMetadata
+from kimi_operator.api.base import PodMetadata
 from kimi_operator.render.jobs import pinned, template_metadata
 from kimi_operator.render.kimimodel_paths import MOUNT, NODE_LABEL
-from kimi_operator.render.labels import MANAGED_BY, OPERATOR, bounded
+from kimi_operator.render.labels import bounded, common
 from kimi_operator.render.owner import Owner
 
 
@@ -29,12 +29,7 @@ def cleanup_job(
     roots = [root] if isinstance(root, str) else list(root)
     digest = hashlib.sha256(f"{node}:{':'.join(roots)}".encode()).hexdigest()[:8]
     name = f"{owner.name[: 63 - len('-cleanup-') - 8]}-cleanup-{digest}"
-    labels = {
-        MANAGED_BY: OPERATOR,
-        f"{GROUP}/{owner.kind.lower()}": bounded(owner.name),
-        NODE_LABEL: bounded(node),
-        "app.kubernetes.io/component": "cleanup",
-    }
+    labels = {**common(owner.kind, owner.name, "cleanup"), NODE_LABEL: bounded(node)}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

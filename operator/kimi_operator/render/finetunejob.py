@@ -80,7 +80,7 @@ def train_job(owner: Owner, spec: FineTuneJobSpec, node: str, *, storage_path: s
     ``storage_path`` is the KimiModel's ``spec.storage.hostPath``: the one place it is declared.
     """
     model = spec.model.name
-    labels = {**common(KIND, owner.name), "app.kubernetes.io/component": COMPONENT}
+    labels = common(KIND, owner.name, COMPONENT)
     meta = owner.metadata(job_name(owner.name), COMPONENT)
     if spec.queue_name:
         meta["labels"] = {**meta["labels"], KUEUE_QUEUE_LABEL: spec.queue_name}

@@ -91,7 +91,7 @@ def prepare_rbac(owner: Owner) -> list[dict[str, Any]]:
 def prepare_job(owner: Owner, spec: KimiModelSpec, node: str, *, image: str) -> dict[str, Any]:
     """The Job that downloads, verifies and converts the weights on one node."""
     name = job_name(owner.name, node, spec.variants)
-    labels = {**common(KIND, owner.name), NODE_LABEL: bounded(node), "app.kubernetes.io/component": "prepare"}
+    labels = {**common(KIND, owner.name, "prepare"), NODE_LABEL: bounded(node)}
     args = [
         "prepare",
         f"--root={model_dir(owner.namespace, owner.name)}",

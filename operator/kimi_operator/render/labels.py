@@ -7,6 +7,7 @@ import hashlib
 from kimi_operator.api.base import GROUP
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
+COMPONENT = "app.kubernetes.io/component"
 OPERATOR = "kimi-operator"
 MAX_LABEL_VALUE = 63
 
@@ -19,9 +20,13 @@ def bounded(value: str, limit: int = MAX_LABEL_VALUE) -> str:
     return f"{value[: limit - 11].rstrip('-_.')}-{digest}"
 
 
-def common(kind: str, name: str) -> dict[str, str]:
-    """Labels of every object the operator creates for ``kind``/``name``."""
-    return {MANAGED_BY: OPERATOR, f"{GROUP}/{kind.lower()}": bounded(name)}
+def common(kind: str, name: str, component: str | None = None) -> dict[str, str]:
+    """Labels of every object the operator creates for ``kind``/``name`` (and, given, which of its
+    parts the object is)."""
+    labels = {MANAGED_BY: OPERATOR, f"{GROUP}/{kind.lower()}": bounded(name)}
+    if component is not None:
+        labels[COMPONENT] = component
+    return labels
 
 
 def selector(labels: dict[str, str]) -> str:

@@ -23,7 +23,7 @@ from kimi_operator.render import sglang
 from kimi_operator.render.jobs import template_metadata
 from kimi_operator.render.kimimodel import READY, model_label
 from kimi_operator.render.kimimodel_paths import MOUNT
-from kimi_operator.render.labels import bounded, common
+from kimi_operator.render.labels import bounded, common, selector
 from kimi_operator.render.owner import Owner, account, status_rule
 
 ENGINE = "engine"
@@ -78,6 +78,16 @@ def service_name(owner: str) -> str:
     return _name(owner, "engines")
 
 
+def engine_labels(owner: str) -> dict[str, str]:
+    """The labels every engine pod of this LoraServer carries (shared and expert sets alike)."""
+    return common(KIND, owner, ENGINE)
+
+
+def engine_selector(owner: str) -> str:
+    """The engine pods (and StatefulSets) of this LoraServer."""
+    return selector(engine_labels(owner))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelFacts:
     """What the engine pods need to know of the KimiModel."""
@@ -122,7 +132,7 @@ def service(owner: Owner) -> dict[str, Any]:
         "metadata": owner.metadata(service_name(owner.name), ENGINE),
         "spec": {
             "clusterIP": "None",
-            "selector": {**common(KIND, owner.name), "app.kubernetes.io/component": ENGINE},
+            "selector": engine_labels(owner.name),
             "ports": [{"name": "http", "port": sglang.ENGINE_PORT, "targetPort": sglang.ENGINE_PORT}],
         },
     }
@@ -176,7 +186,7 @@ def engine_set(
 ) -> dict[str, Any]:
     """One StatefulSet of engine replicas: the engine container and the adapter agent beside it."""
     kind = "expert" if expert else "shared"
-    labels = {**common(KIND, owner.name), "app.kubernetes.io/component": ENGINE, REPLICA_KIND_LABEL: kind}
+    labels = {**engine_labels(owner.name), REPLICA_KIND_LABEL: kind}
     if expert:
         labels[ADAPTER_LABEL] = bounded(expert.name)
     resources = {

@@ -34,7 +34,7 @@ class Owner:
         return {
             "name": name,
             "namespace": self.namespace,
-            "labels": {**common(self.kind, self.name), "app.kubernetes.io/component": component},
+            "labels": common(self.kind, self.name, component),
             "ownerReferences": [self.reference()],
         }
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from kimi_operator.api.base import GROUP
 from kimi_operator.api.loraserver import KIND, LoraServerSpec
-from kimi_operator.render.labels import bounded, common, selector
-from kimi_operator.render.loraserver import ENGINE, OWNER_ANNOTATION
+from kimi_operator.render.labels import bounded, common
+from kimi_operator.render.loraserver import OWNER_ANNOTATION, engine_selector
 from kimi_operator.render.owner import Owner, account
 
 ROUTER = "router"
@@ -31,17 +31,8 @@ def endpoint(namespace: str, owner: str) -> str:
     return f"http://{router_name(owner)}.{namespace}.svc:{HTTP_PORT}/v1"
 
 
-def engine_selector(owner: str) -> str:
-    return selector({**common(KIND, owner), "app.kubernetes.io/component": ENGINE})
-
-
 def labels(owner: str) -> dict[str, str]:
-    return {**common(KIND, owner), "app.kubernetes.io/component": ROUTER}
-
-
-def pod_selector(owner: str) -> str:
-    """The router pods of this LoraServer."""
-    return selector(labels(owner))
+    return common(KIND, owner, ROUTER)
 
 
 def rbac(owner: Owner) -> list[dict[str, Any]]:

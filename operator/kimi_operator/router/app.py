@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import random
@@ -63,7 +64,6 @@ class Call:
     """One generation request on its way: what is sent, and the labels its metrics carry."""
 
     path: str
-    payload: bytes
     # The request as sent (before serialisation), the adapter it is for and the served name: a
     # llama.cpp engine is sent its own adapter ids, which differ from replica to replica.
     body: Mapping[str, Any]
@@ -74,6 +74,11 @@ class Call:
     began: float
     stream: bool
     strip_usage: bool
+
+    @functools.cached_property
+    def payload(self) -> bytes:
+        """``body`` serialised, once, for the engines sent it as it is (never for a llama-server)."""
+        return _encode(self.body)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,7 +298,6 @@ class Router:
             upstream["stream_options"] = {**options, "include_usage": True}
         call = Call(
             path="/v1/chat/completions" if "messages" in body else "/v1/completions",
-            payload=json.dumps(upstream, separators=(",", ":")).encode(),
             body=upstream,
             adapter=target.adapter,
             served=config.served,
@@ -334,14 +338,13 @@ class Router:
         except aiohttp.ServerDisconnectedError:
             return await self.session.post(url, data=data, headers=_UPSTREAM_HEADERS, timeout=self.timeout)
 
-    def _payload(self, replica: Replica, call: Call) -> bytes | None:
+    def _payload(self, engine: Engine | None, call: Call) -> bytes | None:
         """What the engine is sent; None when it no longer has the adapter. llama-server: its model
         name, every adapter id it has (the chosen one at scale 1, the others at 0: a request without
         a list runs them all at their start scale; an id it does not have would be ignored without a
         word) and no prompt cache: its caches restore a prefix computed under another adapter."""
         if self.fleet.api != "llamacpp":
             return call.payload
-        engine = self.fleet.engines.get(replica.name)
         if engine is None:
             return None
         chosen = None
@@ -350,18 +353,17 @@ class Router:
             if chosen is None:
                 return None
         lora = [{"id": i, "scale": 1.0 if i == chosen else 0.0} for i in engine.all_ids]
-        body = {**call.body, "model": call.served, "lora": lora, "cache_prompt": False}
-        return json.dumps(body, separators=(",", ":")).encode()
+        return _encode({**call.body, "model": call.served, "lora": lora, "cache_prompt": False})
 
     async def _attempt(self, response: Response, replica: Replica, call: Call) -> bool:
         """One try on one replica. False: nothing reached the client and another may take it."""
-        data = self._payload(replica, call)
+        engine = self.fleet.engines.get(replica.name)
+        data = self._payload(engine, call)
         if data is None:
             # The engine no longer has the adapter it listed (a llama-server restarted with other
             # adapters): not sent, for it would answer as the base model without a word.
             self.fleet.wake()
             return False
-        engine = self.fleet.engines.get(replica.name)
         if engine is not None:
             # Counted now, before any await: requests arriving meanwhile choose on current counts.
             engine.in_flight += 1
@@ -380,14 +382,8 @@ class Router:
             task.add_done_callback(self._detached.discard)
             task.add_done_callback(_finished)
             whole = await asyncio.shield(task)
-        if whole.failure == "timeout":
-            message = f"the engine replica {replica.name} gave no answer in {self.timeout.sock_read:.0f} s"
-            await self._error(response, 504, message, code="engine_timeout")
-            return True
         if whole.status is None:
-            self.fleet.unreachable(replica.name, whole.error)
-            # Unreachable, or closed before the whole answer came: nothing reached the client yet.
-            return not may_retry(connected=False, status=None, sent_to_client=False)
+            return await self._unanswered(response, replica, whole)
         if whole.status != 200:
             return await self._refusal(response, replica, whole.status, whole.body, whole.content_type)
         metrics.FIRST_TOKEN.labels(call.model).observe(self.clock() - call.began)
@@ -398,25 +394,38 @@ class Router:
     async def _whole(self, replica: Replica, call: Call, data: bytes, engine: Engine | None) -> Whole:
         """The engine's whole answer (``engine``'s in-flight count, taken by the caller, is given back)."""
         try:
-            try:
-                resp = await self._post(replica, call, data)
-                async with resp:
-                    metrics.UPSTREAM.labels(replica.name, call.model, str(resp.status)).inc()
-                    return Whole(resp.status, await _read(resp), resp.headers.get("Content-Type", JSON))
-            except aiohttp.SocketTimeoutError:
-                # Connected, but silent for --read-timeout: stuck (or a prefill longer than allowed).
-                # The request may be running there: it is not sent elsewhere.
-                metrics.UPSTREAM.labels(replica.name, call.model, "0").inc()
-                self.fleet.wake()
-                return Whole(None, failure="timeout")
-            except _Dropped as exc:
-                return Whole(None, failure="dropped", error=str(exc))
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                metrics.UPSTREAM.labels(replica.name, call.model, "0").inc()
-                return Whole(None, failure="unreachable", error=str(exc) or type(exc).__name__)
+            resp = await self._post(replica, call, data)
+            async with resp:
+                metrics.UPSTREAM.labels(replica.name, call.model, str(resp.status)).inc()
+                return Whole(resp.status, await _read(resp), resp.headers.get("Content-Type", JSON))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return self._no_answer(replica, call, exc)
         finally:
             if engine is not None:
                 engine.in_flight -= 1
+
+    def _no_answer(self, replica: Replica, call: Call, exc: Exception) -> Whole:
+        """What an attempt that got no whole answer failed of (a dropped answer was counted with its
+        status already)."""
+        if isinstance(exc, _Dropped):
+            return Whole(None, failure="dropped", error=str(exc))
+        metrics.UPSTREAM.labels(replica.name, call.model, "0").inc()
+        if isinstance(exc, aiohttp.SocketTimeoutError):
+            # Connected, but silent for --read-timeout: stuck (or a prefill longer than allowed).
+            # The request may be running there: it is not sent elsewhere.
+            self.fleet.wake()
+            return Whole(None, failure="timeout")
+        return Whole(None, failure="unreachable", error=str(exc) or type(exc).__name__)
+
+    async def _unanswered(self, response: Response, replica: Replica, whole: Whole) -> bool:
+        """An attempt without an answer (``whole.status`` None): a 504, or (False) left for another replica."""
+        if whole.failure == "timeout":
+            message = f"the engine replica {replica.name} gave no answer in {self.timeout.sock_read:.0f} s"
+            await self._error(response, 504, message, code="engine_timeout")
+            return True
+        self.fleet.unreachable(replica.name, whole.error)
+        # Unreachable, or closed before the whole answer came: nothing reached the client yet.
+        return not may_retry(connected=False, status=None, sent_to_client=False)
 
     async def _refusal(self, response: Response, replica: Replica, status: int, raw: bytes, content_type: str) -> bool:
         """An engine's answer other than 200: passed on, or (False) left for another replica."""
@@ -435,16 +444,8 @@ class Router:
         try:
             try:
                 resp = await self._post(replica, call, data)
-            except aiohttp.SocketTimeoutError:
-                metrics.UPSTREAM.labels(replica.name, call.model, "0").inc()
-                self.fleet.wake()
-                message = f"the engine replica {replica.name} gave no answer in {self.timeout.sock_read:.0f} s"
-                await self._error(response, 504, message, code="engine_timeout")
-                return True
             except (aiohttp.ClientError, TimeoutError) as exc:
-                metrics.UPSTREAM.labels(replica.name, call.model, "0").inc()
-                self.fleet.unreachable(replica.name, str(exc) or type(exc).__name__)
-                return not may_retry(connected=False, status=None, sent_to_client=False)
+                return await self._unanswered(response, replica, self._no_answer(replica, call, exc))
             try:
                 async with resp:
                     metrics.UPSTREAM.labels(replica.name, call.model, str(resp.status)).inc()
@@ -460,8 +461,7 @@ class Router:
                     return True
             except _Dropped as exc:
                 # Closed before the whole answer came, and nothing of it reached the client yet.
-                self.fleet.unreachable(replica.name, str(exc))
-                return False
+                return await self._unanswered(response, replica, self._no_answer(replica, call, exc))
         finally:
             if engine is not None:
                 engine.in_flight -= 1
@@ -541,6 +541,10 @@ async def _read(resp: aiohttp.ClientResponse) -> bytes:
 
 class _Dropped(aiohttp.ClientConnectionError):
     """The engine closed the connection before the whole answer arrived."""
+
+
+def _encode(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _json(raw: bytes) -> Any:

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -46,8 +45,6 @@ class Engine:
     lora_ids: Mapping[str, int] = dataclasses.field(default_factory=dict)
     all_ids: tuple[int, ...] = ()
     in_flight: int = 0
-    polled_at: float = 0.0
-    error: str | None = None
 
     def replica(self) -> Replica:
         expert = None
@@ -132,7 +129,6 @@ class Fleet:
         self.name_of = name_of or (lambda path: None)
         self.engines: dict[str, Engine] = {}
         self._wake = asyncio.Event()
-        self.polls = 0
 
     def set_members(self, members: Iterable[Member]) -> None:
         """The engines that exist now; a changed or new one is asked at once."""
@@ -173,7 +169,7 @@ class Fleet:
         engine = self.engines.get(name)
         if engine is not None and engine.up:
             log.warning("engine %s unreachable (%s): no request goes there until it answers again", name, error)
-            engine.up, engine.error = False, error
+            engine.up = False
         self.wake()
 
     async def poll_one(self, engine: Engine) -> None:
@@ -192,17 +188,15 @@ class Fleet:
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             if engine.up:
                 log.warning("engine %s: /v1/models failed (%s)", engine.member.name, exc)
-            engine.up, engine.listed, engine.error = False, frozenset(), str(exc) or type(exc).__name__
+            engine.up, engine.listed = False, frozenset()
         else:
             if not engine.up or listed != engine.listed:
                 log.info("engine %s lists %s", engine.member.name, sorted(listed) or "no adapter")
-            engine.up, engine.listed, engine.error = True, listed, None
-        engine.polled_at = time.monotonic()
+            engine.up, engine.listed = True, listed
 
     async def poll_all(self) -> None:
         engines = list(self.engines.values())
         await asyncio.gather(*(self.poll_one(e) for e in engines))
-        self.polls += 1
 
     async def run(self) -> None:
         """Poll every engine each period, or at once when woken."""

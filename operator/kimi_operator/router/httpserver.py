@@ -222,7 +222,7 @@ def _exceeds(digits: str, limit: int, base: int) -> bool:
     return len(significant) > 20 or int(significant or "0", base) > limit
 
 
-def _parse_head(raw: bytes, limits: Limits) -> tuple[str, str, str, dict[str, str]]:
+def _parse_head(raw: bytes) -> tuple[str, str, str, dict[str, str]]:
     try:
         text = raw.decode("latin-1")
     except UnicodeDecodeError as exc:  # pragma: no cover - latin-1 decodes any byte
@@ -286,7 +286,7 @@ async def _read_request(
     reader: _Reader, limits: Limits, peer: str, writer: asyncio.StreamWriter, gate: Gate | None = None
 ) -> Request:
     raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n", limits.header_bytes), limits.header_seconds)
-    method, target, version, headers = _parse_head(raw[:-4], limits)
+    method, target, version, headers = _parse_head(raw[:-4])
     if gate is not None and (answer := gate(method, target.split("?", 1)[0], headers)) is not None:
         raise Refused(*answer)
     if "transfer-encoding" in headers:

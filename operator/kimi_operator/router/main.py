@@ -17,7 +17,7 @@ from prometheus_client import start_http_server
 from kimi_operator.router import metrics
 from kimi_operator.router.app import Keys, Router, error_body
 from kimi_operator.router.config import KEYS_MOUNT
-from kimi_operator.router.fleet import ENGINE_APIS, Fleet, Member
+from kimi_operator.router.fleet import ENGINE_APIS, Fleet
 from kimi_operator.router.httpserver import Limits, Server
 from kimi_operator.router.sources import KubeSource, static_config, static_members
 
@@ -77,14 +77,10 @@ async def serve(args: argparse.Namespace) -> int:
         keys = Keys(args.keys_dir)
         router = Router(fleet, session, keys, read_timeout=args.read_timeout)
         source: KubeSource | None = None
-        body_limit = 16 * 1024 * 1024
-
-        def on_members(members: list[Member]) -> None:
-            fleet.set_members(members)
-
+        limits = Limits(header_seconds=args.header_timeout, body_seconds=args.body_timeout)
         if args.spec_file is not None:
             config = static_config(args.spec_file)
-            body_limit = config.max_body_bytes
+            limits = dataclasses.replace(limits, body_bytes=config.max_body_bytes)
             router.set_config(config)
             fleet.set_members(static_members(args.engine, args.dedicated_engine))
         else:
@@ -95,17 +91,12 @@ async def serve(args: argparse.Namespace) -> int:
                 name=name,
                 selector=args.engine_selector
                 or f"kimi-operator.io/loraserver={name},app.kubernetes.io/component=engine",
-                on_members=on_members,
+                on_members=fleet.set_members,
                 on_config=router.set_config,
                 period=args.period,
             )
             source.start()
-        limits = Limits(body_bytes=body_limit, header_seconds=args.header_timeout, body_seconds=args.body_timeout)
-
-        def error(status: int, message: str) -> tuple[bytes, str]:
-            return error_body(status, message)
-
-        server = Server(router.handle, error, limits, gate=router.gate)
+        server = Server(router.handle, error_body, limits, gate=router.gate)
 
         listener = await server.serve(args.host, args.port)
         tasks = [asyncio.ensure_future(fleet.run()), asyncio.ensure_future(_refresh_loop(router, keys, server, fleet))]

@@ -56,8 +56,11 @@ class Checked:
     alpha: float
     target_modules: tuple[str, ...]
     tensors: int
-    expert_modules: int
-    modules: tuple[str, ...] = ()  # every adapted module, by its full name
+    modules: tuple[str, ...]  # every adapted module, by its full name
+
+    @property
+    def expert_modules(self) -> int:
+        return sum(1 for module in self.modules if _EXPERT_KEY.search(module))
 
 
 def kt_converter() -> Path:
@@ -146,8 +149,7 @@ def check_for_sglang(directory: Path) -> Checked:
     unpaired = sorted(module for module, ab in halves.items() if ab != {"lora_A", "lora_B"})
     if unpaired:
         raise ExportError(f"{weights_path}: {unpaired[0]} has lora_A or lora_B alone ({len(unpaired)} modules)")
-    experts = sum(1 for module in halves if _EXPERT_KEY.search(module))
-    return Checked(rank, alpha, tuple(targets), sum(len(ab) for ab in halves.values()), experts, tuple(sorted(halves)))
+    return Checked(rank, alpha, tuple(targets), sum(len(ab) for ab in halves.values()), tuple(sorted(halves)))
 
 
 def _convert_kt(output_dir: Path, partial: Path, *, experts: bool, base_model: str) -> None:

@@ -2,9 +2,10 @@
 
 In order: validate the dataset (bad data fails here, before any GPU step); turn the records into
 LLaMA-Factory's messages format; resume from the newest complete checkpoint in the output
-directory; train (in this process, or one process per GPU: ``trainer``), while a reporter turns ``trainer_log.jsonl``
-into ``status.progress``; export the adapter under a temporary name, renamed when complete, and
-report it in ``status.adapter``. LLaMA-Factory is imported only by the steps that need it.
+directory; train (in this process, or one process per GPU: ``trainer``), while a reporter turns
+``trainer_log.jsonl`` into ``status.progress``; export the adapter under a temporary name, renamed
+when complete, and report it in ``status.adapter``. LLaMA-Factory is imported only by the steps
+that need it.
 """
 
 from __future__ import annotations

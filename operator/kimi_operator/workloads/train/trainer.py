@@ -4,8 +4,8 @@ One process drives one GPU. A pod with several GPUs runs ``accelerate launch`` w
 FSDP2 configuration (``accelerate.yaml``): LLaMA-Factory refuses several GPUs in one plain process
 ("Please launch distributed training"), and with the KTransformers backend one such process goes
 to transformers' DataParallel, which needs every parameter on the first GPU while kt-kernel keeps
-the expert LoRA on the CPU. accelerate-kt
-accepts several processes only under FSDP2; kt-kernel then runs the CPU experts in rank 0 for all.
+the expert LoRA on the CPU. accelerate-kt accepts several processes only under FSDP2; kt-kernel
+then runs the CPU experts in rank 0 for all.
 
 Each worker registers the Kimi template and turns the KTransformers backend on for itself: nothing
 set in the launching process reaches LLaMA-Factory's registry in another one.
@@ -106,9 +106,9 @@ def launch_command(config_dir: Path, processes: int, args_file: Path, port: int,
 
 def launch(args: dict[str, Any], *, config_dir: Path, output_dir: Path, processes: int) -> None:
     """Run ``processes`` workers and wait for them; a refusal any of them reports is raised here."""
-    if not (config_dir / ACCELERATE_CONFIG).is_file():
-        missing = config_dir / ACCELERATE_CONFIG
-        raise WorkloadError(TrainExit.INVALID_CONFIG, f"{processes} processes asked for, but {missing} is missing")
+    config = config_dir / ACCELERATE_CONFIG
+    if not config.is_file():
+        raise WorkloadError(TrainExit.INVALID_CONFIG, f"{processes} processes asked for, but {config} is missing")
     work = output_dir / LAUNCH_DIR
     work.mkdir(parents=True, exist_ok=True)
     for stale in work.glob("refused-*.json"):
