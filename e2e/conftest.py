@@ -192,11 +192,16 @@ class PrometheusProcess:
         reply = json.loads(body) if body.startswith("{") else {"error": f"HTTP {code}: {body}"}
         return str(reply.get("status") if reply.get("status") == "success" else reply.get("error"))
 
-    def value(self, query: str) -> float | None:
-        """The single sample an instant query returns, or None while there is none."""
+    def vector(self, query: str) -> list[dict[str, Any]]:
+        """The samples an instant query returns."""
         params = urllib.parse.urlencode({"query": query})
         with urllib.request.urlopen(f"{self.url}/api/v1/query?{params}", timeout=5) as resp:  # noqa: S310 (loopback)
-            result = json.load(resp)["data"]["result"]
+            result: list[dict[str, Any]] = json.load(resp)["data"]["result"]
+        return result
+
+    def value(self, query: str) -> float | None:
+        """The single sample an instant query returns, or None while there is none."""
+        result = self.vector(query)
         return float(result[0]["value"][1]) if len(result) == 1 else None
 
 

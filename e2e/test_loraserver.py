@@ -726,17 +726,12 @@ def test_deletion_removes_the_pods_and_only_the_cache_entries_no_other_server_us
             custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "loraservers", obj)
             handles[name].start(1)
         for name, want in (("drop", {"a0", "a1"}), ("keep", {"a1"})):
-            wait_for(
-                lambda name=name, want=want: (
-                    {a for a, s in adapters_by_name(get(api, namespace, "loraservers", name)).items()} == want
-                    and all(
-                        s["state"] == "Loaded"
-                        for s in adapters_by_name(get(api, namespace, "loraservers", name)).values()
-                    )
-                ),
-                120,
-                f"{name}'s adapters Loaded",
-            )
+
+            def loaded(name: str = name, want: set[str] = want) -> bool:
+                found = adapters_by_name(get(api, namespace, "loraservers", name))
+                return set(found) == want and all(s["state"] == "Loaded" for s in found.values())
+
+            wait_for(loaded, 120, f"{name}'s adapters Loaded")
         cache = node.storage / "adapter-cache"
         assert {p.name for p in cache.iterdir() if not p.name.startswith(".")} == {
             paths["a0"]["sha256"],

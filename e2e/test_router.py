@@ -18,8 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -337,7 +335,7 @@ def test_the_openai_client_reaches_each_adapter_where_an_engine_holds_it(
     # Per-adapter metrics in the real Prometheus.
     def scraped() -> set[str]:
         query = f'sum by (model) (kimi_router_requests_total{{code="200",namespace="{namespace}"}})'
-        result = prometheus_vector(prometheus, query)
+        result = prometheus.vector(query)
         return {r["metric"]["model"] for r in result}
 
     wait_for(lambda: scraped() >= {SERVED, *names}, 30, "requests per adapter in Prometheus")
@@ -346,12 +344,12 @@ def test_the_openai_client_reaches_each_adapter_where_an_engine_holds_it(
         f'sum by (model) (kimi_router_time_to_first_token_seconds_count{{namespace="{namespace}"}})',
         f'sum by (key) (kimi_router_requests_total{{namespace="{namespace}"}})',
     ):
-        found = {r["metric"].get("model") or r["metric"].get("key") for r in prometheus_vector(prometheus, query)}
+        found = {r["metric"].get("model") or r["metric"].get("key") for r in prometheus.vector(query)}
         assert found, query
 
     # The refused keys' series came last: a scrape may not have seen them yet.
     def keys() -> set[str]:
-        return {r["metric"]["key"] for r in prometheus_vector(prometheus, query)}
+        return {r["metric"]["key"] for r in prometheus.vector(query)}
 
     wait_for(lambda: keys() >= {"admin", "team", "invalid"}, 30, "requests per key id in Prometheus")
     keys_seen = keys()
@@ -437,10 +435,3 @@ def a_stream_cut_by_its_engine_ends_in_an_error(admin: openai.OpenAI, victim: En
 
 def chat_body(model: str) -> dict[str, Any]:
     return {"model": model, "messages": QUESTION, "max_tokens": 2}
-
-
-def prometheus_vector(prometheus: PrometheusProcess, query: str) -> list[dict[str, Any]]:
-    params = urllib.parse.urlencode({"query": query})
-    with urllib.request.urlopen(f"{prometheus.url}/api/v1/query?{params}", timeout=5) as resp:  # noqa: S310 (loopback)
-        result: list[dict[str, Any]] = json.load(resp)["data"]["result"]
-    return result

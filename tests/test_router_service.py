@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import pytest
 import yaml
 
 from kimi_operator.router import requests
+from tests.processes import free_port, stop, wait_until
 
 OPERATOR = Path(__file__).resolve().parents[1] / "operator"
 HOST = "127.0.0.1"
@@ -69,12 +70,6 @@ class Router:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -133,19 +128,10 @@ def start_router(root: Path, engine: str, keys: list[dict[str, Any]] | None = No
                 if http_get(port, "/health")[0] == 200:
                     return router
             select.select([], [], [], 0.05)
-        stop_router(router)
+        stop(router.proc)
         if time.monotonic() >= deadline:
             break
     raise AssertionError(f"the router did not start:\n{router.log_tail()}")
-
-
-def stop_router(router: Router) -> None:
-    router.proc.terminate()
-    try:
-        router.proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        router.proc.kill()
-        router.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +139,7 @@ def router(tmp_path_factory: pytest.TempPathFactory, engine_url: str) -> Iterato
     """A router without keys."""
     started = start_router(tmp_path_factory.mktemp("open"), engine_url)
     yield started
-    stop_router(started)
+    stop(started.proc)
 
 
 # -- answers -----------------------------------------------------------------------------------
@@ -869,7 +855,7 @@ def test_unknown_paths_and_wrong_methods(router: Router, method: str, path: str,
 
 
 def test_head_is_the_head_of_get_without_a_body_and_the_connection_stays_usable(router: Router) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=5)
+    conn = http.client.HTTPConnection(HOST, router.port, timeout=5)
     try:
         conn.request("HEAD", "/health")
         head = conn.getresponse()
@@ -916,7 +902,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory, engine_url: str) -> Iterator
     write_key(root / "keys", "team-keys", "support", ADAPTER_KEY)
     started = start_router(root, engine_url, KEYS)
     yield started
-    stop_router(started)
+    stop(started.proc)
 
 
 def generate(router: Router, model: str, key: str | None, path: str = CHAT) -> Answer:
@@ -1003,31 +989,24 @@ def test_the_official_client_reads_the_refusals(keyed: Router, monkeypatch: pyte
         client("sk-wrong").models.list()
 
 
-def poll(check: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
-        select.select([], [], [], 0.1)
-
-
 def test_a_rotated_key_takes_effect_without_a_restart(keyed: Router) -> None:
     pid = keyed.proc.pid
     keys = keyed.log.parent / "keys"
     write_key(keys, "base-key", "token", ROTATED)
     try:
-        poll(lambda: generate(keyed, SERVED, ROTATED).status == 503, 10, "the new key accepted")
+        wait_until(lambda: generate(keyed, SERVED, ROTATED).status == 503, 10, "the new key accepted")
         assert generate(keyed, SERVED, BASE_KEY).status == 401
         # The other key is untouched.
         assert generate(keyed, ADAPTER, ADAPTER_KEY).status == 503
         # A key whose file goes away is refused, and the others still work.
         (keys / "team-keys" / "support").unlink()
-        poll(lambda: generate(keyed, ADAPTER, ADAPTER_KEY).status == 401, 10, "the removed key refused")
+        wait_until(lambda: generate(keyed, ADAPTER, ADAPTER_KEY).status == 401, 10, "the removed key refused")
         assert generate(keyed, SERVED, ROTATED).status == 503
     finally:
         write_key(keys, "base-key", "token", BASE_KEY)
         write_key(keys, "team-keys", "support", ADAPTER_KEY)
-    poll(lambda: generate(keyed, SERVED, BASE_KEY).status == 503, 10, "the first key back")
-    poll(lambda: generate(keyed, ADAPTER, ADAPTER_KEY).status == 503, 10, "the adapter key back")
+    wait_until(lambda: generate(keyed, SERVED, BASE_KEY).status == 503, 10, "the first key back")
+    wait_until(lambda: generate(keyed, ADAPTER, ADAPTER_KEY).status == 503, 10, "the adapter key back")
     assert keyed.proc.pid == pid
     assert keyed.alive()
 
@@ -1043,7 +1022,7 @@ def unreadable_keys(tmp_path_factory: pytest.TempPathFactory, engine_url: str) -
     """Keys in the spec, none of their files there."""
     started = start_router(tmp_path_factory.mktemp("no-key-files"), engine_url, KEYS)
     yield started
-    stop_router(started)
+    stop(started.proc)
 
 
 @pytest.mark.parametrize("key", [None, "", "sk-wrong", BASE_KEY, ADAPTER_KEY])

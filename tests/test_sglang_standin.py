@@ -13,16 +13,17 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from e2e.engines import sglang_standin
+
+from tests.processes import free_port, stop, wait_until
 
 ENGINES = Path(__file__).parents[1] / "e2e" / "engines"
 STANDIN, TINY = ENGINES / "sglang_standin.py", ENGINES / "tiny_lora.py"
@@ -45,12 +46,6 @@ Refs = dict[str, dict[str, Any]]
 def env(extra: dict[str, str] | None = None) -> dict[str, str]:
     base = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     return {**os.environ, **base, **(extra or {})}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclasses.dataclass
@@ -127,15 +122,6 @@ def launch(python: str, logs: Path, name: str, args: list[str], extra_env: dict[
     with log.open("wb") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env(extra_env))
     return Engine(proc, port, log)
-
-
-def stop(engine: Engine) -> None:
-    engine.proc.terminate()
-    try:
-        engine.proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        engine.proc.kill()
-        engine.proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -275,7 +261,7 @@ def engines(train_python: str, tiny: Path, tmp_path_factory: pytest.TempPathFact
         yield started
     finally:
         for engine in started.values():
-            stop(engine)
+            stop(engine.proc)
 
 
 @pytest.fixture
@@ -593,13 +579,6 @@ def stream_and_leave(engine: Engine, body: dict[str, Any], events: int) -> None:
     conn.close()
 
 
-def wait_until(check: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
-        time.sleep(0.1)
-
-
 def test_an_abandoned_non_streamed_request_keeps_its_adapter_from_ever_unloading(
     engines: dict[str, Engine], tiny: Path
 ) -> None:
@@ -734,5 +713,5 @@ def test_flags_sglang_refuses_stop_the_server_at_once(
     try:
         assert engine.proc.wait(timeout=STARTUP_S) != 0
     finally:
-        stop(engine)
+        stop(engine.proc)
     assert message in engine.output()

@@ -37,7 +37,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import subprocess
@@ -49,6 +48,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from benchlib import free_port, parse_levels, pct, proc_memory
 
 ROOT = Path(__file__).resolve().parents[2]
 STACKS = ("ours", "aiohttp")
@@ -313,12 +314,7 @@ class ServerProc:
         return total / 1e9
 
     def memory(self) -> dict[str, int]:
-        found = {}
-        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                found[key] = int(value.split()[0]) * 1024
-        return found
+        return proc_memory(self.popen.pid)
 
 
 class Clients:
@@ -383,14 +379,6 @@ def siblings(cpu: int) -> set[int]:
     return found
 
 
-def free_port(host: str) -> int:
-    import socket  # noqa: PLC0415
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def fetch(url: str, method: str, body: bytes | None) -> tuple[int, dict[str, str], bytes]:
     req = urllib.request.Request(url, data=body, method=method, headers=JSON_HEADERS if body else {})  # noqa: S310
     try:
@@ -440,16 +428,6 @@ def parity(servers: dict[str, ServerProc]) -> dict[str, Any]:
         )
         out[name] = {"same": same, "expected_status": expected, "stacks": seen}
     return out
-
-
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def ms(value: float | None) -> float | None:
@@ -505,14 +483,6 @@ def measure_one(clients: Clients, proc: ServerProc, concurrency: int, n: int, ru
     run.cpu_run_time += proc.cpu_run_time() - run_time
     run.rss = max(run.rss, proc.memory()["VmRSS"])
     run.add(results)
-
-
-def parse_levels(text: str) -> list[tuple[int, int, int]]:
-    levels = []
-    for part in text.split(","):
-        c, n, rounds = (int(x) for x in part.split(":"))
-        levels.append((c, n, rounds))
-    return levels
 
 
 def row(label: str, values: list[Any], width: int = 14) -> str:

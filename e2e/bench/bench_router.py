@@ -40,10 +40,8 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -55,6 +53,7 @@ from typing import Any
 
 import aiohttp
 import yaml
+from benchlib import free_port, parse_levels, pct, proc_memory
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINES_DIR = ROOT / "e2e" / "engines"
@@ -103,12 +102,7 @@ class Proc:
 
     def memory(self) -> dict[str, int]:
         """VmRSS (now) and VmHWM (peak), bytes."""
-        found = {}
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                found[key] = int(value.split()[0]) * 1024
-        return found
+        return proc_memory(self.pid)
 
     def stop(self) -> None:
         if self.alive():
@@ -131,12 +125,6 @@ def start(name: str, argv: list[str], work: Path, env: dict[str, str] | None = N
     with log.open("wb") as out:
         popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     return Proc(name, popen, log)
-
-
-def free_port(ip: str) -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return int(s.getsockname()[1])
 
 
 def http_json(url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 60) -> Any:
@@ -331,17 +319,6 @@ def session() -> aiohttp.ClientSession:
 
 # ---------------------------------------------------------------------------------------------
 # Figures
-
-
-def pct(values: list[float], q: float) -> float | None:
-    """The q-quantile, linear between the nearest ranks."""
-    if not values:
-        return None
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def ms(value: float | None) -> float | None:
@@ -607,15 +584,6 @@ def metric_lines(url: str, prefixes: tuple[str, ...]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # Main
-
-
-def parse_levels(text: str) -> list[tuple[int, int, int]]:
-    """``CONCURRENCY:REQUESTS:ROUNDS,...``."""
-    levels = []
-    for part in text.split(","):
-        concurrency, n, rounds = (int(v) for v in part.split(":"))
-        levels.append((concurrency, n, rounds))
-    return levels
 
 
 @dataclasses.dataclass

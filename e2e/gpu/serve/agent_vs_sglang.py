@@ -33,6 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from plumbing import Results, group_members
+
 try:
     from kimi_operator.api.serving import AdapterFiles, PlannedAdapter, ReplicaPlan, ServingPlan
     from kimi_operator.workloads.serve.agent import Agent
@@ -56,24 +58,6 @@ log = logging.getLogger("agent_vs_sglang")
 
 # ---------------------------------------------------------------------------------------------
 # Plumbing
-
-
-class Results:
-    def __init__(self, path: Path) -> None:
-        self.path, self.data = path, {}
-        self.t0 = time.monotonic()
-
-    def put(self, key: str, value: Any) -> None:
-        self.data[key] = value
-        self.flush()
-
-    def flush(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        tmp.replace(self.path)
-
-    def elapsed(self) -> float:
-        return round(time.monotonic() - self.t0, 1)
 
 
 def http(url: str, method: str = "GET", body: Any = None, timeout: float = 60.0) -> dict[str, Any]:
@@ -154,24 +138,6 @@ def gpu_memory_used() -> str:
         ).stdout.strip()
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
-
-
-def group_members(pgid: int) -> list[dict[str, Any]]:
-    """Live processes of a process group (the engine's main process and the children it spawned)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[2]) != pgid or fields[0] == "Z":
-                continue
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            found.append({"pid": int(entry.name), "state": fields[0], "cmdline": cmd[:200]})
-        except (OSError, ValueError):
-            continue
-    return found
 
 
 class HealthPoller(threading.Thread):

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from router_vs_sglang import MAX_TOKENS, PROMPT, SERVED, Proc, Results, http, model_ids
+from plumbing import Results
+from router_vs_sglang import MAX_TOKENS, PROMPT, SERVED, Proc, http, model_ids
 
 
 def chat(engine: str, model: str, *, timeout: float = 60.0, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:

@@ -34,6 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from plumbing import Results, group_members
+
 try:
     import openai
 except ImportError as exc:
@@ -52,24 +54,6 @@ MAX_TOKENS = 8
 
 # ---------------------------------------------------------------------------------------------
 # Plumbing
-
-
-class Results:
-    def __init__(self, path: Path) -> None:
-        self.path, self.data = path, {}
-        self.t0 = time.monotonic()
-
-    def put(self, key: str, value: Any) -> None:
-        self.data[key] = value
-        self.flush()
-
-    def flush(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        tmp.replace(self.path)
-
-    def elapsed(self) -> float:
-        return round(time.monotonic() - self.t0, 1)
 
 
 def http(
@@ -197,21 +181,6 @@ def stats_ms(values: list[float]) -> dict[str, Any]:
     }
 
 
-def group_members(pgid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                found.append(int(entry.name))
-        except (OSError, ValueError):
-            continue
-    return found
-
-
 class Proc:
     """A server started here in a process group of its own (setsid), its output in a log file."""
 
@@ -251,7 +220,7 @@ class Proc:
         deadline = time.monotonic() + 10
         while group_members(pid) and time.monotonic() < deadline:
             time.sleep(0.3)
-        left = group_members(pid)
+        left = [m["pid"] for m in group_members(pid)]
         if left:
             rec["group_killed"] = left
             os.killpg(pid, signal.SIGKILL)
