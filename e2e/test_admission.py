@@ -59,6 +59,22 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
     ("km-bad-variant", vary(KIMI_MODEL, "spec.variants", ["fp32"]), "spec.variants[0]", "Unsupported value"),
     ("km-dup-variant", vary(KIMI_MODEL, "spec.variants", ["bf16", "bf16"]), "spec.variants[1]", "Duplicate value"),
     (
+        "km-gguf-without-source",
+        vary(KIMI_MODEL, "spec.variants", ["gguf"]),
+        "spec.gguf",
+        "spec.gguf is required with the gguf variant",
+    ),
+    (
+        "km-gguf-bad-quantization",
+        vary(
+            vary(KIMI_MODEL, "spec.variants", ["gguf"]),
+            "spec.gguf",
+            {"huggingFace": {"repo": "unsloth/Kimi-K2.5-GGUF", "revision": "abc"}, "quantization": "../x"},
+        ),
+        "spec.gguf.quantization",
+        "should match",
+    ),
+    (
         "km-bad-quantity",
         vary(KIMI_MODEL, "spec.resources", {"memory": "lots"}),
         "spec.resources.memory",

@@ -21,6 +21,7 @@ _REASONS = {
     15: "UnsupportedNode",
     16: "ConverterUnavailable",
     17: "RepoNotFound",
+    18: "QuantizationNotFound",
     20: "InvalidDataset",
     21: "InvalidTrainingConfig",
     22: "MissingWeights",
@@ -45,6 +46,7 @@ class PrepareExit(WorkloadExit):
     UNSUPPORTED_NODE = 15
     CONVERTER_UNAVAILABLE = 16
     REPO_NOT_FOUND = 17
+    QUANTIZATION_NOT_FOUND = 18
 
 
 class TrainExit(WorkloadExit):

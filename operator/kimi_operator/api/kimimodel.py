@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from kimi_operator.api.base import (
     AbsolutePath,
@@ -23,8 +23,11 @@ PLURAL = "kimimodels"
 SHORT_NAMES = ("km",)
 
 # The variants a node can hold. bf16 feeds training; the cpu-* variants are kt-kernel CPU expert
-# weights for serving (AMXINT8 / AMXINT4); native-int4 is the shipped checkpoint as is (RAWINT4).
-Variant = Literal["bf16", "cpu-int8", "cpu-int4", "native-int4"]
+# weights for serving (AMXINT8 / AMXINT4); native-int4 is the shipped checkpoint as is (RAWINT4);
+# gguf is one quantization of a GGUF repository, for llama.cpp.
+Variant = Literal["bf16", "cpu-int8", "cpu-int4", "native-int4", "gguf"]
+# The variants made from the INT4 checkpoint: a model asking for none of them never downloads it.
+FROM_CHECKPOINT: tuple[Variant, ...] = ("bf16", "cpu-int8", "cpu-int4", "native-int4")
 
 _REPO_ID = r"^[A-Za-z0-9][-A-Za-z0-9_.]*/[A-Za-z0-9][-A-Za-z0-9_.]*$"
 
@@ -62,6 +65,19 @@ class ModelSource(ApiModel):
 
     hugging_face: HuggingFaceSource | None = Field(default=None, description="Download from the hub.")
     path: PathSource | None = Field(default=None, description="Use weights already on the nodes.")
+
+
+class GgufSource(ApiModel):
+    """One quantization of a GGUF repository (the guide's unsloth/Kimi-K2.5-GGUF, say): only its
+    files are downloaded."""
+
+    hugging_face: HuggingFaceSource = Field(description="The GGUF repository, pinned to one revision.")
+    quantization: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")] = Field(
+        description=(
+            "The quantization, as the repository names it (e.g. UD-TQ1_0, UD-Q2_K_XL, UD-Q4_K_XL): a "
+            "directory of split files, or the tail of a single file's name."
+        )
+    )
 
 
 class NodeSelectorSpec(ApiModel):
@@ -113,6 +129,18 @@ class PrepareResources(ApiModel):
 class KimiModelSpec(ApiModel):
     """Desired state of a KimiModel."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "('gguf' in self.variants) == has(self.gguf)",
+                    "spec.gguf is required with the gguf variant, and only with it",
+                    field_path=".gguf",
+                )
+            ]
+        }
+    )
+
     source: ModelSource = Field(
         description="Where the native INT4 checkpoint comes from. Immutable.",
         json_schema_extra={
@@ -141,13 +169,19 @@ class KimiModelSpec(ApiModel):
             ]
         },
     )
-    variants: Annotated[list[Variant], Field(min_length=1, max_length=4)] = Field(
+    variants: Annotated[list[Variant], Field(min_length=1, max_length=5)] = Field(
         default_factory=lambda: list[Variant](["bf16", "cpu-int8"]),
         description=(
             "Weight variants each node must hold: bf16 (training), cpu-int8 / cpu-int4 (kt-kernel CPU "
-            "experts for serving), native-int4 (the shipped checkpoint, for RAWINT4 serving)."
+            "experts for serving), native-int4 (the shipped checkpoint, for RAWINT4 serving), gguf (the "
+            "quantization spec.gguf names, for llama.cpp; alone, the INT4 checkpoint is not downloaded)."
         ),
         json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    gguf: GgufSource | None = Field(
+        default=None,
+        description="Where the gguf variant comes from. Immutable.",
+        json_schema_extra={"x-kubernetes-validations": [immutable("spec.gguf")]},
     )
     storage: Storage = Field(
         description=(

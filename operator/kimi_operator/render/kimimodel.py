@@ -126,6 +126,15 @@ def prepare_job(owner: Owner, spec: KimiModelSpec, node: str, *, image: str) -> 
         args.append(f"--source-path={SOURCE_MOUNT}")
         volumes.append({"name": "source", "hostPath": {"path": spec.source.path.path, "type": "Directory"}})
         mounts.append({"name": "source", "mountPath": SOURCE_MOUNT, "readOnly": True})
+    if spec.gguf is not None:
+        repo = spec.gguf.hugging_face
+        args += [f"--gguf-repo={repo.repo}", f"--gguf-revision={repo.revision}"]
+        args.append(f"--gguf-quantization={spec.gguf.quantization}")
+        if repo.endpoint:
+            args.append(f"--gguf-endpoint={repo.endpoint}")
+        if repo.token_secret_ref is not None:
+            secret = {"name": repo.token_secret_ref.name, "key": repo.token_secret_ref.key}
+            env.append({"name": "HF_TOKEN_GGUF", "valueFrom": {"secretKeyRef": secret}})
     resources = {"cpu": str(spec.resources.cpu), "memory": str(spec.resources.memory)}
     meta = owner.metadata(name, "prepare")
     meta["labels"] = labels

@@ -46,7 +46,15 @@ def listed_files(root: Path) -> list[Path]:
     )
 
 
-def write(root: Path, *, variant: str, revision: str | None, tools: Mapping[str, str] | None = None) -> dict[str, Any]:
+def write(
+    root: Path,
+    *,
+    variant: str,
+    revision: str | None,
+    tools: Mapping[str, str] | None = None,
+    entry: str | None = None,
+) -> dict[str, Any]:
+    """Mark ``root`` complete. ``entry``: the file a server is pointed at, relative to ``root``."""
     files = [
         {"path": str(p.relative_to(root)), "size": p.stat().st_size, "sha256": _file_digest(p)}
         for p in listed_files(root)
@@ -57,6 +65,7 @@ def write(root: Path, *, variant: str, revision: str | None, tools: Mapping[str,
         "files": files,
         "tools": {"kimi-operator": __version__, "python": platform.python_version(), **(tools or {})},
         "created": now_rfc3339(),
+        **({"entry": entry} if entry is not None else {}),
     }
     partial = root / (MANIFEST + ".partial")
     partial.write_text(json.dumps(manifest, indent=2) + "\n")

@@ -2,8 +2,10 @@
 completion manifest says it is already done.
 
 Layout under ``--root``: ``int4/`` (the checkpoint as shipped), ``bf16/`` (routed experts in BF16,
-for training), ``cpu-int8/`` and ``cpu-int4/`` (kt-kernel CPU expert weights, for serving). A
-directory counts only once its ``manifest.json`` exists (written last). Free disk is checked
+for training), ``cpu-int8/`` and ``cpu-int4/`` (kt-kernel CPU expert weights, for serving),
+``gguf/<quantization>/`` (one quantization of a GGUF repository, for llama.cpp; its manifest names
+the file to load as ``entry``). A directory counts only once its ``manifest.json`` exists (written
+last). Free disk is checked
 before the download and again before each conversion. Failures exit with the codes in
 ``kimi_operator.api.exitcodes`` and leave the reason in the pod's termination message.
 """
@@ -23,11 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kimi_operator.api.exitcodes import PrepareExit, WorkloadExit
-from kimi_operator.api.kimimodel import Variant
+from kimi_operator.api.kimimodel import FROM_CHECKPOINT, Variant
 from kimi_operator.kubeconfig import load_client
 from kimi_operator.workloads import hub, manifest, termination
 from kimi_operator.workloads.diskspace import InsufficientDisk, require_free
-from kimi_operator.workloads.prepare import convert
+from kimi_operator.workloads.prepare import convert, gguf
 from kimi_operator.workloads.prepare.checkpoint import CheckpointError, open_checkpoint
 from kimi_operator.workloads.report import Reporter, StatusWriter
 from kimi_operator.workloads.termination import WorkloadError
@@ -50,6 +52,11 @@ class Request:
     download_concurrency: int = 8
     threads: int = 1
     threadpool_count: int = 1
+    gguf_repo: str | None = None
+    gguf_revision: str | None = None
+    gguf_quantization: str | None = None
+    gguf_endpoint: str | None = None
+    gguf_token: str | None = None
 
 
 def _int4_dir(req: Request) -> Path:
@@ -60,6 +67,47 @@ def _complete(directory: Path, revision: str | None) -> bool:
     """Complete when the manifest exists, names the same revision and every file has its size."""
     record = manifest.read(directory)
     return record is not None and record.get("revision") == revision and manifest.verify(directory, deep=False) == []
+
+
+def _fetch(
+    req: Request,
+    report: Reporter,
+    *,
+    repo: str,
+    sha: str,
+    target: Path,
+    files: list[hub.RemoteFile],
+    token: str | None,
+    endpoint: str | None,
+) -> None:
+    """Download ``files`` into ``target`` (resuming what is there) and verify every one; a file that
+    fails verification is fetched once more before giving up."""
+    total = sum(f.size for f in files)
+    present = sum(f.size for f in files if (target / f.path).exists() and (target / f.path).stat().st_size == f.size)
+    report("DiskCheck", 0, 1)
+    require_free(req.root, total - present, what="download")
+    target.mkdir(parents=True, exist_ok=True)
+    for attempt in range(2):
+        hub.download(
+            repo,
+            sha,
+            target,
+            files,
+            token=token,
+            endpoint=endpoint,
+            max_workers=req.download_concurrency,
+            on_progress=lambda done, all_: report("Downloading", done, all_),
+        )
+        report("Verifying", 0, total)
+        problems = hub.verify(target, files)
+        report("Verifying", total, total)
+        if not problems:
+            return
+        if attempt == 1:
+            raise WorkloadError(PrepareExit.CORRUPT_FILE, "; ".join(problems))
+        bad = {f.path for f in files if any(p.startswith(f"{target / f.path}:") for p in problems)}
+        for path in bad:
+            (target / path).unlink(missing_ok=True)
 
 
 def download(req: Request, report: Reporter) -> str | None:
@@ -74,36 +122,38 @@ def download(req: Request, report: Reporter) -> str | None:
     target = req.root / "int4"
     if _complete(target, sha):
         return sha
-    total = sum(f.size for f in files)
-    present = sum(f.size for f in files if (target / f.path).exists() and (target / f.path).stat().st_size == f.size)
-    report("DiskCheck", 0, 1)
-    require_free(req.root, total - present, what="download")
-    target.mkdir(parents=True, exist_ok=True)
-    for attempt in range(2):
-        hub.download(
-            req.repo,
-            sha,
-            target,
-            files,
-            token=req.token,
-            endpoint=req.endpoint,
-            max_workers=req.download_concurrency,
-            on_progress=lambda done, all_: report("Downloading", done, all_),
-        )
-        report("Verifying", 0, total)
-        problems = hub.verify(target, files)
-        report("Verifying", total, total)
-        if not problems:
-            break
-        if attempt == 1:
-            raise WorkloadError(PrepareExit.CORRUPT_FILE, "; ".join(problems))
-        # Files that fail verification are fetched once more before giving up.
-        bad = {f.path for f in files if any(p.startswith(f"{target / f.path}:") for p in problems)}
-        for path in bad:
-            (target / path).unlink(missing_ok=True)
+    _fetch(req, report, repo=req.repo, sha=sha, target=target, files=files, token=req.token, endpoint=req.endpoint)
     open_checkpoint(target)
     manifest.write(target, variant="native-int4", revision=sha)
     return sha
+
+
+def download_gguf(req: Request, report: Reporter) -> None:
+    """The files of one quantization of the GGUF repository, under ``gguf/<quantization>/``."""
+    assert req.gguf_repo is not None
+    assert req.gguf_revision is not None
+    assert req.gguf_quantization is not None
+    quant = req.gguf_quantization
+    sha, listed = hub.resolve(req.gguf_repo, req.gguf_revision, token=req.gguf_token, endpoint=req.gguf_endpoint)
+    files = gguf.select(req.gguf_repo, listed, quant)
+    target = req.root / "gguf" / quant
+    if _complete(target, sha):
+        return
+    # A quantization kept in a directory of its own lands in target as it is named in the repository.
+    nested = all(f.path.startswith(f"{quant}/") for f in files)
+    destination = target.parent if nested else target
+    _fetch(
+        req,
+        report,
+        repo=req.gguf_repo,
+        sha=sha,
+        target=destination,
+        files=files,
+        token=req.gguf_token,
+        endpoint=req.gguf_endpoint,
+    )
+    first = gguf.entry(files)
+    manifest.write(target, variant="gguf", revision=sha, entry=first.removeprefix(f"{quant}/") if nested else first)
 
 
 def to_bf16(req: Request, revision: str | None, report: Reporter) -> None:
@@ -176,6 +226,12 @@ def to_cpu(req: Request, variant: Variant, revision: str | None, report: Reporte
 
 
 def run(req: Request, report: Reporter) -> None:
+    if "gguf" in req.variants:
+        download_gguf(req, report)
+    if not any(v in FROM_CHECKPOINT for v in req.variants):
+        # The guide's GGUF path: llama.cpp needs none of the INT4 checkpoint's 600 GB.
+        report("Done", 1, 1)
+        return
     revision = download(req, report)
     wants_bf16 = "bf16" in req.variants or any(v in CPU_METHODS for v in req.variants)
     if wants_bf16:
@@ -206,7 +262,7 @@ def exit_code(exc: Exception) -> WorkloadExit | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kimi-operator prepare", description=__doc__)
     parser.add_argument("--root", type=Path, required=True, help="directory of this model on the node")
-    parser.add_argument("--variants", required=True, help="comma-separated: bf16,cpu-int8,cpu-int4,native-int4")
+    parser.add_argument("--variants", required=True, help="comma-separated: bf16,cpu-int8,cpu-int4,native-int4,gguf")
     parser.add_argument("--repo", help="hub repository id")
     parser.add_argument("--revision", help="revision to download (resolved to a commit sha)")
     parser.add_argument("--endpoint", help="hub endpoint (a mirror)")
@@ -214,6 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--download-concurrency", type=int, default=8)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("PREPARE_THREADS") or os.cpu_count() or 1))
     parser.add_argument("--threadpool-count", type=int, default=1, help="NUMA sub-pools of the CPU converter")
+    parser.add_argument("--gguf-repo", help="GGUF repository id (the gguf variant)")
+    parser.add_argument("--gguf-revision", help="revision of --gguf-repo")
+    parser.add_argument("--gguf-quantization", help="the quantization of --gguf-repo to download")
+    parser.add_argument("--gguf-endpoint", help="hub endpoint of --gguf-repo (a mirror)")
     parser.add_argument("--report", help="namespace/name of the KimiModel whose status gets this node's progress")
     parser.add_argument("--node", default=os.environ.get("NODE_NAME"), help="this node's name")
     args = parser.parse_args(argv)
@@ -222,9 +282,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.repo is None) == (args.source_path is None):
         parser.error("give exactly one of --repo (with --revision) or --source-path")
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in ("bf16", "cpu-int8", "cpu-int4", "native-int4")]
+    unknown = [v for v in variants if v not in (*FROM_CHECKPOINT, "gguf")]
     if unknown:
         parser.error(f"unknown variants: {', '.join(unknown)}")
+    if ("gguf" in variants) != bool(args.gguf_repo and args.gguf_revision and args.gguf_quantization):
+        parser.error("the gguf variant needs --gguf-repo, --gguf-revision and --gguf-quantization, and only it")
     req = Request(
         root=args.root,
         variants=variants,
@@ -237,6 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         download_concurrency=args.download_concurrency,
         threads=max(1, args.threads),
         threadpool_count=args.threadpool_count,
+        gguf_repo=args.gguf_repo,
+        gguf_revision=args.gguf_revision,
+        gguf_quantization=args.gguf_quantization,
+        gguf_endpoint=args.gguf_endpoint,
+        # A token of its own (a secretKeyRef of spec.gguf), from the environment too.
+        gguf_token=os.environ.get("HF_TOKEN_GGUF") or None,
     )
     writer = None
     if args.report:
