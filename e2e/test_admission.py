@@ -65,6 +65,16 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.gguf is required with the gguf variant",
     ),
     (
+        "km-gguf-without-variant",
+        vary(
+            KIMI_MODEL,
+            "spec.gguf",
+            {"huggingFace": {"repo": "unsloth/Kimi-K2.5-GGUF", "revision": "abc"}, "quantization": "UD-TQ1_0"},
+        ),
+        "spec.gguf",
+        "spec.gguf is required with the gguf variant, and only with it",
+    ),
+    (
         "km-gguf-bad-quantization",
         vary(
             vary(KIMI_MODEL, "spec.variants", ["gguf"]),

@@ -224,12 +224,13 @@ def test_each_adapter_through_the_router_gives_transformers_own_tokens(
     assert direct() != expected["base"]["text"]
 
 
-def test_the_modules_the_export_says_llama_cpp_drops_are_the_ones_a_real_server_drops(
+def test_the_rendered_server_drops_exactly_the_modules_the_export_names(
     llamacpp: Path, train_python: str, tmp_path: Path
 ) -> None:
-    """On a tiny Kimi-shaped (DeepSeek-V3, MLA) model, one adapter per kind of module: the export's
-    reading of each (``status.adapter.llamacppDroppedModules``) against what llama.cpp's own
-    converter and server do with it. Every adapter changes transformers + PEFT's answer; llama-server
+    """llama-server started with the command line the operator renders, on a tiny Kimi-shaped
+    (DeepSeek-V3, MLA) model, one adapter per kind of module: the export's reading of each
+    (``status.adapter.llamacppDroppedModules``) against what llama.cpp's own converter and server
+    do with it. Every adapter changes transformers + PEFT's answer; llama-server
     gives PEFT's answer for the ones the export says it applies, the base model's for the ones it
     says are dropped, and its converter refuses the one it says cannot be converted."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -280,13 +281,19 @@ def test_the_modules_the_export_says_llama_cpp_drops_are_the_ones_a_real_server_
     host = "127.0.0.72"
     port = free_port(host)
     names = sorted(converted)
+    # The engine's command line as the operator renders it (the guide's defaults: experts in RAM,
+    # Jinja, Kimi's sampling), here on a CPU build with one thread and a small context.
+    options = llamacpp_facts.ServerOptions(
+        model=str(tmp_path / "base.gguf"),
+        alias=SERVED,
+        adapters=tuple(str(converted[n]) for n in names),
+        context_size=512,
+        threads=1,
+        host=host,
+        port=port,
+    )
     engine = Process(
-        [
-            *(str(llamacpp / "bin" / "llama-server"), "-m", str(tmp_path / "base.gguf")),
-            *("--lora-scaled", ",".join(f"{converted[n]}:0" for n in names)),
-            *("--host", host, "--port", str(port), "-c", "512", "-np", "1", "-t", "1", "--no-cache-prompt"),
-        ],
-        tmp_path / "llama-server.log",
+        [str(llamacpp / "bin" / "llama-server"), *llamacpp_facts.server_args(options)], tmp_path / "llama-server.log"
     )
     try:
         wait_for(lambda: not engine.alive() or get(f"http://{host}:{port}/health")[0] == 200, 60, "llama-server")
@@ -298,7 +305,8 @@ def test_the_modules_the_export_says_llama_cpp_drops_are_the_ones_a_real_server_
             # Always the full list of ids: one left out would run at its start scale.
             lora = [{"id": i, "scale": 1.0 if i == ids.get(name or "") else 0.0} for i in sorted(ids.values())]
             body = {"prompt": references["prompt"], "n_predict": len(base["tokens"]), "temperature": 0}
-            body.update(ignore_eos=True, return_tokens=True, n_probs=1, lora=lora)
+            # As the router sends it: the slot's prompt cache would restore another adapter's prefix.
+            body.update(ignore_eos=True, return_tokens=True, n_probs=1, lora=lora, cache_prompt=False)
             request = urllib.request.Request(
                 f"http://{host}:{port}/completion",
                 data=json.dumps(body).encode(),

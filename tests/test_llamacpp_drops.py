@@ -41,3 +41,21 @@ def test_every_dropped_kind_has_a_reason() -> None:
     assert "cannot convert" in llamacpp.why("kv_b_proj")
     assert "ignores" in llamacpp.why("q_a_proj")
     assert "not a module" in llamacpp.why("q_proj")
+
+
+def test_the_server_starts_with_every_adapter_at_scale_zero_and_the_guides_defaults() -> None:
+    args = llamacpp.server_args(
+        llamacpp.ServerOptions(model="/m/UD-TQ1_0/k-00001-of-00005.gguf", alias="kimi-k2.5", adapters=("/c/a", "/c/b"))
+    )
+    assert args[:4] == ["-m", "/m/UD-TQ1_0/k-00001-of-00005.gguf", "--alias", "kimi-k2.5"]
+    # Never --lora-init-without-apply: a request without a lora list would run every adapter at 1.
+    assert args[args.index("--lora-scaled") + 1] == "/c/a:0,/c/b:0"
+    assert "--lora-init-without-apply" not in args
+    assert "--cpu-moe" in args
+    assert [args[args.index(flag) + 1] for flag in ("--temp", "--top-p", "--min-p")] == ["1.0", "0.95", "0.01"]
+    some = llamacpp.server_args(llamacpp.ServerOptions(model="/m", alias="k", cpu_moe_layers=20, threads=8))
+    assert some[some.index("--n-cpu-moe") + 1] == "20"
+    assert some[some.index("-t") + 1] == "8"
+    assert "--lora-scaled" not in some
+    with pytest.raises(ValueError, match="cannot carry"):
+        llamacpp.server_args(llamacpp.ServerOptions(model="/m", alias="k", adapters=("/c/a,b",)))

@@ -12,7 +12,7 @@ import pytest
 from huggingface_hub import constants
 
 from kimi_operator.api.exitcodes import PrepareExit
-from kimi_operator.api.kimimodel import KimiModelSpec
+from kimi_operator.api.kimimodel import KimiModelSpec, KimiModelStatus
 from kimi_operator.render import kimimodel as render
 from kimi_operator.workloads import manifest
 from kimi_operator.workloads.hub import RemoteFile
@@ -99,6 +99,8 @@ def test_only_the_chosen_quantization_is_downloaded_resumed_verified_and_marked(
     assert code == 0, err
     steps = [e["step"] for e in events]
     assert steps.index("DiskCheck") < steps.index("Downloading") < steps.index("Verifying") < steps.index("Done")
+    # The GGUF repository's commit is what status reports for it (resolvedGgufRevision).
+    assert {e.get("ggufRevision") for e in events if e["step"] != "DiskCheck"} == {sha}
     # The connection dropped inside the first part: it went on from the bytes it had.
     assert server.ranges(GGUF_REPO, FIRST) == [f"bytes={constants.DOWNLOAD_CHUNK_SIZE}-"]
     for path in OTHERS:
@@ -134,27 +136,59 @@ def test_a_missing_quantization_fails_the_pod_with_its_code_before_any_download(
     assert all(server.gets(GGUF_REPO, path) == [] for path in (FIRST, SECOND, *OTHERS))
 
 
-def test_the_prepare_job_names_the_quantization_and_passes_its_token_by_the_environment() -> None:
-    spec = KimiModelSpec.model_validate(
+def test_a_single_file_quantization_lands_in_its_own_directory(
+    hub_with_gguf: tuple[FakeHub, str, dict[str, bytes]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, _, files = hub_with_gguf
+    root = tmp_path / "m"
+    code, _, err = run(capsys, *args(root, server, "Q8_0"))
+    assert code == 0, err
+    target = root / "gguf" / "Q8_0"
+    assert (target / "Kimi-K2.5-Q8_0.gguf").read_bytes() == files["Kimi-K2.5-Q8_0.gguf"]
+    assert manifest.read(target)["entry"] == "Kimi-K2.5-Q8_0.gguf"  # type: ignore[index]
+    assert server.gets(GGUF_REPO, FIRST) == []
+
+
+def gguf_spec(quantization: str = "UD-TQ1_0", variants: tuple[str, ...] = ("gguf",)) -> KimiModelSpec:
+    return KimiModelSpec.model_validate(
         {
-            "source": {"huggingFace": {"repo": INT4_REPO, "revision": "abc"}},
+            "source": {"path": {"path": "/models/kimi-int4"}},
             "placement": {"nodeNames": ["n1"]},
             "storage": {"hostPath": "/mnt/nvme/kimi"},
-            "variants": ["gguf"],
+            "variants": list(variants),
             "gguf": {
                 "huggingFace": {
                     "repo": GGUF_REPO,
                     "revision": "def",
                     "tokenSecretRef": {"name": "hf", "key": "token"},
                 },
-                "quantization": "UD-TQ1_0",
+                "quantization": quantization,
             },
         }
     )
+
+
+def test_the_prepare_job_names_the_quantization_and_passes_its_token_by_the_environment() -> None:
     owner = render.owner("ml", "kimi", "uid-1")
-    container = render.prepare_job(owner, spec, "n1", image="p:1")["spec"]["template"]["spec"]["containers"][0]
+    job = render.prepare_job(owner, gguf_spec(), "n1", image="p:1")
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
     assert "--variants=gguf" in container["args"]
     for arg in (f"--gguf-repo={GGUF_REPO}", "--gguf-revision=def", "--gguf-quantization=UD-TQ1_0"):
         assert arg in container["args"]
     token = {"name": "HF_TOKEN_GGUF", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
     assert token in container["env"]
+    # gguf alone: nothing of the INT4 checkpoint, not even its directory (which may not exist there).
+    assert not [a for a in container["args"] if a.startswith(("--repo=", "--source-path="))]
+    assert "source" not in {v["name"] for v in pod["volumes"]}
+    both = render.prepare_job(owner, gguf_spec(variants=("gguf", "bf16")), "n1", image="p:1")
+    assert "--source-path=" + render.SOURCE_MOUNT in both["spec"]["template"]["spec"]["containers"][0]["args"]
+    # Another quantization (spec.gguf dropped and set anew) is another Job, not the finished one.
+    other = render.prepare_job(owner, gguf_spec("UD-Q2_K_XL"), "n1", image="p:1")
+    assert other["metadata"]["name"] != job["metadata"]["name"]
+
+
+def test_a_node_holding_every_variant_fits_the_status() -> None:
+    every = ["bf16", "cpu-int8", "cpu-int4", "native-int4", "gguf"]
+    status = KimiModelStatus.model_validate({"nodes": [{"name": "n1", "phase": "Ready", "variants": every}]})
+    assert status.nodes[0].variants == every

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import ConfigDict, Field
 
@@ -28,6 +28,7 @@ SHORT_NAMES = ("km",)
 Variant = Literal["bf16", "cpu-int8", "cpu-int4", "native-int4", "gguf"]
 # The variants made from the INT4 checkpoint: a model asking for none of them never downloads it.
 FROM_CHECKPOINT: tuple[Variant, ...] = ("bf16", "cpu-int8", "cpu-int4", "native-int4")
+VARIANTS = len(get_args(Variant))
 
 _REPO_ID = r"^[A-Za-z0-9][-A-Za-z0-9_.]*/[A-Za-z0-9][-A-Za-z0-9_.]*$"
 
@@ -40,10 +41,10 @@ class HuggingFaceSource(ApiModel):
     )
     revision: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\s]+$")] = Field(
         description=(
-            "Revision to download: a commit sha (recommended) or a tag/branch, resolved once to a commit "
-            "sha recorded in status.resolvedRevision. Immutable."
+            "Revision to download: a commit sha (recommended) or a tag/branch, resolved to a commit sha "
+            "recorded in status (resolvedRevision, resolvedGgufRevision for spec.gguf). Immutable."
         ),
-        json_schema_extra={"x-kubernetes-validations": [immutable("spec.source.huggingFace.revision")]},
+        json_schema_extra={"x-kubernetes-validations": [immutable("the revision")]},
     )
     token_secret_ref: SecretKeyRef | None = Field(
         default=None,
@@ -136,7 +137,13 @@ class KimiModelSpec(ApiModel):
                     "('gguf' in self.variants) == has(self.gguf)",
                     "spec.gguf is required with the gguf variant, and only with it",
                     field_path=".gguf",
-                )
+                ),
+                # Once set, for good: a field-level rule would let it be removed and set again.
+                cel(
+                    "!has(oldSelf.gguf) || (has(self.gguf) && self.gguf == oldSelf.gguf)",
+                    "spec.gguf is immutable once set; create a new object to change it",
+                    field_path=".gguf",
+                ),
             ]
         }
     )
@@ -169,7 +176,7 @@ class KimiModelSpec(ApiModel):
             ]
         },
     )
-    variants: Annotated[list[Variant], Field(min_length=1, max_length=5)] = Field(
+    variants: Annotated[list[Variant], Field(min_length=1, max_length=VARIANTS)] = Field(
         default_factory=lambda: list[Variant](["bf16", "cpu-int8"]),
         description=(
             "Weight variants each node must hold: bf16 (training), cpu-int8 / cpu-int4 (kt-kernel CPU "
@@ -178,11 +185,7 @@ class KimiModelSpec(ApiModel):
         ),
         json_schema_extra={"x-kubernetes-list-type": "set"},
     )
-    gguf: GgufSource | None = Field(
-        default=None,
-        description="Where the gguf variant comes from. Immutable.",
-        json_schema_extra={"x-kubernetes-validations": [immutable("spec.gguf")]},
-    )
+    gguf: GgufSource | None = Field(default=None, description="Where the gguf variant comes from. Immutable once set.")
     storage: Storage = Field(
         description=(
             "Node-local directory for the files. Immutable: training and serving pods mount it, and cleanup removes it."
@@ -221,6 +224,9 @@ class NodeProgress(ApiModel):
     revision: Annotated[str, Field(max_length=64)] | None = Field(
         default=None, description="Commit sha the pod resolved the requested revision to."
     )
+    gguf_revision: Annotated[str, Field(max_length=64)] | None = Field(
+        default=None, description="Commit sha the pod resolved spec.gguf's revision to."
+    )
     update_time: Annotated[str, Field(max_length=64)] = Field(
         description="When the pod last reported (RFC 3339).", json_schema_extra={"format": "date-time"}
     )
@@ -231,7 +237,7 @@ class NodeStatus(ApiModel):
 
     name: ObjectName = Field(description="Node name.")
     phase: NodePhase = Field(description="Where preparation on this node stands.")
-    variants: Annotated[list[Variant], Field(max_length=4)] = Field(
+    variants: Annotated[list[Variant], Field(max_length=VARIANTS)] = Field(
         default_factory=list, description="Variants verified complete on this node."
     )
     job: Annotated[str, Field(max_length=63)] | None = Field(default=None, description="The prepare Job of this node.")
@@ -246,6 +252,9 @@ class KimiModelStatus(BaseStatus):
 
     resolved_revision: Annotated[str, Field(max_length=64)] | None = Field(
         default=None, description="Commit sha the requested revision resolved to."
+    )
+    resolved_gguf_revision: Annotated[str, Field(max_length=64)] | None = Field(
+        default=None, description="Commit sha spec.gguf's revision resolved to."
     )
     ready_nodes: Annotated[int, Field(ge=0)] | None = Field(
         default=None, description="Number of nodes holding every requested variant."

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from kimi_operator.api.conditions import Reason, Verdict
@@ -169,16 +169,22 @@ def reconcile(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: Kim
     ready = sorted(n.name for n in nodes if n.phase == "Ready")
     _sync_labels(kube, label, set(ready))
     verdict = _verdict(spec, ready, chosen, ineligible, stalled)
-    revision = next(
-        (p["progress"]["revision"] for p in previous.values() if (p.get("progress") or {}).get("revision")), None
-    )
     status: dict[str, Any] = {
         "readyNodes": len(ready),
         "nodes": [n.to_wire() for n in nodes],
     }
-    if revision:
-        status["resolvedRevision"] = revision
+    status.update(_resolved(previous.values()))
     return Observed(verdict, status)
+
+
+def _resolved(nodes: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """The commits the prepare pods resolved the requested revisions to, as they reported them."""
+    resolved = {}
+    for field, key in (("revision", "resolvedRevision"), ("ggufRevision", "resolvedGgufRevision")):
+        found = next((n["progress"][field] for n in nodes if (n.get("progress") or {}).get(field)), None)
+        if found:
+            resolved[key] = found
+    return resolved
 
 
 def _job_selector(name: str) -> str:

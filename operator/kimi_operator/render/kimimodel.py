@@ -13,7 +13,7 @@ from typing import Any
 
 from kimi_operator.api.base import GROUP
 from kimi_operator.api.exitcodes import PrepareExit
-from kimi_operator.api.kimimodel import KIND, PLURAL, KimiModelSpec, Variant
+from kimi_operator.api.kimimodel import FROM_CHECKPOINT, KIND, PLURAL, GgufSource, KimiModelSpec, Variant
 from kimi_operator.render import cleanup
 from kimi_operator.render.jobs import pinned, workload_job
 from kimi_operator.render.kimimodel_paths import MOUNT, NODE_LABEL, model_dir
@@ -73,9 +73,13 @@ def ineligible_reason(node: NodeFacts, spec: KimiModelSpec) -> str | None:
     return None
 
 
-def job_name(model: str, node: str, variants: Sequence[Variant]) -> str:
-    """One name per (node, variants): a spec asking for other variants gets a new Job."""
-    digest = hashlib.sha256(f"{node}/{','.join(sorted(variants))}".encode()).hexdigest()[:8]
+def job_name(model: str, node: str, variants: Sequence[Variant], gguf: GgufSource | None = None) -> str:
+    """One name per (node, variants, GGUF quantization): a spec asking for other variants, or for
+    another quantization after spec.gguf was dropped and set anew, gets a new Job."""
+    what = f"{node}/{','.join(sorted(variants))}"
+    if gguf is not None:
+        what += f"/{gguf.hugging_face.repo}@{gguf.hugging_face.revision}/{gguf.quantization}"
+    digest = hashlib.sha256(what.encode()).hexdigest()[:8]
     return f"{model[: 63 - len('-prepare-') - 8]}-prepare-{digest}"
 
 
@@ -90,7 +94,7 @@ def prepare_rbac(owner: Owner) -> list[dict[str, Any]]:
 
 def prepare_job(owner: Owner, spec: KimiModelSpec, node: str, *, image: str) -> dict[str, Any]:
     """The Job that downloads, verifies and converts the weights on one node."""
-    name = job_name(owner.name, node, spec.variants)
+    name = job_name(owner.name, node, spec.variants, spec.gguf)
     labels = {**common(KIND, owner.name, "prepare"), NODE_LABEL: bounded(node)}
     args = [
         "prepare",
@@ -109,7 +113,10 @@ def prepare_job(owner: Owner, spec: KimiModelSpec, node: str, *, image: str) -> 
         {"name": "models", "hostPath": {"path": spec.storage.host_path, "type": "DirectoryOrCreate"}}
     ]
     mounts: list[dict[str, Any]] = [{"name": "models", "mountPath": MOUNT}]
-    hub = spec.source.hugging_face
+    # The guide's GGUF path alone reads nothing of the INT4 checkpoint: neither its repository nor
+    # its directory (a hostPath of type Directory would keep the pod from starting without it).
+    checkpoint = any(v in FROM_CHECKPOINT for v in spec.variants)
+    hub = spec.source.hugging_face if checkpoint else None
     if hub is not None:
         args += [f"--repo={hub.repo}", f"--revision={hub.revision}"]
         if hub.endpoint:
@@ -122,7 +129,7 @@ def prepare_job(owner: Owner, spec: KimiModelSpec, node: str, *, image: str) -> 
                     "valueFrom": {"secretKeyRef": {"name": hub.token_secret_ref.name, "key": hub.token_secret_ref.key}},
                 }
             )
-    elif spec.source.path is not None:
+    elif checkpoint and spec.source.path is not None:
         args.append(f"--source-path={SOURCE_MOUNT}")
         volumes.append({"name": "source", "hostPath": {"path": spec.source.path.path, "type": "Directory"}})
         mounts.append({"name": "source", "mountPath": SOURCE_MOUNT, "readOnly": True})

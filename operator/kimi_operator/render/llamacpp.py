@@ -6,10 +6,13 @@ the shared experts (token-exact against transformers + PEFT). The MLA projection
 attention are converted and loaded but take no effect; ``kv_b_proj`` cannot be converted at all
 (``convert_lora_to_gguf.py`` fails in its transpose); routed-expert LoRA has no tested path. A
 llama.cpp server would drop all of those without a word, so they are named before it runs.
+
+Also llama-server's command line for an engine (``server_args``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable
 
@@ -42,3 +45,55 @@ def dropped_modules(modules: Iterable[str]) -> list[str]:
 def why(name: str) -> str:
     """The reason a dropped kind is dropped, for messages."""
     return DROPPED.get(name, "not a module llama.cpp is known to apply LoRA to")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptions:
+    """What a llama-server engine is started with.
+
+    Defaults are the guide's for Kimi K2.5 on a host with less RAM than the INT4 checkpoint needs:
+    every layer offloaded to the GPUs but the routed experts kept in RAM, a 16k context, Jinja chat
+    templates, and Kimi's recommended sampling (temperature 1.0, top-p 0.95, min-p 0.01), which a
+    request overrides field by field.
+    """
+
+    model: str  # the quantization's first split file; llama.cpp finds the other parts beside it
+    alias: str  # the served model name clients send
+    adapters: tuple[str, ...] = ()  # GGUF LoRA files, in the order of their ids
+    context_size: int = 16384
+    threads: int | None = None  # None: llama.cpp's own choice
+    parallel: int = 4
+    gpu_layers: int = 999
+    cpu_moe_layers: int | None = None  # None: every layer's experts in RAM; N: the first N layers'
+    temperature: float = 1.0
+    top_p: float = 0.95
+    min_p: float = 0.01
+    host: str = "0.0.0.0"  # noqa: S104 (a pod's server: its IP is the pod's own)
+    port: int = 8080
+
+
+def server_args(options: ServerOptions) -> list[str]:
+    """llama-server's command line (after the program).
+
+    Adapters start at scale 0 (``--lora-scaled``): with ``--lora-init-without-apply`` instead, a
+    request without a ``lora`` list would run with every adapter at scale 1. The router sends each
+    request the full list of ids, the chosen one at 1.
+    """
+    for path in options.adapters:
+        if "," in path or ":" in path:
+            # --lora-scaled separates files by commas and a file from its scale by a colon.
+            raise ValueError(f"adapter path {path!r}: llama-server's --lora-scaled cannot carry ',' or ':'")
+    args = [
+        *("-m", options.model, "--alias", options.alias),
+        *("--host", options.host, "--port", str(options.port)),
+        *("-c", str(options.context_size), "-np", str(options.parallel), "-ngl", str(options.gpu_layers)),
+        *(["--cpu-moe"] if options.cpu_moe_layers is None else ["--n-cpu-moe", str(options.cpu_moe_layers)]),
+        "--jinja",
+        *("--temp", str(options.temperature), "--top-p", str(options.top_p), "--min-p", str(options.min_p)),
+        "--metrics",
+    ]
+    if options.threads is not None:
+        args += ["-t", str(options.threads)]
+    if options.adapters:
+        args += ["--lora-scaled", ",".join(f"{path}:0" for path in options.adapters)]
+    return args

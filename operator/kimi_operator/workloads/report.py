@@ -45,7 +45,15 @@ class Rate:
         return (done - first_done) / (now - first_t) if now > first_t else None
 
 
-def progress(step: PrepareStep, done: int, total: int, rate: float | None, revision: str | None) -> NodeProgress:
+def progress(
+    step: PrepareStep,
+    done: int,
+    total: int,
+    rate: float | None,
+    revision: str | None,
+    *,
+    gguf_revision: str | None = None,
+) -> NodeProgress:
     eta = _hms((total - done) / rate) if rate and rate > 0 and total >= done else None
     return NodeProgress(
         step=step,
@@ -55,6 +63,7 @@ def progress(step: PrepareStep, done: int, total: int, rate: float | None, revis
         bytes_per_second=int(rate) if rate is not None else None,
         eta=eta,
         revision=revision,
+        gguf_revision=gguf_revision,
         update_time=now_rfc3339(),
     )
 
@@ -118,6 +127,7 @@ class Reporter:
         self.writer = writer
         self.rate = Rate(clock=clock)
         self.revision: str | None = None
+        self.gguf_revision: str | None = None
         self._last: tuple[float, str] | None = None
         self.failures = 0
 
@@ -129,7 +139,7 @@ class Reporter:
         if not boundary and self._last is not None and now - self._last[0] < self.min_interval:
             return
         self._last = (now, step)
-        record = progress(step, done, total, rate, self.revision)
+        record = progress(step, done, total, rate, self.revision, gguf_revision=self.gguf_revision)
         self._print(record)
         if self.writer is not None:
             try:

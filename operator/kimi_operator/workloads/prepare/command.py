@@ -135,6 +135,7 @@ def download_gguf(req: Request, report: Reporter) -> None:
     assert req.gguf_quantization is not None
     quant = req.gguf_quantization
     sha, listed = hub.resolve(req.gguf_repo, req.gguf_revision, token=req.gguf_token, endpoint=req.gguf_endpoint)
+    report.gguf_revision = sha
     files = gguf.select(req.gguf_repo, listed, quant)
     target = req.root / "gguf" / quant
     if _complete(target, sha):
@@ -279,9 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # The pod's log says which dequantization kernel ran (native, or numpy and why).
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    if (args.repo is None) == (args.source_path is None):
-        parser.error("give exactly one of --repo (with --revision) or --source-path")
     variants = [v for v in args.variants.split(",") if v]
+    if args.repo is not None and args.source_path is not None:
+        parser.error("give one of --repo (with --revision) or --source-path, not both")
+    if (args.repo is None and args.source_path is None) and any(v in FROM_CHECKPOINT for v in variants):
+        parser.error("the checkpoint's variants need --repo (with --revision) or --source-path")
     unknown = [v for v in variants if v not in (*FROM_CHECKPOINT, "gguf")]
     if unknown:
         parser.error(f"unknown variants: {', '.join(unknown)}")

@@ -25,7 +25,7 @@ _FIRST_SPLIT = re.compile(r"-00001-of-\d{5}\.gguf$")
 def _quantization(path: str) -> str | None:
     """The quantization a repository file belongs to, or None for anything that is not model weights
     (a multimodal projector, a README, a file of another format)."""
-    if not path.endswith(".gguf") or path.rsplit("/", 1)[-1].startswith("mmproj"):
+    if not path.endswith(".gguf") or "mmproj" in path.rsplit("/", 1)[-1]:
         return None
     if "/" in path:
         return path.split("/", 1)[0]
