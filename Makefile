@@ -177,9 +177,11 @@ bench-convert: venv oracle-env
 
 # Our router against sglang-router 0.3.2 and direct calls, in front of the same SGLang stand-ins with a
 # fixed time per token, at concurrency 1, 64 and 256 (about 8 minutes on 2 cores).
-bench-router: venv train-env bench-router-env
+bench-router: venv train-env bench-router-env llamacpp
 	$(PY) e2e/bench/bench_router.py --work $(CACHE)/bench-router --out bench-results/router.json \
 		--train-python $(TRAIN_VENV)/bin/python --sglang-router-python $(BENCH_ROUTER_VENV)/bin/python
+	$(PY) e2e/bench/bench_llamacpp.py --work $(CACHE)/bench-llamacpp --out bench-results/router-llamacpp.json \
+		--train-python $(TRAIN_VENV)/bin/python --llamacpp $(LLAMACPP)
 
 cluster-up: venv
 	$(KO) dev-cluster up --dir $(CLUSTER_DIR) --crds crds

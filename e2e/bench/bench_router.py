@@ -53,7 +53,7 @@ from typing import Any
 
 import aiohttp
 import yaml
-from benchlib import free_port, parse_levels, pct, proc_memory
+from benchlib import Proc, free_port, parse_levels, pct, start
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINES_DIR = ROOT / "e2e" / "engines"
@@ -66,7 +66,6 @@ CONFIGS = ("direct", "ours", "sglang-rr", "sglang-manual")
 ROUTING_KEY = "X-SMG-Routing-Key"  # sglang-router's manual policy (src/routers/header_utils.rs)
 PROMPT = [{"role": "user", "content": "hello world"}]
 NEVER_LOADED = "never been loaded"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc CPU times come in these (10 ms on Linux)
 IDLE_S = 10
 
 
@@ -76,55 +75,6 @@ def model_name(target: str | None) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Processes
-
-
-@dataclasses.dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def cpu_times(self) -> tuple[float, float]:
-        """User and system time of the process and all its threads so far, seconds."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
-
-    def cpu_seconds(self) -> float:
-        return sum(self.cpu_times())
-
-    def memory(self) -> dict[str, int]:
-        """VmRSS (now) and VmHWM (peak), bytes."""
-        return proc_memory(self.pid)
-
-    def stop(self) -> None:
-        if self.alive():
-            self.popen.terminate()
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-
-    def tail(self, chars: int = 3000) -> str:
-        with contextlib.suppress(OSError):
-            return self.log.read_text(errors="replace")[-chars:]
-        return ""
-
-
-def start(name: str, argv: list[str], work: Path, env: dict[str, str] | None = None) -> Proc:
-    log = work / "logs" / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("wb") as out:
-        popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    return Proc(name, popen, log)
 
 
 def http_json(url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 60) -> Any:

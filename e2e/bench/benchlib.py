@@ -1,11 +1,17 @@
-"""What the benchmarks bench_http_stack.py and bench_router.py share (standard library only: each runs
+"""What the benchmarks (bench_http_stack.py, bench_router.py, bench_llamacpp.py) share (standard library only: each runs
 as a script and finds this module beside it)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import os
 import socket
+import subprocess
 from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc CPU times come in these (10 ms on Linux)
 
 
 def free_port(host: str) -> int:
@@ -42,3 +48,52 @@ def parse_levels(text: str) -> list[tuple[int, int, int]]:
         concurrency, n, rounds = (int(v) for v in part.split(":"))
         levels.append((concurrency, n, rounds))
     return levels
+
+
+@dataclasses.dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def cpu_times(self) -> tuple[float, float]:
+        """User and system time of the process and all its threads so far, seconds."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu_times())
+
+    def memory(self) -> dict[str, int]:
+        """VmRSS (now) and VmHWM (peak), bytes."""
+        return proc_memory(self.pid)
+
+    def stop(self) -> None:
+        if self.alive():
+            self.popen.terminate()
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+    def tail(self, chars: int = 3000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log.read_text(errors="replace")[-chars:]
+        return ""
+
+
+def start(name: str, argv: list[str], work: Path, env: dict[str, str] | None = None) -> Proc:
+    log = work / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as out:
+        popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    return Proc(name, popen, log)
