@@ -115,6 +115,16 @@ def test_adapter_state(
         assert entry["message"] == "replica r0: rank 32 > max_lora_rank 16"
 
 
+def test_an_adapter_waiting_on_a_stuck_engine_fails_with_the_agents_words() -> None:
+    """An unload that never returns holds every later update: the adapter is Failed, not Pending for ever."""
+    stuck = {"name": "a", "reason": "EngineStuck", "message": "the engine's adapter updates are stuck; restart"}
+    entry = adapter_status(shared("a", "r0"), ready("r0"), {"r0": report(errors=[stuck])})
+    assert (entry["state"], entry["message"]) == (
+        "Failed",
+        "replica r0: the engine's adapter updates are stuck; restart",
+    )
+
+
 def test_ready_only_when_every_replica_serves_and_every_adapter_is_loaded() -> None:
     wanted = [shared("a", "r0", "r1"), Wanted("x", "Expert", ("x0",), SHA1)]
     reports = {"r0": report("a"), "r1": report("a"), "x0": report("x")}

@@ -23,6 +23,9 @@ from typing import Any
 import pytest
 from e2e.engines import sglang_standin
 
+from kimi_operator.api.serving import AdapterFiles, PlannedAdapter, ReplicaPlan, ServingPlan
+from kimi_operator.workloads.serve import engine as serve_engine
+from kimi_operator.workloads.serve.agent import Agent
 from tests.processes import free_port, stop, wait_until
 
 ENGINES = Path(__file__).parents[1] / "e2e" / "engines"
@@ -580,7 +583,7 @@ def stream_and_leave(engine: Engine, body: dict[str, Any], events: int) -> None:
 
 
 def test_an_abandoned_non_streamed_request_keeps_its_adapter_from_ever_unloading(
-    engines: dict[str, Engine], tiny: Path
+    engines: dict[str, Engine], tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """sglang 0.5.16's leak (RESULTS.md, "The real engine against what the router assumes"): a
     non-streamed request whose client leaves is aborted without its adapter's count of requests
@@ -624,6 +627,28 @@ def test_an_abandoned_non_streamed_request_keeps_its_adapter_from_ever_unloading
     # Loaded adapters still generate, and /health is still 200.
     assert wedge.complete(f"{SERVED}:a0").status == 200
     assert wedge.get("/health").status == 200
+
+    # The adapter agent in front of such an engine: its first unload gets no answer within its bound,
+    # it sends nothing more, and every adapter planned here and not listed is reported stuck.
+    monkeypatch.setattr(serve_engine, "UNLOAD_TIMEOUT", 2.0)
+    planned = PlannedAdapter(name="later", files=AdapterFiles(kind="node", path="a1"))
+    plan = ServingPlan(served_model_name=SERVED, generation=1, replicas=[ReplicaPlan(replica="r0", adapters=[planned])])
+    agent = Agent(
+        replica="r0",
+        engine=serve_engine.Engine(f"http://127.0.0.1:{wedge.port}"),
+        plan=lambda: plan,
+        models_dir=tiny / "adapters",
+        cache_dir=tmp_path / "cache",
+    )
+    report = agent.step()
+    assert report["engineUp"] is True
+    (error,) = report["errors"]
+    assert (error["name"], error["reason"]) == ("later", "EngineStuck")
+    assert "gave no answer in 2 s" in error["message"]
+    assert "restart this replica's pod" in error["message"]
+    began = time.monotonic()
+    assert agent.step()["errors"] == [error]
+    assert time.monotonic() - began < 2.0  # no update sent: it would have waited its bound again
     wedge.proc.terminate()
     with pytest.raises(subprocess.TimeoutExpired):
         wedge.proc.wait(timeout=3)

@@ -489,8 +489,11 @@ class AdapterError(ApiModel):
     """An adapter a replica could not serve: refused by its engine, or its files out of reach."""
 
     name: Annotated[str, Field(max_length=63)] = Field(description="Adapter name.")
-    reason: Literal["Refused", "Unavailable"] = Field(
-        description="Refused: the engine refused the files (its words). Unavailable: the agent could not get them."
+    reason: Literal["Refused", "Unavailable", "EngineStuck"] = Field(
+        description=(
+            "Refused: the engine refused the files (its words). Unavailable: the agent could not get them. "
+            "EngineStuck: the engine took an adapter update and never answered; none is sent until it restarts."
+        )
     )
     sha256: Annotated[str, Field(max_length=64)] | None = Field(default=None, description="Files concerned.")
     message: Annotated[str, Field(max_length=4096)] = Field(description="The engine's or the agent's message.")

@@ -67,6 +67,9 @@ class Agent:
         self.refused: dict[str, tuple[str, str]] = {}
         self.unavailable: dict[str, tuple[str | None, str]] = {}
         self.engine_was_up = False
+        # Set when the engine took an adapter update and never answered: no other is sent until
+        # the engine restarts, each would only wait as long.
+        self.stuck: str | None = None
 
     def _fetch(self, adapter: PlannedAdapter) -> Callable[[Path], None]:
         files = adapter.files
@@ -160,6 +163,7 @@ class Agent:
             return self.report(up=False, listed={}, planned=planned)
         if not self.engine_was_up:
             self.refused.clear()  # a (re)started engine gets another chance at everything
+            self.stuck = None
         self.engine_was_up = True
         # An adapter the engine serves whose source failed this time (a hub hiccup) stays loaded
         # from the files the engine has; the failure is logged, not turned into an unload.
@@ -169,11 +173,12 @@ class Agent:
             desired[name] = Want(listed[name], pinned)
         # No plan for this replica (the ConfigMap is being recreated, or the replica was just
         # added): change nothing rather than unload everything. Expert replicas load at start only.
-        if mine is not None and not mine.expert:
+        if mine is not None and not mine.expert and self.stuck is None:
             refused = {(n, p) for n, (p, _) in self.refused.items()}
             changes = actions(desired, listed, refused, self.pinned_as)
             for action in changes:
-                self._apply(action)
+                if not self._apply(action):
+                    break
             if changes:
                 try:
                     listed = self.engine.models(served)
@@ -184,19 +189,32 @@ class Agent:
         self.refused = {n: r for n, r in self.refused.items() if n in desired and desired[n].path == r[0]}
         return self.report(up=True, listed=listed, planned=planned)
 
-    def _apply(self, action: Load | Unload) -> None:
+    def _apply(self, action: Load | Unload) -> bool:
+        """Send one change; False when the engine is stuck and nothing more should be sent."""
         if isinstance(action, Unload):
             answer = self.engine.unload(action.name)
             log.info("unload %s: %s", action.name, answer)
-            return
-        answer = self.engine.load(action.name, action.path, pinned=action.pinned)
-        log.info("load %s from %s: %s", action.name, action.path, answer)
+        else:
+            answer = self.engine.load(action.name, action.path, pinned=action.pinned)
+            log.info("load %s from %s: %s", action.name, action.path, answer)
+        if answer.stuck:
+            what = "unload of" if isinstance(action, Unload) else "load of"
+            self.stuck = _short(
+                f"the engine's adapter updates are stuck: the {what} {action.name} {answer.message} (SGLang "
+                "never releases an adapter whose non-streamed request was aborted, and every later load and "
+                "unload waits behind its unload); restart this replica's pod"
+            )
+            log.error("%s", self.stuck)
+            return False
+        if isinstance(action, Unload):
+            return True
         if answer.ok:
             self.pinned_as[action.name] = action.pinned
         # A name the engine already holds (it reloaded it for a request between our unload and
         # load) is not a verdict on the files: the next step unloads and loads again.
         if answer.refused and "already" not in answer.message.lower():
             self.refused[action.name] = (action.path, _short(answer.message))
+        return True
 
     def report(self, *, up: bool, listed: dict[str, str], planned: Sequence[PlannedAdapter]) -> dict[str, Any]:
         names = {a.name for a in planned}
@@ -212,6 +230,11 @@ class Agent:
                 "message": message,
                 **({"sha256": sha} if sha else {}),
             }
+        if self.stuck is not None:
+            # Every adapter planned here and not listed waits on the stuck engine, whatever else.
+            for adapter in planned:
+                if adapter.name not in listed and adapter.name not in errors:
+                    errors[adapter.name] = {"name": adapter.name, "reason": "EngineStuck", "message": self.stuck}
         report: dict[str, Any] = {
             "name": self.replica,
             "engineUp": up,

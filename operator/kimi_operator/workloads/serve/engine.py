@@ -15,6 +15,10 @@ from typing import Any
 # flight, which can be long generations: neither is a sign of a dead engine.
 LIST_TIMEOUT = 10.0
 CHANGE_TIMEOUT = 600.0
+# An unload reads no files: one that takes longer waits behind something that will not end. SGLang
+# 0.5.16 never releases an adapter whose non-streamed request was aborted, and its unload then waits
+# for good, holding the lock every later load and unload needs (RESULTS.md).
+UNLOAD_TIMEOUT = 60.0
 
 
 class EngineDown(Exception):
@@ -26,8 +30,11 @@ class Answer:
     ok: bool
     message: str
     # True when the engine judged these files and said no (HTTP 400): sending them again will not
-    # help. Anything else (starting, 5xx, no answer in time) may succeed on a later try.
+    # help. Anything else (starting, 5xx) may succeed on a later try.
     refused: bool = False
+    # True when the engine took the request and gave no answer in time: its adapter updates are
+    # stuck, and every later one would wait as long.
+    stuck: bool = False
 
 
 class Engine:
@@ -61,9 +68,11 @@ class Engine:
         # The base model's card has no parent; each adapter's names the base as its parent.
         return {str(c["id"]): str(c.get("root") or "") for c in cards if c.get("id") != served and c.get("parent")}
 
-    def _change(self, path: str, body: dict[str, Any]) -> Answer:
+    def _change(self, path: str, body: dict[str, Any], timeout: float = CHANGE_TIMEOUT) -> Answer:
         try:
-            code, answer = self._call("POST", path, body, CHANGE_TIMEOUT)
+            code, answer = self._call("POST", path, body, timeout)
+        except TimeoutError:
+            return Answer(False, f"{path} gave no answer in {timeout:.0f} s", stuck=True)
         except (OSError, ValueError) as exc:
             return Answer(False, f"{path}: {exc}")
         if not isinstance(answer, dict):
@@ -79,4 +88,4 @@ class Engine:
         return self._change("/load_lora_adapter", body)
 
     def unload(self, name: str) -> Answer:
-        return self._change("/unload_lora_adapter", {"lora_name": name})
+        return self._change("/unload_lora_adapter", {"lora_name": name}, UNLOAD_TIMEOUT)
