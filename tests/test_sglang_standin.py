@@ -570,6 +570,27 @@ def test_a_client_gone_mid_stream_frees_its_adapter(standin: Engine, tiny: Path)
     assert time.monotonic() - began < 20
 
 
+def test_an_unload_waiting_for_requests_still_generating_is_not_taken_for_a_stuck_engine(
+    standin: Engine, tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The adapter agent's bound on an unload: past it, an engine still generating is waiting for
+    those requests (an unload waits for them), not stuck; only one generating nothing is."""
+    assert standin.post("/load_lora_adapter", {"lora_name": "t-busy", "lora_path": adapter(tiny, "a3")}).status == 200
+    request = {"model": f"{SERVED}:t-busy", "prompt": PROMPT, "max_tokens": 2000, "temperature": 0, "stream": True}
+    conn = http.client.HTTPConnection("127.0.0.1", standin.port, timeout=120)
+    conn.request("POST", "/v1/completions", body=json.dumps(request), headers={"Content-Type": "application/json"})
+    assert conn.getresponse().read(6) == b"data: "
+    monkeypatch.setattr(serve_engine, "UNLOAD_TIMEOUT", 1.0)
+    try:
+        answer = serve_engine.Engine(f"http://127.0.0.1:{standin.port}").unload("t-busy")
+    finally:
+        conn.close()
+    assert (answer.ok, answer.stuck) == (False, False)
+    assert answer.message.endswith("gave no answer in 1 s, 1 requests running"), answer.message
+    # The stream gone, the unload that waited for it goes through.
+    wait_until(lambda: "t-busy" not in standin.cards(), 30, "t-busy unloaded")
+
+
 def stream_and_leave(engine: Engine, body: dict[str, Any], events: int) -> None:
     """A stream whose client reads ``events`` events, then closes the connection."""
     conn = http.client.HTTPConnection("127.0.0.1", engine.port, timeout=120)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import urllib.error
 import urllib.request
 from typing import Any
@@ -15,10 +16,12 @@ from typing import Any
 # flight, which can be long generations: neither is a sign of a dead engine.
 LIST_TIMEOUT = 10.0
 CHANGE_TIMEOUT = 600.0
-# An unload reads no files: one that takes longer waits behind something that will not end. SGLang
-# 0.5.16 never releases an adapter whose non-streamed request was aborted, and its unload then waits
-# for good, holding the lock every later load and unload needs (RESULTS.md).
+# An unload reads no files, but waits for the adapter's requests in flight. One still waiting after
+# this long while the engine runs no request at all waits for nothing: SGLang 0.5.16 never releases
+# an adapter whose non-streamed request was aborted, and its unload then waits for good, holding the
+# lock every later load and unload needs (RESULTS.md).
 UNLOAD_TIMEOUT = 60.0
+_RUNNING = re.compile(r"^sglang:num_running_reqs(?:\{[^}]*\})? (\S+)$", re.MULTILINE)
 
 
 class EngineDown(Exception):
@@ -88,4 +91,23 @@ class Engine:
         return self._change("/load_lora_adapter", body)
 
     def unload(self, name: str) -> Answer:
-        return self._change("/unload_lora_adapter", {"lora_name": name}, UNLOAD_TIMEOUT)
+        answer = self._change("/unload_lora_adapter", {"lora_name": name}, UNLOAD_TIMEOUT)
+        if answer.stuck:
+            running = self.running()
+            if running != 0:
+                # Waiting for requests that are still generating (or no way to tell): not stuck, the
+                # next step asks again.
+                why = f"{running} requests running" if running else "the engine's metrics unreadable"
+                return Answer(False, f"{answer.message}, {why}")
+        return answer
+
+    def running(self) -> int | None:
+        """Requests the engine is generating now (its ``sglang:num_running_reqs``), None when unknown."""
+        request = urllib.request.Request(self.url + "/metrics")  # noqa: S310 (the engine beside us)
+        try:
+            with urllib.request.urlopen(request, timeout=LIST_TIMEOUT) as resp:  # noqa: S310
+                text = resp.read().decode(errors="replace")
+        except (OSError, ValueError):
+            return None
+        found = _RUNNING.findall(text)
+        return round(sum(float(v) for v in found)) if found else None
