@@ -52,6 +52,8 @@ def test_the_server_starts_with_every_adapter_at_scale_zero_and_the_guides_defau
     assert args[args.index("--lora-scaled") + 1] == "/c/a:0,/c/b:0"
     assert "--lora-init-without-apply" not in args
     assert "--cpu-moe" in args
+    # The whole context is shared out among the slots: each request gets the 16k asked for.
+    assert [args[args.index(flag) + 1] for flag in ("-c", "-np")] == [str(16384 * 4), "4"]
     assert [args[args.index(flag) + 1] for flag in ("--temp", "--top-p", "--min-p")] == ["1.0", "0.95", "0.01"]
     some = llamacpp.server_args(llamacpp.ServerOptions(model="/m", alias="k", cpu_moe_layers=20, threads=8))
     assert some[some.index("--n-cpu-moe") + 1] == "20"
@@ -59,3 +61,5 @@ def test_the_server_starts_with_every_adapter_at_scale_zero_and_the_guides_defau
     assert "--lora-scaled" not in some
     with pytest.raises(ValueError, match="cannot carry"):
         llamacpp.server_args(llamacpp.ServerOptions(model="/m", alias="k", adapters=("/c/a,b",)))
+    with pytest.raises(ValueError, match="splits --alias"):
+        llamacpp.server_args(llamacpp.ServerOptions(model="/m", alias="a,b"))

@@ -585,7 +585,7 @@ def test_an_unload_waiting_for_requests_still_generating_is_not_taken_for_a_stuc
         answer = serve_engine.Engine(f"http://127.0.0.1:{standin.port}").unload("t-busy")
     finally:
         conn.close()
-    assert (answer.ok, answer.stuck) == (False, False)
+    assert (answer.ok, answer.timed_out, answer.stuck) == (False, True, False)
     assert answer.message.endswith("gave no answer in 1 s, 1 requests running"), answer.message
     # The stream gone, the unload that waited for it goes through.
     wait_until(lambda: "t-busy" not in standin.cards(), 30, "t-busy unloaded")
@@ -676,6 +676,9 @@ def test_an_abandoned_non_streamed_request_keeps_its_adapter_from_ever_unloading
     assert "Gracefully exiting... Remaining number of requests 1." in wedge.output()
     wedge.proc.kill()
     wedge.proc.wait()
+    # Gone: reported as down, not stuck; its restart gets every update again.
+    down = agent.step()
+    assert (down["engineUp"], down["errors"], agent.stuck) == (False, [], None)
 
 
 def test_metrics_carry_sglangs_names_and_labels(standin: Engine) -> None:

@@ -60,8 +60,8 @@ class ServerOptions:
     model: str  # the quantization's first split file; llama.cpp finds the other parts beside it
     alias: str  # the served model name clients send
     adapters: tuple[str, ...] = ()  # GGUF LoRA files, in the order of their ids
-    context_size: int = 16384
-    threads: int | None = None  # None: llama.cpp's own choice
+    context_size: int = 16384  # per request: each of the parallel slots gets this much
+    threads: int | None = None  # None: llama.cpp's own choice, from the host's cores (not a pod's limit)
     parallel: int = 4
     gpu_layers: int = 999
     cpu_moe_layers: int | None = None  # None: every layer's experts in RAM; N: the first N layers'
@@ -83,10 +83,14 @@ def server_args(options: ServerOptions) -> list[str]:
         if "," in path or ":" in path:
             # --lora-scaled separates files by commas and a file from its scale by a colon.
             raise ValueError(f"adapter path {path!r}: llama-server's --lora-scaled cannot carry ',' or ':'")
+    if "," in options.alias:
+        raise ValueError(f"served name {options.alias!r}: llama-server splits --alias on ','")
     args = [
         *("-m", options.model, "--alias", options.alias),
         *("--host", options.host, "--port", str(options.port)),
-        *("-c", str(options.context_size), "-np", str(options.parallel), "-ngl", str(options.gpu_layers)),
+        # -c is the whole context, shared out among the slots.
+        *("-c", str(options.context_size * options.parallel), "-np", str(options.parallel)),
+        *("-ngl", str(options.gpu_layers)),
         *(["--cpu-moe"] if options.cpu_moe_layers is None else ["--n-cpu-moe", str(options.cpu_moe_layers)]),
         "--jinja",
         *("--temp", str(options.temperature), "--top-p", str(options.top_p), "--min-p", str(options.min_p)),

@@ -160,6 +160,7 @@ class Agent:
         except EngineDown as exc:
             log.info("engine not answering: %s", exc)
             self.engine_was_up = False
+            self.stuck = None  # a restart is what unsticks it; a down engine is reported as down
             return self.report(up=False, listed={}, planned=planned)
         if not self.engine_was_up:
             self.refused.clear()  # a (re)started engine gets another chance at everything
@@ -190,7 +191,7 @@ class Agent:
         return self.report(up=True, listed=listed, planned=planned)
 
     def _apply(self, action: Load | Unload) -> bool:
-        """Send one change; False when the engine is stuck and nothing more should be sent."""
+        """Send one change; False when it got no answer in time: the next ones would wait behind it."""
         if isinstance(action, Unload):
             answer = self.engine.unload(action.name)
             log.info("unload %s: %s", action.name, answer)
@@ -205,6 +206,7 @@ class Agent:
                 "unload waits behind its unload); restart this replica's pod"
             )
             log.error("%s", self.stuck)
+        if answer.timed_out:
             return False
         if isinstance(action, Unload):
             return True
@@ -231,9 +233,11 @@ class Agent:
                 **({"sha256": sha} if sha else {}),
             }
         if self.stuck is not None:
-            # Every adapter planned here and not listed waits on the stuck engine, whatever else.
+            # Every adapter planned here and not listed as asked (absent, or from other files) waits
+            # on the stuck engine, whatever else.
             for adapter in planned:
-                if adapter.name not in listed and adapter.name not in errors:
+                as_asked = adapter.name in listed and adapter.sha256 in (None, loaded.get(adapter.name))
+                if not as_asked and adapter.name not in errors:
                     errors[adapter.name] = {"name": adapter.name, "reason": "EngineStuck", "message": self.stuck}
         report: dict[str, Any] = {
             "name": self.replica,

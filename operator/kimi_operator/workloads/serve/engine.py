@@ -35,8 +35,10 @@ class Answer:
     # True when the engine judged these files and said no (HTTP 400): sending them again will not
     # help. Anything else (starting, 5xx) may succeed on a later try.
     refused: bool = False
-    # True when the engine took the request and gave no answer in time: its adapter updates are
-    # stuck, and every later one would wait as long.
+    # The engine took the request and gave no answer in time: the change may still be pending there,
+    # and every later one waits behind it.
+    timed_out: bool = False
+    # Timed out while the engine generates nothing: waiting for nothing, its adapter updates are stuck.
     stuck: bool = False
 
 
@@ -75,7 +77,7 @@ class Engine:
         try:
             code, answer = self._call("POST", path, body, timeout)
         except TimeoutError:
-            return Answer(False, f"{path} gave no answer in {timeout:.0f} s", stuck=True)
+            return self._timed_out(f"{path} gave no answer in {timeout:.0f} s")
         except (OSError, ValueError) as exc:
             return Answer(False, f"{path}: {exc}")
         if not isinstance(answer, dict):
@@ -91,15 +93,16 @@ class Engine:
         return self._change("/load_lora_adapter", body)
 
     def unload(self, name: str) -> Answer:
-        answer = self._change("/unload_lora_adapter", {"lora_name": name}, UNLOAD_TIMEOUT)
-        if answer.stuck:
-            running = self.running()
-            if running != 0:
-                # Waiting for requests that are still generating (or no way to tell): not stuck, the
-                # next step asks again.
-                why = f"{running} requests running" if running else "the engine's metrics unreadable"
-                return Answer(False, f"{answer.message}, {why}")
-        return answer
+        return self._change("/unload_lora_adapter", {"lora_name": name}, UNLOAD_TIMEOUT)
+
+    def _timed_out(self, message: str) -> Answer:
+        """An update without an answer: stuck only if the engine runs no request it could wait for
+        (an unload waits for the adapter's requests; a load waits behind a pending unload)."""
+        running = self.running()
+        if running == 0:
+            return Answer(False, message, timed_out=True, stuck=True)
+        why = f"{running} requests running" if running else "the engine's metrics unreadable"
+        return Answer(False, f"{message}, {why}", timed_out=True)
 
     def running(self) -> int | None:
         """Requests the engine is generating now (its ``sglang:num_running_reqs``), None when unknown."""
@@ -110,4 +113,7 @@ class Engine:
         except (OSError, ValueError):
             return None
         found = _RUNNING.findall(text)
-        return round(sum(float(v) for v in found)) if found else None
+        try:
+            return round(sum(float(v) for v in found)) if found else None
+        except (ValueError, OverflowError):  # NaN or infinite: nothing to judge by
+            return None
