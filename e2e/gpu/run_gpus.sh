@@ -25,6 +25,8 @@ if [[ $set == kt ]]; then
   python3 -m pip install --quiet --disable-pip-version-check --no-index --no-deps --upgrade --target "$lib" \
     "$wheels"/*.whl
   extra="--kt"
+  # As the rendered Job does from the pod's CPU limit: kt-kernel's expert pool, not its default.
+  export ACCELERATE_KT_NUM_THREADS=${ACCELERATE_KT_NUM_THREADS:-$(nproc)}
 fi
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader > "$out/gpus.txt"
 nvidia-smi topo -m > "$out/topo.txt" 2>&1 || true
