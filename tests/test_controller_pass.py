@@ -167,3 +167,31 @@ def test_the_applied_digest_ignores_key_order_and_sees_any_change() -> None:
 )
 def test_what_a_child_must_still_hold(live: dict[str, Any], wanted: dict[str, Any], expected: bool) -> None:
     assert kube_module.holds(live, wanted) is expected
+
+
+class Finalizing(Refusing):
+    """A controller whose finalizer is done at once, and whose passes count."""
+
+    def __init__(self) -> None:
+        super().__init__(RuntimeError("unused"))
+        self.passes = 0
+
+    def reconcile(self, body: Mapping[str, Any], spec: Any) -> tuple[Verdict, dict[str, Any]]:
+        self.passes += 1
+        return Verdict(state="progressing", reason="Working", message=""), {}
+
+
+def test_no_pass_runs_after_the_finalizer_undid_the_objects_work() -> None:
+    """A pass queued from a body read before the deletion (a child's event) would put back what the
+    finalizer removed, such as a node label, with nothing left to remove it again."""
+    controller = Finalizing()
+    reconciler = Reconciler(StatusRecorder(), {FINE_TUNE_JOB.kind: controller})  # type: ignore[arg-type]
+    stale = body()
+    assert reconciler.run(FINE_TUNE_JOB, stale) is not None
+    assert controller.passes == 1
+    assert reconciler.finalize(FINE_TUNE_JOB, {**stale, "metadata": {**stale["metadata"], "uid": "u-gone"}}) == []
+    assert reconciler.run(FINE_TUNE_JOB, {**stale, "metadata": {**stale["metadata"], "uid": "u-gone"}}) is None
+    assert controller.passes == 1
+    # Another object of the same name (a new uid) is reconciled as usual.
+    assert reconciler.run(FINE_TUNE_JOB, {**stale, "metadata": {**stale["metadata"], "uid": "u-new"}}) is not None
+    assert controller.passes == 2

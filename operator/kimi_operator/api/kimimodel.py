@@ -41,8 +41,8 @@ class HuggingFaceSource(ApiModel):
     )
     revision: Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\s]+$")] = Field(
         description=(
-            "Revision to download: a commit sha (recommended) or a tag/branch, resolved to a commit sha "
-            "recorded in status (resolvedRevision, resolvedGgufRevision for spec.gguf). Immutable."
+            "Revision to download: a commit sha (recommended) or a tag/branch, resolved once to a commit sha "
+            "recorded in status (resolvedRevision; resolvedGgufRevision for spec.gguf). Immutable."
         ),
         json_schema_extra={"x-kubernetes-validations": [immutable("the revision")]},
     )

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 # kopf serialises handlers per object, but a Job event reconciles its owner from another object's
 # handler: one lock per object keeps passes on the same object from interleaving.
 _locks: defaultdict[tuple[str, str, str], threading.Lock] = defaultdict(threading.Lock)
+# Objects whose finalizer has undone their work, by uid: a pass that began from a body read before
+# the deletion (a child's event) must not put back what the finalizer just removed (node labels).
+_finalized: set[str] = set()
 
 
 class ChildReason(Reason):
@@ -84,6 +87,8 @@ class Reconciler:
         if meta.get("deletionTimestamp"):
             return None
         with _locks[(kind.kind, namespace, name)]:
+            if meta.get("uid") in _finalized:
+                return None
             started = time.monotonic()
             try:
                 result = evaluate(kind, body, now_rfc3339(), self._work(kind, body))
@@ -112,6 +117,22 @@ class Reconciler:
                 verdict.message,
             )
         return result
+
+    def finalize(self, kind: Kind, body: Mapping[str, Any]) -> list[str]:
+        """Undo what the object put on nodes; what is still to end (empty when done)."""
+        controller = self.controllers[kind.kind]
+        try:
+            spec = kind.spec.model_validate(body.get("spec") or {})
+        except ValueError:
+            spec = None  # an object that never validated left nothing to undo beyond labels
+        meta = body["metadata"]
+        # Under the object's lock: a pass in flight ends before the finalizer undoes its work, and
+        # none runs after it (one queued from a body read before the deletion would put it back).
+        with _locks[(kind.kind, meta["namespace"], meta["name"])]:
+            waiting = controller.finalize(body, spec)
+            if not waiting:
+                _finalized.add(str(meta.get("uid")))
+        return waiting
 
 
 def register(registry: kopf.OperatorRegistry, kube: Kube, controllers: Mapping[str, Controller]) -> None:
@@ -156,12 +177,8 @@ def register(registry: kopf.OperatorRegistry, kube: Kube, controllers: Mapping[s
         kopf.on.event(*resource, registry=registry, id="record")(record)
 
         # Deletion waits for what the object put on nodes to be undone (labels, files if asked).
-        def finalize(body: kopf.Body, kind: Kind = kind, controller: Controller = controller, **_: Any) -> None:
-            try:
-                spec = kind.spec.model_validate(body.get("spec") or {})
-            except ValueError:
-                spec = None  # an object that never validated left nothing to undo beyond labels
-            waiting = controller.finalize(body, spec)
+        def finalize(body: kopf.Body, kind: Kind = kind, **_: Any) -> None:
+            waiting = reconciler.finalize(kind, body)
             if waiting:
                 raise kopf.TemporaryError(f"waiting for {', '.join(waiting)}", delay=5)
             metrics.forget(kind.kind, body["metadata"]["namespace"], body["metadata"]["name"])
