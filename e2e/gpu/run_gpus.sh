@@ -4,12 +4,15 @@
 # DeepSeek-V3-shaped model, each configuration with nvidia-smi sampling every GPU's memory and use.
 # Needs build/gpu-wheels (make gpu-wheels) and, for the KT set, build/ktgpu/p*/ (make
 # gpu-kt-wheels, one part per transfer), as run.sh and run_kt.sh do.
-#   bash e2e/gpu/run_gpus.sh OUT_DIR plain|kt [STEPS [SIZE]]
+#   bash e2e/gpu/run_gpus.sh OUT_DIR plain|plain-image|kt [STEPS [SIZE]]
+# plain is LLaMA-Factory's own stack; plain-image is plain LoRA on the trainer image's stack (the KT
+# wheels installed, use_kt off), where accelerate-kt's FSDP2 loading replaces accelerate 1.11's.
+# ONE_PROCESS=0 leaves out the configuration of one process that sees both GPUs (the old pod).
 # Each set leaves OUT_DIR/gpus-SET.tar.gz (summaries, logs, samples, table), rewritten after every
 # configuration so that a run cut short still returns what it did.
 set -euo pipefail
 dest=${1:?output directory}
-set=${2:?plain or kt}
+set=${2:?plain, plain-image or kt}
 steps=${3:-20}
 size=${4:-small}
 here=$(cd "$(dirname "$0")/../.." && pwd)
@@ -18,13 +21,13 @@ lib=$(mktemp -d)
 python3 -m pip install --quiet --disable-pip-version-check --no-index --no-deps --target "$lib" \
   "$here"/build/gpu-wheels/*.whl
 extra=""
-if [[ $set == kt ]]; then
+if [[ $set == kt || $set == plain-image ]]; then
   wheels=$(mktemp -d)
   cat "$here"/build/ktgpu/p*/kt.tar.* | tar -C "$wheels" -xf -
   (cd "$wheels" && sha256sum -c --quiet SHA256SUMS)
   python3 -m pip install --quiet --disable-pip-version-check --no-index --no-deps --upgrade --target "$lib" \
     "$wheels"/*.whl
-  extra="--kt"
+  [[ $set == kt ]] && extra="--kt"
   # As the rendered Job does from the pod's CPU limit: kt-kernel's expert pool, not its default.
   export ACCELERATE_KT_NUM_THREADS=${ACCELERATE_KT_NUM_THREADS:-$(nproc)}
 fi
@@ -37,8 +40,8 @@ grep -o -w -E 'amx_[a-z0-9]+|avx512_bf16|avx512_vnni' /proc/cpuinfo | sort -u | 
 configs=(
   "$set-2gpu 0,1 2 150"
   "$set-1gpu 0 1 100"
-  "$set-2gpu-1process 0,1 1 45"
 )
+[[ ${ONE_PROCESS:-1} == 0 ]] || configs+=("$set-2gpu-1process 0,1 1 45")
 status=0
 for config in "${configs[@]}"; do
   read -r name devices processes limit <<<"$config"
