@@ -44,8 +44,10 @@ Every behaviour below is SGLang's: as recorded in REFERENCE.md ("KTransformers s
   generation must select it. The tiny model has no experts, so only its non-expert part applies.
 
 Where SGLang's behaviour cannot matter on a CPU (batching, CUDA graphs, kernels) the stand-in is
-simple: model steps are serialised by one lock and requests interleave token by token. Flags it has
-no use for are accepted and logged.
+simple: model steps are serialised by one lock and requests interleave token by token, so its time
+per token grows with the requests running. ``--standin-batched`` (the benchmarks') keeps it flat, as
+a GPU that batches does: a greedy answer is generated once and replayed for the same adapter, prompt
+and sampling at the per-token delay. Flags it has no use for are accepted and logged.
 """
 
 from __future__ import annotations
@@ -199,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     # generated token as a GPU would take, for benchmarks.
     add("--standin-startup-delay", type=float, default=0.0, help="seconds added to the warm-up (/health 503)")
     add("--standin-token-delay", type=float, default=0.0, help="seconds added to every generated token")
+    add(
+        "--standin-batched",
+        action="store_true",
+        help="replay a greedy answer already generated for the same adapter, prompt and sampling (benchmarks)",
+    )
     return parser
 
 
@@ -404,8 +411,13 @@ class Engine:
     """The tiny model with its PEFT adapters. Every model call holds one lock: adapters are switched
     on the shared model, and concurrent requests interleave step by step."""
 
-    def __init__(self, model_path: str, tokenizer_path: str) -> None:
+    def __init__(self, model_path: str, tokenizer_path: str, *, batched: bool = False) -> None:
         transformers.utils.logging.disable_progress_bar()
+        # --standin-batched: a greedy answer computed once is replayed for the same adapter, prompt
+        # and sampling, so that only the per-token delay sets the pace, whatever the concurrency, as
+        # on a GPU that batches the running requests (the benchmarks' engines). The first answer
+        # of each is generated for real.
+        self.replays: dict[tuple[Any, ...], list[Step]] | None = {} if batched else None
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
         self.model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
         self.tuned: Any = None  # the model under PEFT, once an adapter is loaded
@@ -448,6 +460,9 @@ class Engine:
             self.tuned.eval()
 
     def remove_adapter(self, internal: str) -> None:
+        if self.replays is not None:
+            with self.lock:
+                self.replays = {key: steps for key, steps in self.replays.items() if key[0] != internal}
         with self.lock, warnings.catch_warnings():
             # PEFT warns when the active adapter goes; every model step selects its own anyway.
             warnings.simplefilter("ignore", UserWarning)
@@ -489,6 +504,29 @@ class Engine:
     ) -> Generator[Step, None, None]:
         """Tokens until a stop, checked in SGLang's order: the token budget, a stop string, then EOS
         or a stop token (neither with ``ignore_eos``)."""
+        key = None
+        if self.replays is not None and sampling.temperature < 1e-6:
+            key = (internal, tuple(prompt), repr(sampling))
+            replay = self.replays.get(key)
+            if replay is not None:
+                log.info("Replaying a greedy answer of %d tokens (--standin-batched)", len(replay))
+                for step in replay:
+                    if token_delay > 0:
+                        time.sleep(token_delay)
+                    yield step
+                return
+        steps: list[Step] = []
+        for step in self._generate(prompt, internal, sampling, token_delay):
+            steps.append(step)
+            # Kept before the last step is given: its reader closes the generator after it.
+            if step.finish is not None and key is not None and self.replays is not None:
+                with self.lock:
+                    self.replays[key] = steps
+            yield step
+
+    def _generate(
+        self, prompt: list[int], internal: str | None, sampling: Sampling, token_delay: float
+    ) -> Generator[Step, None, None]:
         generator = torch.Generator()
         generator.manual_seed(sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(4), "little"))
         detokenizer = Detokenizer(self.decode, prompt)
@@ -1195,7 +1233,9 @@ class Server:
 
     def load(self) -> None:
         """Tokenizer, weights and start adapters, before the port opens (as SGLang's scheduler does)."""
-        engine = Engine(self.args.model_path, self.args.tokenizer_path or self.args.model_path)
+        engine = Engine(
+            self.args.model_path, self.args.tokenizer_path or self.args.model_path, batched=self.args.standin_batched
+        )
         config = json.loads((Path(self.args.model_path) / "config.json").read_text())
         self.context_len = self.args.context_length or int(config.get("max_position_embeddings", 2048))
         if self.loras.enabled:
