@@ -165,7 +165,7 @@ class Router:
         status, _ = admit(headers.get("authorization"), self.keys.table, required=True)
         if status != 401:
             return None
-        metrics.REQUESTS.labels("unknown", "invalid", "401").inc()
+        metrics.child(metrics.REQUESTS, "unknown", "invalid", "401").inc()
         body, content_type = error_body(401, "Incorrect API key provided", code="invalid_api_key")
         return 401, body, content_type
 
@@ -273,8 +273,8 @@ class Router:
             raise
         finally:
             code = response.status or (500 if failed else 499)
-            metrics.REQUESTS.labels(model_label, key_label, str(code)).inc()
-            metrics.LATENCY.labels(model_label).observe(self.clock() - began)
+            metrics.child(metrics.REQUESTS, model_label, key_label, str(code)).inc()
+            metrics.child(metrics.LATENCY, model_label).observe(self.clock() - began)
 
     async def _forward(
         self,
@@ -308,7 +308,7 @@ class Router:
             strip_usage=strip_usage,
         )
         tried: set[str] = set()
-        in_flight = metrics.IN_FLIGHT.labels(model)
+        in_flight = metrics.child(metrics.IN_FLIGHT, model)
         in_flight.inc()
         try:
             while True:
@@ -321,7 +321,7 @@ class Router:
                     await self._error(response, 503, message, code="no_replica", headers=_RETRY)
                     return
                 if tried:
-                    metrics.RETRIES.labels(model).inc()
+                    metrics.child(metrics.RETRIES, model).inc()
                 tried.add(replica.name)
                 if await self._attempt(response, replica, call):
                     return
@@ -386,7 +386,7 @@ class Router:
             return await self._unanswered(response, replica, whole)
         if whole.status != 200:
             return await self._refusal(response, replica, whole.status, whole.body, whole.content_type)
-        metrics.FIRST_TOKEN.labels(call.model).observe(self.clock() - call.began)
+        metrics.child(metrics.FIRST_TOKEN, call.model).observe(self.clock() - call.began)
         _count_usage(whole.body, call.model, call.key)
         await response.send(200, whole.body, whole.content_type)
         return True
@@ -396,7 +396,7 @@ class Router:
         try:
             resp = await self._post(replica, call, data)
             async with resp:
-                metrics.UPSTREAM.labels(replica.name, call.model, str(resp.status)).inc()
+                metrics.child(metrics.UPSTREAM, replica.name, call.model, str(resp.status)).inc()
                 return Whole(resp.status, await _read(resp), resp.headers.get("Content-Type", JSON))
         except (aiohttp.ClientError, TimeoutError) as exc:
             return self._no_answer(replica, call, exc)
@@ -409,7 +409,7 @@ class Router:
         status already)."""
         if isinstance(exc, _Dropped):
             return Whole(None, failure="dropped", error=str(exc))
-        metrics.UPSTREAM.labels(replica.name, call.model, "0").inc()
+        metrics.child(metrics.UPSTREAM, replica.name, call.model, "0").inc()
         if isinstance(exc, aiohttp.SocketTimeoutError):
             # Connected, but silent for --read-timeout: stuck (or a prefill longer than allowed).
             # The request may be running there: it is not sent elsewhere.
@@ -448,7 +448,7 @@ class Router:
                 return await self._unanswered(response, replica, self._no_answer(replica, call, exc))
             try:
                 async with resp:
-                    metrics.UPSTREAM.labels(replica.name, call.model, str(resp.status)).inc()
+                    metrics.child(metrics.UPSTREAM, replica.name, call.model, str(resp.status)).inc()
                     content_type = resp.headers.get("Content-Type", JSON)
                     if resp.status != 200:
                         return await self._refusal(response, replica, resp.status, await _read(resp), content_type)
@@ -480,19 +480,26 @@ class Router:
             async for data in resp.content.iter_any():
                 pending += data
                 # Whole events only, each as soon as it is whole (SSE ends an event with a blank
-                # line: \n\n, \r\n\r\n or \r\r).
-                while (found := _EVENT_END.search(pending)) is not None:
-                    event, pending = pending[: found.end()], pending[found.end() :]
+                # line: \n\n, \r\n\r\n or \r\r). The events one read brought are sent together,
+                # each its own chunk, in one write.
+                events: list[bytes] = []
+                start = 0
+                for found in _EVENT_END.finditer(pending):
+                    event, start = pending[start : found.end()], found.end()
                     if b'"usage"' in event:
                         found_usage, only = _usage_of(event)
                         if found_usage is not None and not usage_only:
                             usage, usage_only = found_usage, only
                         if only and call.strip_usage:
                             continue
+                    events.append(event)
+                if start:
+                    pending = pending[start:]
+                if events:
                     if first:
-                        metrics.FIRST_TOKEN.labels(call.model).observe(self.clock() - call.began)
+                        metrics.child(metrics.FIRST_TOKEN, call.model).observe(self.clock() - call.began)
                         first = False
-                    await response.write(event)
+                    await response.write_many(events)
             if pending.strip():
                 await response.write(pending)
             _add_usage(usage, call.model, call.key)
@@ -570,9 +577,9 @@ def _add_usage(usage: Any, model: str, key: str) -> None:
         return
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if isinstance(prompt, int) and prompt > 0:
-        metrics.PROMPT_TOKENS.labels(model, key).inc(prompt)
+        metrics.child(metrics.PROMPT_TOKENS, model, key).inc(prompt)
     if isinstance(completion, int) and completion > 0:
-        metrics.COMPLETION_TOKENS.labels(model, key).inc(completion)
+        metrics.child(metrics.COMPLETION_TOKENS, model, key).inc(completion)
 
 
 def _usage_of(event: bytes) -> tuple[Any, bool]:

@@ -133,6 +133,21 @@ class Response:
             self._writer.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
             await self._writer.drain()
 
+    async def write_many(self, parts: Sequence[bytes]) -> None:
+        """Several chunks, each framed as :meth:`write` frames it, sent at once in one write (the
+        bytes on the wire are those of one :meth:`write` per part)."""
+        if len(parts) == 1:
+            return await self.write(parts[0])
+        if self.head_only:
+            return
+        if self.chunked:
+            data = b"".join([b"%x\r\n%s\r\n" % (len(part), part) for part in parts if part])
+        else:
+            data = b"".join(parts)
+        if data:
+            self._writer.write(data)
+            await self._writer.drain()
+
     async def end(self) -> None:
         if self.streaming and not self.finished:
             self.finished = True
@@ -168,33 +183,44 @@ class _Reader:
     def push(self, data: bytes) -> None:
         self._buffer.extend(data)
 
+    def take_until(self, separator: bytes, limit: int, too_long: tuple[int, str] | None = None) -> bytes | None:
+        """What :meth:`readuntil` returns when the buffer holds it already, else None (nothing read)."""
+        index = self._buffer.find(separator)
+        # A read may bring far more than the limit at once: the separator found in it does not
+        # make an over-long head acceptable.
+        if index > limit or (index < 0 and len(self._buffer) > limit):
+            status, message = too_long or (431, f"request headers exceed {limit} bytes")
+            raise HttpError(status, message)
+        if index < 0:
+            return None
+        out = bytes(self._buffer[: index + len(separator)])
+        del self._buffer[: index + len(separator)]
+        return out
+
     async def readuntil(self, separator: bytes, limit: int, too_long: tuple[int, str] | None = None) -> bytes:
         """Up to and with ``separator``; ``too_long`` (status, message) when more than ``limit`` bytes
         come before it (default: a 431 for request headers)."""
-        while True:
-            index = self._buffer.find(separator)
-            # A read may bring far more than the limit at once: the separator found in it does not
-            # make an over-long head acceptable.
-            if index > limit or (index < 0 and len(self._buffer) > limit):
-                status, message = too_long or (431, f"request headers exceed {limit} bytes")
-                raise HttpError(status, message)
-            if index >= 0:
-                out = bytes(self._buffer[: index + len(separator)])
-                del self._buffer[: index + len(separator)]
-                return out
+        while (out := self.take_until(separator, limit, too_long)) is None:
             data = await self._reader.read(65536)
             if not data:
                 raise EOFError(bytes(self._buffer))
             self._buffer.extend(data)
+        return out
+
+    def take_exactly(self, size: int) -> bytes | None:
+        """What :meth:`readexactly` returns when the buffer holds it already, else None (nothing read)."""
+        if len(self._buffer) < size:
+            return None
+        out = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return out
 
     async def readexactly(self, size: int) -> bytes:
-        while len(self._buffer) < size:
+        while (out := self.take_exactly(size)) is None:
             data = await self._reader.read(max(65536, size - len(self._buffer)))
             if not data:
                 raise HttpError(400, "the connection closed before the whole body arrived")
             self._buffer.extend(data)
-        out = bytes(self._buffer[:size])
-        del self._buffer[:size]
         return out
 
     @property
@@ -285,7 +311,11 @@ async def _read_chunked(reader: _Reader, limits: Limits) -> bytes:
 async def _read_request(
     reader: _Reader, limits: Limits, peer: str, writer: asyncio.StreamWriter, gate: Gate | None = None
 ) -> Request:
-    raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n", limits.header_bytes), limits.header_seconds)
+    # What is in the buffer already (a request's first read most often brings all of it) is taken
+    # without a timed wait: the wait, a task and a timer, is only for what is still to come.
+    raw = reader.take_until(b"\r\n\r\n", limits.header_bytes)
+    if raw is None:
+        raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n", limits.header_bytes), limits.header_seconds)
     method, target, version, headers = _parse_head(raw[:-4])
     if gate is not None and (answer := gate(method, target.split("?", 1)[0], headers)) is not None:
         raise Refused(*answer)
@@ -308,8 +338,10 @@ async def _read_request(
     length = int(length_text)
     if length and headers.get("expect", "").lower() == "100-continue":
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    body = await asyncio.wait_for(reader.readexactly(length), limits.body_seconds) if length else b""
-    return Request(method, target, version, headers, body, peer)
+    buffered = reader.take_exactly(length) if length else b""
+    if buffered is None:
+        buffered = await asyncio.wait_for(reader.readexactly(length), limits.body_seconds)
+    return Request(method, target, version, headers, buffered, peer)
 
 
 async def _discard(stream: asyncio.StreamReader) -> None:
@@ -402,7 +434,9 @@ class Server:
                 assert task is not None
                 self._idle.add(task)
                 try:
-                    first = await asyncio.wait_for(stream.read(65536), self.limits.idle_seconds)
+                    # A timeout scope, not wait_for: no task of its own for each request's first read.
+                    async with asyncio.timeout(self.limits.idle_seconds):
+                        first = await stream.read(65536)
                 except TimeoutError:
                     return None
                 finally:

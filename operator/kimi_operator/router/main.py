@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import signal
 import sys
@@ -97,6 +98,11 @@ async def serve(args: argparse.Namespace) -> int:
             )
             source.start()
         server = Server(router.handle, error_body, limits, gate=router.gate)
+        # What exists now (modules, the API models, the configuration) lives as long as the process:
+        # out of the collector's generations, so a full collection, which stops the event loop
+        # while it runs, walks only what requests left behind (tens of milliseconds less each).
+        gc.collect()
+        gc.freeze()
 
         listener = await server.serve(args.host, args.port)
         tasks = [asyncio.ensure_future(fleet.run()), asyncio.ensure_future(_refresh_loop(router, keys, server, fleet))]

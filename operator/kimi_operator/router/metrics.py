@@ -7,7 +7,10 @@ typed), and ``key`` is a key id of the spec, "none" on an open server, or "inval
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 # Time to first token and total latency, from ~5 ms to an hour (a long prompt on CPU experts).
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -43,3 +46,19 @@ UPSTREAM = Counter(
     ["replica", "model", "code"],
 )
 REPLICAS = Gauge("kimi_router_replicas", "Engine replicas the router knows, by readiness.", ["ready"])
+
+_M = TypeVar("_M", bound=MetricWrapperBase)
+# Each labelled child, found once: ``labels()`` takes a lock and builds its key on every call, and
+# the router asks for several children per request (and one per streamed event). A child is never
+# removed from its metric (the router calls no remove() or clear()), so a cached one stays the one
+# prometheus_client exports; the cache holds no label set the metric does not hold already.
+_CHILDREN: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
+
+
+def child(metric: _M, *labels: str) -> _M:
+    """``metric.labels(*labels)``, looked up once per label set."""
+    key = (metric, labels)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(*labels)
+    return found  # type: ignore[return-value]
