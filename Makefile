@@ -124,9 +124,10 @@ lint: venv
 	$(PY) -m mypy
 	cd $(CURDIR) && $(VENV)/bin/lint-imports
 
-unit: venv oracle-env train-env kt-env
+# llama.cpp: the CPU training tests convert their adapter with its converter and load it in llama-server.
+unit: venv oracle-env train-env kt-env llamacpp
 	KIMI_ORACLE_PYTHON=$(ORACLE_VENV)/bin/python KIMI_TRAIN_PYTHON=$(TRAIN_VENV)/bin/python \
-		KIMI_KT_PYTHON=$(KT_VENV)/bin/python $(PY) -m pytest tests -q
+		KIMI_KT_PYTHON=$(KT_VENV)/bin/python KIMI_LLAMACPP=$(LLAMACPP) $(PY) -m pytest tests -q
 
 E2E_DIR := $(CURDIR)/.cluster-e2e
 # The control plane is built (or found in the cache) before pytest, outside any test's timeout.

@@ -223,6 +223,34 @@ INVALID: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.engine.ktGpuPrefillTokenThreshold",
         "only to the RAWINT4 method",
     ),
+    (
+        "lsrv-llamacpp-settings-for-sglang",
+        vary(LORA_SERVER, "spec.engine", {"llamacpp": {"parallel": 2}}),
+        "spec.engine.llamacpp",
+        "only with engine.type llamacpp",
+    ),
+    (
+        "lsrv-llamacpp-expert",
+        vary(
+            vary(LORA_SERVER, "spec.engine", {"type": "llamacpp"}),
+            "spec.adapters",
+            [{"name": "a", "path": "/a", "expert": True, "sha256": "a" * 64}],
+        ),
+        "spec.adapters",
+        "expert adapters need engine.type sglang",
+    ),
+    (
+        "lsrv-llamacpp-path-no-digest",
+        vary(vary(LORA_SERVER, "spec.engine", {"type": "llamacpp"}), "spec.adapters", [{"name": "a", "path": "/a"}]),
+        "spec.adapters",
+        "needs sha256",
+    ),
+    (
+        "lsrv-llamacpp-context",
+        vary(LORA_SERVER, "spec.engine", {"type": "llamacpp", "llamacpp": {"contextSize": 100}}),
+        "spec.engine.llamacpp.contextSize",
+        "greater than or equal to 256",
+    ),
     ("lsrv-negative-replicas", vary(LORA_SERVER, "spec.replicas", -1), "spec.replicas", "greater than or equal to 0"),
     (
         "lsrv-hot",

@@ -335,6 +335,14 @@ OPERATOR = Path(__file__).parents[1] / "operator"
 CPU = ["use_cpu=true", "bf16=false", "use_kt=false", "trust_remote_code=false", "preprocessing_num_workers=1"]
 
 
+def llamacpp_build() -> Path:
+    """`make llamacpp`'s build (KIMI_LLAMACPP): the e2e tests fail without it, never skip."""
+    found = os.environ.get("KIMI_LLAMACPP")
+    if not found or not (Path(found) / "src" / "convert_lora_to_gguf.py").exists():
+        pytest.fail("KIMI_LLAMACPP is not set to a llama.cpp build: run the tests with `make e2e`")
+    return Path(found)
+
+
 def pod_command(args: list[str], config: Path, data: Path, out: Path, node: str) -> list[str]:
     """The training Job's own arguments, with the node's paths replaced by this machine's."""
     local = {"--config-dir": str(config), "--dataset": str(data), "--output-dir": str(out), "--node": node}
@@ -379,6 +387,8 @@ def test_a_real_training_run_reports_through_the_api(
     info["kimi_sft"]["file_name"] = str(out / "dataset.jsonl")
     (config / "dataset_info.json").write_text(json.dumps(info))
     env = {**os.environ, "PYTHONPATH": str(OPERATOR), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # The trainer image's llama.cpp converter (its KIMI_LLAMACPP_SRC) is `make llamacpp`'s here.
+    env["KIMI_LLAMACPP_SRC"] = str(llamacpp_build() / "src")
     for script in ([str(TINY), str(model), "small"], [str(TINY), "dataset", str(tmp_path / "records.jsonl"), "48"]):
         subprocess.run([train_python, *script], check=True, capture_output=True, env=env, timeout=600)
     # The dataset the spec names (a ConfigMap), as the kubelet would mount it into the pod.
@@ -422,6 +432,9 @@ def test_a_real_training_run_reports_through_the_api(
     adapter = status["adapter"]
     weights = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     assert adapter["sha256"] == hashlib.sha256(weights).hexdigest()
+    # Converted for llama.cpp at export, without the MLA projections LLaMA-Factory's "all" trained.
+    assert adapter["ggufSha256"] == hashlib.sha256((out / "adapter" / "adapter.gguf").read_bytes()).hexdigest()
+    assert adapter["llamacppDroppedModules"] == ["kv_a_proj_with_mqa", "kv_b_proj", "q_a_proj", "q_b_proj"]
     assert (adapter["name"], adapter["node"], adapter["rank"], adapter["expertLora"]) == (
         "real",
         "gpu-h200-a",

@@ -108,18 +108,21 @@ class Node:
     def local(self, arg: str) -> str:
         """A container argument with the pod's mounts replaced by this node's directories (and the
         shared adapter store by the one directory every node sees)."""
-        arg = re.sub(r"(^|=)/adapter-cache(?=/|$)", lambda m: f"{m[1]}{self.storage / 'adapter-cache'}", arg)
-        arg = re.sub(r"(^|=)/adapter-store(?=/|$)", lambda m: f"{m[1]}{self.store}", arg)
-        return re.sub(r"(^|=)/models(?=/|$)", lambda m: f"{m[1]}{self.storage}", arg)
+        # At the start, after '=', or in a comma-separated list (llama-server's --lora-scaled).
+        arg = re.sub(r"(^|[=,])/adapter-cache(?=/|$)", lambda m: f"{m[1]}{self.storage / 'adapter-cache'}", arg)
+        arg = re.sub(r"(^|[=,])/adapter-store(?=/|$)", lambda m: f"{m[1]}{self.store}", arg)
+        return re.sub(r"(^|[=,])/models(?=/|$)", lambda m: f"{m[1]}{self.storage}", arg)
 
 
 class EnginePod:
-    """What one engine pod runs: the engine (the SGLang stand-in) and its adapter agent."""
+    """What one engine pod runs: the engine (the SGLang stand-in, or the real llama-server when the
+    container runs llama-server) and its adapter agent."""
 
     def __init__(self, pod: Any, node: Node, python: str, kubeconfig: Path, logs: Path) -> None:
         self.name, self.ip, self.uid = pod.metadata.name, pod.status.pod_ip, pod.metadata.uid
         self.node, self.python, self.kubeconfig, self.logs = node, python, kubeconfig, logs
         containers = {c.name: c for c in pod.spec.containers}
+        self.engine_command = list(containers["engine"].command or [])
         self.engine_args = [self._subst(a) for a in containers["engine"].args]
         self.engine_env = containers["engine"].env or []
         self.agent_args = [self._subst(a) for a in containers["adapter-agent"].args]
@@ -156,8 +159,12 @@ class EnginePod:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
         # The engine container's own environment (the probe's /health generates nothing).
         env.update({e.name: e.value for e in self.engine_env if e.value is not None})
+        if self.engine_command == ["llama-server"]:
+            program = [str(Path(os.environ["KIMI_LLAMACPP"]) / "bin" / "llama-server")]
+        else:
+            program = [self.python, str(ENGINES / "sglang_standin.py")]
         self.engine = subprocess.Popen(
-            [self.python, str(ENGINES / "sglang_standin.py"), *self.engine_args],
+            [*program, *self.engine_args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

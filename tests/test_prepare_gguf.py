@@ -101,6 +101,10 @@ def test_only_the_chosen_quantization_is_downloaded_resumed_verified_and_marked(
     assert steps.index("DiskCheck") < steps.index("Downloading") < steps.index("Verifying") < steps.index("Done")
     # The GGUF repository's commit is what status reports for it (resolvedGgufRevision).
     assert {e.get("ggufRevision") for e in events if e["step"] != "DiskCheck"} == {sha}
+    # And the file to load (status.ggufEntry, what a llama.cpp LoraServer's engines are given).
+    assert {e.get("ggufEntry") for e in events if e["step"] != "DiskCheck"} == {
+        "Kimi-K2.5-UD-TQ1_0-00001-of-00002.gguf"
+    }
     # The connection dropped inside the first part: it went on from the bytes it had.
     assert server.ranges(GGUF_REPO, FIRST) == [f"bytes={constants.DOWNLOAD_CHUNK_SIZE}-"]
     for path in OTHERS:
@@ -121,6 +125,7 @@ def test_only_the_chosen_quantization_is_downloaded_resumed_verified_and_marked(
     code, events, _ = run(capsys, *args(root, server, "UD-TQ1_0"))
     assert code == 0
     assert [e["step"] for e in events] == ["Done"]
+    assert events[0]["ggufEntry"] == "Kimi-K2.5-UD-TQ1_0-00001-of-00002.gguf"
     assert len(server.gets(GGUF_REPO, FIRST)) == fetched
 
 

@@ -1,10 +1,12 @@
 """A real LoRA SFT run on CPU: our rendered LLaMA-Factory config and Kimi template drive
 LLaMA-Factory 0.9.5 on a tiny DeepSeek-V3-architecture model built here; the trainer log becomes
 status progress; a run stopped after a checkpoint resumes at the next step; the exported adapter
-loads with PEFT and changes the model's output."""
+loads with PEFT and changes the model's output, and its adapter.gguf (llama.cpp's converter, from
+`make llamacpp`) loads in a real llama-server."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -16,8 +18,10 @@ import pytest
 from e2e.gpu.tiny_train import spec as tiny_spec
 
 from kimi_operator.api.finetunejob import FineTuneJobSpec
+from kimi_operator.api.serving import GGUF_ADAPTER_FILE
 from kimi_operator.render import llamafactory
 from kimi_operator.workloads.train.progress import LogTail, latest_checkpoint, progress_from_log
+from tests import llamacpp_tools
 
 ORACLE = Path(__file__).parent / "oracle" / "tiny_deepseek.py"
 OPERATOR = Path(__file__).parents[1] / "operator"
@@ -25,8 +29,14 @@ OPERATOR = Path(__file__).parents[1] / "operator"
 CPU = ["use_cpu=true", "bf16=false", "use_kt=false", "trust_remote_code=false", "preprocessing_num_workers=1"]
 
 
-def run(python: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def pod_env() -> dict[str, str]:
+    """The training pod's environment here: its image's llama.cpp converter is `make llamacpp`'s."""
     env = {**os.environ, "PYTHONPATH": str(OPERATOR), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return llamacpp_tools.with_converter(env)
+
+
+def run(python: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = pod_env()
     proc = subprocess.run([python, *args], capture_output=True, text=True, check=False, env=env, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -110,7 +120,12 @@ def training_command(
     return common + [f"--set={pair}" for pair in CPU], output
 
 
-def test_train_report_resume_export(train_python: str, tiny_model: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def llamacpp() -> Path:
+    return llamacpp_tools.build()
+
+
+def test_train_report_resume_export(train_python: str, tiny_model: Path, llamacpp: Path, tmp_path: Path) -> None:
     command, output = training_command(train_python, tiny_model, tmp_path)
 
     # First run: stopped after the checkpoint at step 3 (as a killed pod would leave it).
@@ -132,7 +147,7 @@ def test_train_report_resume_export(train_python: str, tiny_model: Path, tmp_pat
     assert events[-1]["latestCheckpoint"] == str(output / "checkpoint-3")
 
     # Second run of the same job: resumes from checkpoint-3 and goes on at step 4.
-    run(train_python, *command, "--set=max_steps=6")
+    second = run(train_python, *command, "--set=max_steps=6")
     steps = [r["current_steps"] for r in LogTail(log).records() if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (output / "checkpoint-6" / "trainer_state.json").exists()
@@ -145,6 +160,36 @@ def test_train_report_resume_export(train_python: str, tiny_model: Path, tmp_pat
     change = float(run(train_python, str(ORACLE), "effect", str(tiny_model), str(adapter)).stdout.strip())
     assert change > 0
 
+    # The same adapter for llama.cpp, beside the PEFT files and in status.adapter.
+    reported = [json.loads(line) for line in second.stdout.splitlines() if line.startswith('{"event": "adapter"')]
+    gguf = adapter / GGUF_ADAPTER_FILE
+    assert reported[-1]["ggufSha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest(), reported[-1]
+    assert "ggufError" not in reported[-1]
+    check_loaded_by_llama_server(train_python, llamacpp, tiny_model, gguf, tmp_path)
+
+
+def check_loaded_by_llama_server(train_python: str, llamacpp: Path, model: Path, gguf: Path, work: Path) -> None:
+    """llama-server takes the adapter at start (scale 0) and lists it; asked for per request, it
+    moves the model's log probabilities (a few steps of training need not change a greedy token)."""
+    base = llamacpp_tools.convert_model(train_python, llamacpp, model, work / "base.gguf")
+    with llamacpp_tools.server(llamacpp, base, [gguf], work / "llama-server.log") as url:
+        listed = llamacpp_tools.http_json(f"{url}/lora-adapters")
+        assert [(entry["id"], entry["path"], entry["scale"]) for entry in listed] == [(0, str(gguf), 0.0)]
+
+        def logprobs(scale: float) -> list[float]:
+            # Probabilities come with text only: bytes of an unfinished character are held back,
+            # so several tokens are asked for.
+            body = {"prompt": "hello", "n_predict": 8, "temperature": 0, "n_probs": 1, "ignore_eos": True}
+            body.update(cache_prompt=False, lora=[{"id": 0, "scale": scale}])
+            reply = llamacpp_tools.http_json(f"{url}/completion", body)
+            return [float(p["logprob"]) for p in reply.get("completion_probabilities", [])]
+
+        without = logprobs(0.0)
+        assert without, "llama-server gave no probabilities"
+        # One thread: the same request gives the same numbers, so a difference is the adapter's.
+        assert logprobs(0.0) == without
+        assert logprobs(1.0) != without
+
 
 def test_a_killed_run_resumes_from_its_last_complete_checkpoint(
     train_python: str, tiny_model: Path, tmp_path: Path
@@ -152,7 +197,7 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(
     """SIGKILL once a checkpoint is complete (as the OOM killer or a lost node would), then the retry:
     it goes on from the newest checkpoint whose trainer state was written, one step after it."""
     command, output = training_command(train_python, tiny_model, tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(OPERATOR), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = pod_env()
     with (tmp_path / "first.log").open("w") as sink:
         first = subprocess.Popen([train_python, *command, "--set=max_steps=100000"], stdout=sink, stderr=sink, env=env)
         try:

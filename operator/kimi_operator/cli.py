@@ -51,6 +51,7 @@ def _run(args: argparse.Namespace) -> int:
             trainer_image=args.trainer_image,
             engine_image=args.engine_image,
             router_image=args.router_image,
+            llamacpp_image=args.llamacpp_image,
         )
     )
 
@@ -143,6 +144,11 @@ def parser() -> argparse.ArgumentParser:
         "--router-image",
         default=os.environ.get("KIMI_ROUTER_IMAGE", "ghcr.io/kimi-operator/router:0.1.0"),
         help="image of the LoraServers' OpenAI-compatible routers (env KIMI_ROUTER_IMAGE)",
+    )
+    run.add_argument(
+        "--llamacpp-image",
+        default=os.environ.get("KIMI_LLAMACPP_IMAGE", "ghcr.io/kimi-operator/llamacpp:0.1.0"),
+        help="image of llama.cpp engines and their adapter agents (engine.type llamacpp; env KIMI_LLAMACPP_IMAGE)",
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="text", choices=["text", "json"], help="json for log collectors")

@@ -318,6 +318,16 @@ class AdapterStatus(ApiModel):
             ),
         )
     )
+    gguf_sha256: Annotated[str, Field(max_length=64)] | None = Field(
+        default=None,
+        description=(
+            "sha256 of adapter.gguf, the adapter converted for llama.cpp beside the PEFT files (only the "
+            "modules llama.cpp applies; llamacppDroppedModules names the others)."
+        ),
+    )
+    gguf_error: Annotated[str, Field(max_length=4096)] | None = Field(
+        default=None, description="Why no adapter.gguf was written (a llama.cpp LoraServer cannot serve it)."
+    )
     published: PublishedAdapter | None = Field(
         default=None, description="The copy on the shared volume of spec.output.publish."
     )

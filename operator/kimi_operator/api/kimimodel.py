@@ -26,6 +26,12 @@ SHORT_NAMES = ("km",)
 # weights for serving (AMXINT8 / AMXINT4); native-int4 is the shipped checkpoint as is (RAWINT4);
 # gguf is one quantization of a GGUF repository, for llama.cpp.
 Variant = Literal["bf16", "cpu-int8", "cpu-int4", "native-int4", "gguf"]
+# A file inside the quantization's directory: relative, and no part of it starts with a dot (so no
+# '..'), as it becomes part of a path in the engine pods.
+GgufEntry = Annotated[
+    str,
+    Field(min_length=1, max_length=1024, pattern=r"^([A-Za-z0-9_][-A-Za-z0-9_.]*/)*[A-Za-z0-9_][-A-Za-z0-9_.]*\.gguf$"),
+]
 # The variants made from the INT4 checkpoint: a model asking for none of them never downloads it.
 FROM_CHECKPOINT: tuple[Variant, ...] = ("bf16", "cpu-int8", "cpu-int4", "native-int4")
 VARIANTS = len(get_args(Variant))
@@ -227,6 +233,9 @@ class NodeProgress(ApiModel):
     gguf_revision: Annotated[str, Field(max_length=64)] | None = Field(
         default=None, description="Commit sha the pod resolved spec.gguf's revision to."
     )
+    gguf_entry: GgufEntry | None = Field(
+        default=None, description="The file of the quantization llama.cpp loads (its first split part)."
+    )
     update_time: Annotated[str, Field(max_length=64)] = Field(
         description="When the pod last reported (RFC 3339).", json_schema_extra={"format": "date-time"}
     )
@@ -255,6 +264,13 @@ class KimiModelStatus(BaseStatus):
     )
     resolved_gguf_revision: Annotated[str, Field(max_length=64)] | None = Field(
         default=None, description="Commit sha spec.gguf's revision resolved to."
+    )
+    gguf_entry: GgufEntry | None = Field(
+        default=None,
+        description=(
+            "The file llama.cpp loads (the quantization's first split part), relative to the quantization's "
+            "directory, as the prepare pods found it in the repository."
+        ),
     )
     ready_nodes: Annotated[int, Field(ge=0)] | None = Field(
         default=None, description="Number of nodes holding every requested variant."

@@ -167,10 +167,65 @@ class Adapter(ApiModel):
         default=None, description="Replicas of its own for an expert adapter (default 1)."
     )
     pinned: bool = Field(default=False, description="Shared adapters: load on every shared replica and never evict it.")
+    accept_dropped_modules: bool = Field(
+        default=False,
+        description=(
+            "engine.type llamacpp: serve this adapter although llama.cpp would not apply some of its trained "
+            "modules (a FineTuneJob's export names them; status.adapters[].llamacppDroppedModules repeats them). "
+            "Without it such an adapter is refused."
+        ),
+    )
+
+
+class LlamaCpp(ApiModel):
+    """llama-server settings (engine.type llamacpp): the GGUF quantization the KimiModel prepares
+    (its gguf variant), on hosts with less RAM than the INT4 checkpoint needs."""
+
+    context_size: Annotated[int, Field(ge=256, le=262144)] = Field(
+        default=16384,
+        description="Context of each request: every parallel slot gets this much (-c is this times parallel).",
+    )
+    parallel: Annotated[int, Field(ge=1, le=256)] = Field(default=4, description="Requests decoded at once (-np).")
+    threads: Annotated[int, Field(ge=1, le=1024)] | None = Field(
+        default=None,
+        description="CPU threads (-t); default the pod's CPU limit (llama.cpp alone would count the host's cores).",
+    )
+    gpu_layers: Annotated[int, Field(ge=0, le=999)] = Field(
+        default=999, description="Layers offloaded to the GPUs (-ngl); the routed experts stay in RAM (cpuMoeLayers)."
+    )
+    cpu_moe_layers: Annotated[int, Field(ge=0, le=1024)] | None = Field(
+        default=None,
+        description=(
+            "Keep the routed experts of the first N layers in RAM (--n-cpu-moe); default every layer's (--cpu-moe)."
+        ),
+    )
 
 
 class Engine(ApiModel):
-    """SGLang and kt-kernel settings."""
+    """The engine of every replica: SGLang with kt-kernel (type sglang, the settings below), or
+    llama.cpp's llama-server (type llamacpp, its settings under llamacpp)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.llamacpp) || self.type == 'llamacpp'",
+                    "engine.llamacpp applies only with engine.type llamacpp",
+                    field_path=".llamacpp",
+                ),
+            ]
+        }
+    )
+
+    type: Literal["sglang", "llamacpp"] = Field(
+        default="sglang",
+        description=(
+            "sglang: SGLang with kt-kernel, adapters loaded and unloaded at run time. llamacpp: llama-server on "
+            "the KimiModel's gguf variant; it loads adapters only at start, so a change of the adapter list "
+            "restarts the replicas one at a time."
+        ),
+    )
+    llamacpp: LlamaCpp | None = Field(default=None, description="llama-server settings (type llamacpp).")
 
     kt_method: KtMethod = Field(
         default="AMXINT8",
@@ -353,6 +408,18 @@ _SPEC_RULES: list[Any] = [
         field_path=".adapters",
     ),
     cel(
+        "self.engine.type != 'llamacpp' || self.adapters.all(a, !(has(a.expert) && a.expert))",
+        "llama.cpp has no replicas of an adapter's own and no routed-expert LoRA: expert adapters need engine.type "
+        "sglang (a FineTuneJob's expert adapter can be served without its experts with acceptDroppedModules)",
+        field_path=".adapters",
+    ),
+    cel(
+        "self.engine.type != 'llamacpp' || self.adapters.all(a, has(a.fineTuneJob) || has(a.sha256))",
+        "with engine.type llamacpp every path or huggingFace adapter needs sha256: llama-server starts with its "
+        "adapter.gguf from the node cache, found by that digest",
+        field_path=".adapters",
+    ),
+    cel(
         "self.adapters.filter(a, has(a.pinned) && a.pinned).size() <= "
         "(has(self.engine.maxLoadedLoras) ? self.engine.maxLoadedLoras : self.engine.maxLorasPerBatch)",
         "more pinned adapters than a replica keeps loaded (engine.maxLoadedLoras)",
@@ -483,6 +550,15 @@ class AdapterPlacement(ApiModel):
         default_factory=list, description="Replicas whose engine lists it in /v1/models."
     )
     message: Annotated[str, Field(max_length=4096)] | None = Field(default=None, description="Why, when not Loaded.")
+    llamacpp_dropped_modules: Annotated[list[Annotated[str, Field(max_length=63)]], Field(max_length=64)] | None = (
+        Field(
+            default=None,
+            description=(
+                "engine.type llamacpp: trained modules this server does not apply (accepted with "
+                "acceptDroppedModules), as the FineTuneJob's export named them."
+            ),
+        )
+    )
 
 
 class AdapterError(ApiModel):

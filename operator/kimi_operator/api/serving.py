@@ -17,6 +17,10 @@ from kimi_operator.api.base import ApiModel
 
 PLAN_KEY = "plan.json"
 AGENT_FIELD_MANAGER_PREFIX = "kimi-agent-"
+# The adapter converted for llama.cpp, beside adapter_model.safetensors in the adapter's directory
+# (written at export; a llama-server engine loads this file from the node cache).
+GGUF_ADAPTER_FILE = "adapter.gguf"
+EngineApi = Literal["sglang", "llamacpp"]
 
 
 class AdapterFiles(ApiModel):
@@ -55,6 +59,13 @@ class ServingPlan(ApiModel):
 
     served_model_name: str
     generation: int = Field(description="metadata.generation of the LoraServer the plan was made from.")
+    engine: EngineApi = Field(
+        default="sglang",
+        description=(
+            "sglang: adapters loaded and unloaded through the engine's API; llamacpp: llama-server, whose "
+            "adapters are fixed at its start (the agent only fetches them before the start and reports)."
+        ),
+    )
     replicas: list[ReplicaPlan] = Field(default_factory=list)
 
     def for_replica(self, name: str) -> ReplicaPlan | None:

@@ -178,9 +178,14 @@ def reconcile(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: Kim
 
 
 def _resolved(nodes: Iterable[Mapping[str, Any]]) -> dict[str, str]:
-    """The commits the prepare pods resolved the requested revisions to, as they reported them."""
+    """The commits the prepare pods resolved the requested revisions to, and the GGUF file to load,
+    as they reported them."""
     resolved = {}
-    for field, key in (("revision", "resolvedRevision"), ("ggufRevision", "resolvedGgufRevision")):
+    for field, key in (
+        ("revision", "resolvedRevision"),
+        ("ggufRevision", "resolvedGgufRevision"),
+        ("ggufEntry", "ggufEntry"),
+    ):
         found = next((n["progress"][field] for n in nodes if (n.get("progress") or {}).get(field)), None)
         if found:
             resolved[key] = found

@@ -19,7 +19,7 @@ from kimi_operator.controller import pods as pods_
 from kimi_operator.controller.kimimodel import cleanup_waiting, model_or_wait
 from kimi_operator.controller.kube import Kube
 from kimi_operator.controller.loraserver_status import LsReason, ModelState, Replica, RouterState, Wanted, observe
-from kimi_operator.render import cleanup, placement, sglang
+from kimi_operator.render import cleanup, llamacpp, placement, sglang
 from kimi_operator.render import loraserver as render
 from kimi_operator.render import router as router_render
 from kimi_operator.render.kimimodel_paths import MOUNT
@@ -30,6 +30,7 @@ from kimi_operator.render.labels import COMPONENT, common, selector
 class Settings:
     engine_image: str
     router_image: str
+    llamacpp_image: str = "ghcr.io/kimi-operator/llamacpp:0.1.0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,11 @@ class Resolved:
     source: str
     blocked: tuple[str, str] | None = None
     rank: int | None = None
+    # What the export says of it for llama.cpp (FineTuneJob sources): the modules a llama.cpp server
+    # would not apply, and the digest of adapter.gguf or why there is none.
+    dropped: tuple[str, ...] | None = None
+    gguf_sha256: str | None = None
+    gguf_error: str | None = None
 
 
 def _under(path: str, root: str) -> str | None:
@@ -70,13 +76,26 @@ def _from_fine_tune_job(
     if ftj["spec"]["model"]["name"] != model["metadata"]["name"]:
         message = f"{where} trained on KimiModel {ftj['spec']['model']['name']}, not {model['metadata']['name']}"
         return Resolved(adapter, None, None, None, where, ("Unavailable", message))
+    for_llamacpp = {
+        "dropped": tuple(exported["llamacppDroppedModules"])
+        if exported.get("llamacppDroppedModules") is not None
+        else None,
+        "gguf_sha256": exported.get("ggufSha256"),
+        "gguf_error": exported.get("ggufError"),
+    }
     published = exported.get("published") or {}
     if store is not None and published.get("claimName") == store:
         # On the shared store: every replica can have it, whatever node it runs on.
         files = AdapterFiles(kind="store", path=str(published["path"]), node=exported["node"])
         source = f"{where}: {published['path']} on volume {store}"
         return Resolved(
-            adapter, bool(exported.get("expertLora")), files, exported.get("sha256"), source, rank=exported.get("rank")
+            adapter,
+            bool(exported.get("expertLora")),
+            files,
+            exported.get("sha256"),
+            source,
+            rank=exported.get("rank"),
+            **for_llamacpp,
         )
     # The trainer saw the model storage at the same mount as the engine pods do.
     relative = _under(str(exported["path"]), MOUNT)
@@ -85,7 +104,13 @@ def _from_fine_tune_job(
         return Resolved(adapter, None, None, None, source, ("Unavailable", f"{source} is outside the model storage"))
     files = AdapterFiles(kind="node", path=relative, node=exported["node"])
     return Resolved(
-        adapter, bool(exported.get("expertLora")), files, exported.get("sha256"), source, rank=exported.get("rank")
+        adapter,
+        bool(exported.get("expertLora")),
+        files,
+        exported.get("sha256"),
+        source,
+        rank=exported.get("rank"),
+        **for_llamacpp,
     )
 
 
@@ -118,6 +143,27 @@ def resolve(
     return Resolved(adapter, adapter.expert, files, adapter.sha256, f"hub {hub.repo}@{hub.revision}")
 
 
+def for_llamacpp(r: Resolved) -> Resolved:
+    """An adapter as a llama.cpp engine would serve it: refused when llama.cpp would drop trained
+    modules the user did not accept losing, or when the export wrote no GGUF file; an accepted
+    expert adapter is served without its experts, beside the others."""
+    if r.blocked is not None or r.spec.fine_tune_job is None:
+        # Path and hub adapters carry their own adapter.gguf (the agent checks it is there).
+        return r
+    if r.dropped and not r.spec.accept_dropped_modules:
+        named = "; ".join(f"{m} ({llamacpp.why(m)})" for m in r.dropped)
+        message = (
+            f"a llama.cpp engine would not apply these trained modules of {r.source}: {named}. Set "
+            "acceptDroppedModules: true on this adapter to serve it without them, or serve it with engine.type sglang"
+        )
+        return dataclasses.replace(r, blocked=("Failed", message))
+    if r.gguf_sha256 is None:
+        why = r.gguf_error or "the export predates GGUF conversion"
+        message = f"{r.source} has no adapter.gguf for llama.cpp ({why}); train it again to export one"
+        return dataclasses.replace(r, blocked=("Unavailable", message))
+    return dataclasses.replace(r, expert=False)
+
+
 def _planned(r: Resolved) -> PlannedAdapter:
     assert r.files is not None
     return PlannedAdapter(name=r.spec.name, sha256=r.sha256, files=r.files, pinned=r.spec.pinned)
@@ -131,6 +177,31 @@ class Layout:
     desired: list[str]
     plan: ServingPlan
     wanted: list[Wanted]
+    # llama.cpp: the digests of the adapters every replica starts with, in the order of their ids.
+    llamacpp_adapters: list[str] | None = None
+
+
+def llamacpp_layout(name: str, generation: int, spec: LoraServerSpec, resolved: list[Resolved]) -> Layout:
+    """One set of llama-server replicas, each started with every adapter it can serve (llama.cpp has
+    no adapter slots to share out, and loads adapters only at start)."""
+    shared_set = render.shared_set_name(name)
+    replicas = render.replica_names(shared_set, spec.replicas)
+    served = [r for r in (for_llamacpp(r) for r in resolved) if r.blocked is None and r.sha256]
+    plans = [ReplicaPlan(replica=n, adapters=[_planned(r) for r in served]) for n in replicas]
+    wanted: list[Wanted] = []
+    for r in (for_llamacpp(r) for r in resolved):
+        dropped = (r.dropped or ()) if r.spec.accept_dropped_modules else ()
+        if r.blocked is not None:
+            wanted.append(Wanted(r.spec.name, "Shared", sha256=r.sha256, source=r.source, blocked=r.blocked))
+        else:
+            wanted.append(
+                Wanted(r.spec.name, "Shared", tuple(replicas), r.sha256, r.source, dropped=dropped, at_start=True)
+            )
+    plan = ServingPlan(
+        served_model_name=spec.served_model_name, generation=generation, replicas=plans, engine="llamacpp"
+    )
+    digests = [str(r.sha256) for r in served]
+    return Layout({shared_set: (spec.replicas, None)}, replicas, plan, wanted, llamacpp_adapters=digests)
 
 
 def layout(name: str, generation: int, spec: LoraServerSpec, resolved: list[Resolved], cache: str) -> Layout:
@@ -185,13 +256,19 @@ def reconcile(
     model = model_or_wait(kube, namespace, spec.model.name)
     if isinstance(model, Verdict):
         return model, {}
-    needed = sglang.variant(spec.engine.kt_method)
+    llama = spec.engine.type == "llamacpp"
+    needed = "gguf" if llama else sglang.variant(spec.engine.kt_method)
     if needed not in (model.get("spec") or {}).get("variants", []):
+        setting = "engine.type llamacpp" if llama else f"engine.ktMethod {spec.engine.kt_method}"
         message = (
-            f"engine.ktMethod {spec.engine.kt_method} serves from the {needed} variant, which KimiModel "
+            f"{setting} serves from the {needed} variant, which KimiModel "
             f"{spec.model.name} does not prepare: add {needed} to its spec.variants"
         )
         return Verdict(state="stalled", reason=LsReason.VARIANT_MISSING, message=message), {}
+    gguf_entry = (model.get("status") or {}).get("ggufEntry")
+    if llama and not gguf_entry:
+        message = f"waiting for KimiModel {spec.model.name} to report its GGUF file (status.ggufEntry)"
+        return Verdict(state="progressing", reason=LsReason.MODEL_NOT_READY, message=message), {}
     owner = render.owner(namespace, name, meta["uid"])
     store = spec.adapter_store.persistent_volume_claim.name if spec.adapter_store else None
     ftjs = (
@@ -203,21 +280,40 @@ def reconcile(
         else {}
     )
     resolved = [resolve(ftjs, model, a, store) for a in spec.adapters]
-    plan_layout = layout(name, int(meta.get("generation") or 0), spec, resolved, render.CACHE_MOUNT)
+    generation = int(meta.get("generation") or 0)
+    plan_layout = (
+        llamacpp_layout(name, generation, spec, resolved)
+        if llama
+        else layout(name, generation, spec, resolved, render.CACHE_MOUNT)
+    )
     source = (model["spec"].get("source") or {}).get("path")
     facts = render.ModelFacts(
-        name=spec.model.name, storage_path=model["spec"]["storage"]["hostPath"], source_path=(source or {}).get("path")
+        name=spec.model.name,
+        storage_path=model["spec"]["storage"]["hostPath"],
+        source_path=(source or {}).get("path"),
+        gguf_quantization=((model["spec"].get("gguf") or {}).get("quantization")),
+        gguf_entry=gguf_entry,
     )
     for obj in render.rbac(owner):
         kube.apply(obj)
     kube.apply(render.plan_config_map(owner, plan_layout.plan))
     kube.apply(render.service(owner))
     for set_name, (count, start) in plan_layout.sets.items():
-        kube.apply(
-            render.engine_set(
+        if plan_layout.llamacpp_adapters is not None:
+            engines = render.llamacpp_set(
+                owner,
+                spec,
+                facts,
+                name=set_name,
+                replicas=count,
+                image=settings.llamacpp_image,
+                adapters=plan_layout.llamacpp_adapters,
+            )
+        else:
+            engines = render.engine_set(
                 owner, spec, facts, name=set_name, replicas=count, image=settings.engine_image, expert=start
             )
-        )
+        kube.apply(engines)
     for obj in router_render.rbac(owner):
         kube.apply(obj)
     kube.apply(router_render.service(owner))

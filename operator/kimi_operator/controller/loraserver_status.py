@@ -34,9 +34,13 @@ class Wanted:
     placed: tuple[str, ...] = ()
     sha256: str | None = None
     source: str | None = None
-    # Why it cannot be placed or loaded yet (source not ready, files out of reach): Pending or
-    # Unavailable with this message, whatever the engines say.
+    # Why it cannot be placed or loaded (source not ready, files out of reach, refused before any
+    # engine sees it): Pending, Unavailable or Failed with this message, whatever the engines say.
     blocked: tuple[str, str] | None = None
+    # llama.cpp: trained modules the engines will not apply, accepted by the user.
+    dropped: tuple[str, ...] = ()
+    # Loaded only when an engine starts (llama.cpp): waiting means waiting for replicas to restart.
+    at_start: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +122,8 @@ def adapter_status(
         entry["sha256"] = adapter.sha256
     if adapter.source:
         entry["source"] = adapter.source
+    if adapter.dropped:
+        entry["llamacppDroppedModules"] = list(adapter.dropped)
     # Only the reports of this pod's agent count (serving or not: a refusal needs no engine up).
     problems = [
         (n, p)
@@ -153,6 +159,8 @@ def adapter_status(
         why = f"not yet listed by {', '.join(missing)}"
         if down:
             why += f" ({', '.join(down)} not serving)"
+        if adapter.at_start:
+            why += "; llama.cpp loads adapters only at start: the replicas restart one at a time to take this list"
         entry["state"], entry["message"] = "Pending", why
     return entry
 

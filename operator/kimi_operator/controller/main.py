@@ -26,6 +26,7 @@ class Options:
     trainer_image: str = "ghcr.io/kimi-operator/trainer:0.1.0"
     engine_image: str = "ghcr.io/kimi-operator/engine:0.1.0"
     router_image: str = "ghcr.io/kimi-operator/router:0.1.0"
+    llamacpp_image: str = "ghcr.io/kimi-operator/llamacpp:0.1.0"
 
 
 async def _operate(options: Options) -> None:
@@ -49,6 +50,7 @@ async def _operate(options: Options) -> None:
             trainer=options.trainer_image,
             engine=options.engine_image,
             router=options.router_image,
+            llamacpp=options.llamacpp_image,
         ),
     )
     handlers.register(kopf_registry, kube, controllers)

@@ -59,6 +59,7 @@ class Images:
     trainer: str
     engine: str
     router: str
+    llamacpp: str = "ghcr.io/kimi-operator/llamacpp:0.1.0"
 
 
 Reconcile = Callable[[Mapping[str, Any], Any], tuple[Verdict, dict[str, Any]]]
@@ -113,7 +114,7 @@ def build(kube: Kube, images: Images) -> dict[str, Controller]:
     validated but reported as awaiting its reconciler."""
     km = kimimodel.Settings(prepare_image=images.prepare)
     ftj = finetunejob.Settings(trainer_image=images.trainer)
-    ls = loraserver.Settings(engine_image=images.engine, router_image=images.router)
+    ls = loraserver.Settings(engine_image=images.engine, router_image=images.router, llamacpp_image=images.llamacpp)
     controllers: list[Controller] = [
         KindController(
             KIMI_MODEL,

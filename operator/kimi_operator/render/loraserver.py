@@ -18,13 +18,14 @@ from typing import Any
 
 from kimi_operator.api.base import GROUP
 from kimi_operator.api.loraserver import KIND, PLURAL, LoraServerSpec
-from kimi_operator.api.serving import PLAN_KEY, ServingPlan
-from kimi_operator.render import sglang
+from kimi_operator.api.serving import GGUF_ADAPTER_FILE, PLAN_KEY, ServingPlan
+from kimi_operator.render import llamacpp, sglang
 from kimi_operator.render.jobs import template_metadata
 from kimi_operator.render.kimimodel import READY, model_label
 from kimi_operator.render.kimimodel_paths import MOUNT
 from kimi_operator.render.labels import bounded, common, selector
 from kimi_operator.render.owner import Owner, account, status_rule
+from kimi_operator.render.quantity import parse_quantity
 
 ENGINE = "engine"
 CACHE_MOUNT = "/adapter-cache"
@@ -96,6 +97,22 @@ class ModelFacts:
     storage_path: str
     # The native INT4 checkpoint on the node (a path source), or None when it is under the storage.
     source_path: str | None
+    # The gguf variant (llama.cpp engines): its quantization and the file to load in it.
+    gguf_quantization: str | None = None
+    gguf_entry: str | None = None
+
+
+def gguf_model_path(namespace: str, model: ModelFacts) -> str:
+    """The file llama-server is started with, in the engine pod: the quantization's first split part
+    (llama.cpp finds the others beside it)."""
+    assert model.gguf_quantization
+    assert model.gguf_entry
+    return f"{MOUNT}/{namespace}/{model.name}/gguf/{model.gguf_quantization}/{model.gguf_entry}"
+
+
+def gguf_adapter_path(digest: str) -> str:
+    """An adapter's GGUF file in the engine pod: its node cache entry, named by its digest."""
+    return f"{CACHE_MOUNT}/{digest}/{GGUF_ADAPTER_FILE}"
 
 
 def model_paths(namespace: str, model: ModelFacts) -> sglang.ModelPaths:
@@ -174,26 +191,19 @@ def _agent_args(owner: Owner, spec: LoraServerSpec, *, once: bool = False) -> li
     return [*args, "--once"] if once else args
 
 
-def engine_set(
-    owner: Owner,
-    spec: LoraServerSpec,
-    model: ModelFacts,
-    *,
-    name: str,
-    replicas: int,
-    image: str,
-    expert: sglang.StartAdapter | None = None,
-) -> dict[str, Any]:
-    """One StatefulSet of engine replicas: the engine container and the adapter agent beside it."""
-    kind = "expert" if expert else "shared"
-    labels = {**engine_labels(owner.name), REPLICA_KIND_LABEL: kind}
-    if expert:
-        labels[ADAPTER_LABEL] = bounded(expert.name)
-    resources = {
-        "nvidia.com/gpu": str(spec.resources.gpus),
-        "cpu": str(spec.resources.cpu),
-        "memory": str(spec.resources.memory),
-    }
+@dataclasses.dataclass(frozen=True)
+class _PodParts:
+    """What every engine pod of a LoraServer has, whatever its engine: the identity environment,
+    the model and cache volumes, the adapter agent and the placement on the model's nodes."""
+
+    env: list[dict[str, Any]]
+    volumes: list[dict[str, Any]]
+    engine_mounts: list[dict[str, Any]]
+    agent: dict[str, Any]
+    affinity: dict[str, Any]
+
+
+def _pod_parts(owner: Owner, spec: LoraServerSpec, model: ModelFacts, image: str) -> _PodParts:
     env = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
@@ -218,24 +228,6 @@ def engine_set(
         claim = spec.adapter_store.persistent_volume_claim.name
         volumes.append({"name": "adapter-store", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         agent_mounts.append({"name": "adapter-store", "mountPath": STORE_MOUNT, "readOnly": True})
-    if model.source_path:
-        volumes.append({"name": "source", "hostPath": {"path": model.source_path, "type": "Directory"}})
-        engine_mounts.append({"name": "source", "mountPath": SOURCE_MOUNT, "readOnly": True})
-    engine_args = sglang.launch_args(spec, model_paths(owner.namespace, model), host="$(POD_IP)", expert=expert)
-    engine = {
-        "name": ENGINE,
-        "image": image,
-        "command": ["python", "-m", "sglang.launch_server"],
-        "args": engine_args,
-        "env": [*env, {"name": "SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION", "value": "false"}],
-        "ports": [{"name": "http", "containerPort": sglang.ENGINE_PORT}],
-        "resources": {"requests": resources, "limits": resources},
-        "volumeMounts": [*engine_mounts, {"name": "dshm", "mountPath": "/dev/shm"}],  # noqa: S108 (shared memory)
-        # The tail of its log as its termination message: an engine that cannot start (an expert
-        # adapter it refuses) is reported with its own words.
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        **_probes(),
-    }
     agent_resources = {"cpu": "500m", "memory": "512Mi"}
     agent_env = list(env)
     if spec.hub_endpoint is not None:
@@ -252,29 +244,34 @@ def engine_set(
         "resources": {"requests": agent_resources, "limits": agent_resources},
         "volumeMounts": agent_mounts,
     }
-    pod_spec: dict[str, Any] = {
-        "serviceAccountName": service_account_name(owner.name),
-        "affinity": {
-            "nodeAffinity": {
-                "requiredDuringSchedulingIgnoredDuringExecution": {
-                    "nodeSelectorTerms": [
-                        {
-                            "matchExpressions": [
-                                {"key": model_label(owner.namespace, model.name), "operator": "In", "values": [READY]}
-                            ]
-                        }
-                    ]
-                }
+    affinity = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {
+                        "matchExpressions": [
+                            {"key": model_label(owner.namespace, model.name), "operator": "In", "values": [READY]}
+                        ]
+                    }
+                ]
             }
-        },
-        "containers": [engine, agent],
-        "volumes": volumes,
-        # Unloading waits for in-flight requests of the adapter; give long generations time to end.
-        "terminationGracePeriodSeconds": 120,
+        }
     }
-    if expert:
-        # The expert adapter must be on the node before the engine starts with it.
-        pod_spec["initContainers"] = [{**agent, "name": "fetch-adapter", "args": _agent_args(owner, spec, once=True)}]
+    return _PodParts(env, volumes, engine_mounts, agent, affinity)
+
+
+def _engine_resources(spec: LoraServerSpec) -> dict[str, Any]:
+    resources = {
+        "nvidia.com/gpu": str(spec.resources.gpus),
+        "cpu": str(spec.resources.cpu),
+        "memory": str(spec.resources.memory),
+    }
+    return {"requests": resources, "limits": resources}
+
+
+def _stateful_set(
+    owner: Owner, spec: LoraServerSpec, *, name: str, replicas: int, labels: Mapping[str, str], pod_spec: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -283,13 +280,146 @@ def engine_set(
             "serviceName": service_name(owner.name),
             "replicas": replicas,
             # Replicas load their weights in parallel (each load takes minutes); a change of engine
-            # settings still rolls them one at a time, waiting for each to be ready again.
+            # settings (or of a llama.cpp engine's adapters) still rolls them one at a time, waiting
+            # for each to be ready again.
             "podManagementPolicy": "Parallel",
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
             "selector": {"matchLabels": {k: labels[k] for k in sorted(labels)}},
             "template": {"metadata": _pod_metadata(owner, spec, labels), "spec": pod_spec},
         },
     }
+
+
+def engine_set(
+    owner: Owner,
+    spec: LoraServerSpec,
+    model: ModelFacts,
+    *,
+    name: str,
+    replicas: int,
+    image: str,
+    expert: sglang.StartAdapter | None = None,
+) -> dict[str, Any]:
+    """One StatefulSet of SGLang replicas: the engine container and the adapter agent beside it."""
+    kind = "expert" if expert else "shared"
+    labels = {**engine_labels(owner.name), REPLICA_KIND_LABEL: kind}
+    if expert:
+        labels[ADAPTER_LABEL] = bounded(expert.name)
+    parts = _pod_parts(owner, spec, model, image)
+    engine_mounts = list(parts.engine_mounts)
+    volumes = list(parts.volumes)
+    if model.source_path:
+        volumes.append({"name": "source", "hostPath": {"path": model.source_path, "type": "Directory"}})
+        engine_mounts.append({"name": "source", "mountPath": SOURCE_MOUNT, "readOnly": True})
+    engine_args = sglang.launch_args(spec, model_paths(owner.namespace, model), host="$(POD_IP)", expert=expert)
+    engine = {
+        "name": ENGINE,
+        "image": image,
+        "command": ["python", "-m", "sglang.launch_server"],
+        "args": engine_args,
+        "env": [*parts.env, {"name": "SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION", "value": "false"}],
+        "ports": [{"name": "http", "containerPort": sglang.ENGINE_PORT}],
+        "resources": _engine_resources(spec),
+        "volumeMounts": [*engine_mounts, {"name": "dshm", "mountPath": "/dev/shm"}],  # noqa: S108 (shared memory)
+        # The tail of its log as its termination message: an engine that cannot start (an expert
+        # adapter it refuses) is reported with its own words.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        **_probes(),
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": service_account_name(owner.name),
+        "affinity": parts.affinity,
+        "containers": [engine, parts.agent],
+        "volumes": volumes,
+        # Unloading waits for in-flight requests of the adapter; give long generations time to end.
+        "terminationGracePeriodSeconds": 120,
+    }
+    if expert:
+        # The expert adapter must be on the node before the engine starts with it.
+        pod_spec["initContainers"] = [
+            {**parts.agent, "name": "fetch-adapter", "args": _agent_args(owner, spec, once=True)}
+        ]
+    return _stateful_set(owner, spec, name=name, replicas=replicas, labels=labels, pod_spec=pod_spec)
+
+
+def _threads(spec: LoraServerSpec) -> int:
+    """llama-server's threads: the setting, else the pod's CPU limit (at least one), since llama.cpp
+    alone counts the host's cores, not the pod's share of them."""
+    settings = spec.engine.llamacpp
+    if settings is not None and settings.threads is not None:
+        return settings.threads
+    return max(1, int(parse_quantity(str(spec.resources.cpu))))
+
+
+def llamacpp_set(
+    owner: Owner,
+    spec: LoraServerSpec,
+    model: ModelFacts,
+    *,
+    name: str,
+    replicas: int,
+    image: str,
+    adapters: list[str],
+) -> dict[str, Any]:
+    """One StatefulSet of llama-server replicas, each started with every adapter of the list (the
+    digests of their files, in the order of their ids). llama-server loads adapters only at start:
+    the list is in the pod template, so a change rolls the replicas one at a time; an init container
+    brings the files into the node cache first."""
+    labels = {**engine_labels(owner.name), REPLICA_KIND_LABEL: "shared"}
+    settings = spec.engine.llamacpp
+    options = llamacpp.ServerOptions(
+        model=gguf_model_path(owner.namespace, model),
+        alias=spec.served_model_name,
+        adapters=tuple(gguf_adapter_path(d) for d in adapters),
+        threads=_threads(spec),
+        host="$(POD_IP)",
+        port=sglang.ENGINE_PORT,
+    )
+    if settings is not None:
+        options = dataclasses.replace(
+            options,
+            context_size=settings.context_size,
+            parallel=settings.parallel,
+            gpu_layers=settings.gpu_layers,
+            cpu_moe_layers=settings.cpu_moe_layers,
+        )
+    # The server's own defaults are the LoraServer's sampling defaults, as the router's are.
+    sampling = spec.sampling
+    if sampling.temperature is not None:
+        options = dataclasses.replace(options, temperature=sampling.temperature)
+    if sampling.top_p is not None:
+        options = dataclasses.replace(options, top_p=sampling.top_p)
+    if sampling.min_p is not None:
+        options = dataclasses.replace(options, min_p=sampling.min_p)
+    # The llama.cpp image carries the agent too (kimi-operator serve-agent), as the SGLang one does.
+    parts = _pod_parts(owner, spec, model, image)
+    probe = {"httpGet": {"path": "/health", "port": sglang.ENGINE_PORT}, "timeoutSeconds": 5}
+    engine = {
+        "name": ENGINE,
+        "image": image,
+        "command": ["llama-server"],
+        "args": llamacpp.server_args(options),
+        "env": parts.env,
+        "ports": [{"name": "http", "containerPort": sglang.ENGINE_PORT}],
+        "resources": _engine_resources(spec),
+        "volumeMounts": [*parts.engine_mounts, {"name": "dshm", "mountPath": "/dev/shm"}],  # noqa: S108
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        # llama-server answers /health 503 while it loads the model, 200 once it serves. A
+        # quantization of hundreds of GB takes many minutes to read: an hour before giving up.
+        "startupProbe": {**probe, "periodSeconds": 10, "failureThreshold": 360},
+        "readinessProbe": {**probe, "periodSeconds": 10, "failureThreshold": 3},
+        "livenessProbe": {**probe, "periodSeconds": 30, "failureThreshold": 10},
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": service_account_name(owner.name),
+        "affinity": parts.affinity,
+        # Every adapter on the node before the engine starts with it.
+        "initContainers": [{**parts.agent, "name": "fetch-adapters", "args": _agent_args(owner, spec, once=True)}],
+        "containers": [engine, parts.agent],
+        "volumes": parts.volumes,
+        "terminationGracePeriodSeconds": 120,
+    }
+    return _stateful_set(owner, spec, name=name, replicas=replicas, labels=labels, pod_spec=pod_spec)
 
 
 def _pod_metadata(owner: Owner, spec: LoraServerSpec, labels: Mapping[str, str]) -> dict[str, Any]:

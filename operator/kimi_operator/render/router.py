@@ -102,6 +102,8 @@ def deployment(owner: Owner, spec: LoraServerSpec, *, image: str) -> dict[str, A
             f"--port={HTTP_PORT}",
             f"--metrics-port={METRICS_PORT}",
             f"--keys-dir={KEYS_MOUNT}",
+            # llama-server lists adapters by file and takes them by id (REFERENCE.md).
+            *(["--engine-api=llamacpp"] if spec.engine.type == "llamacpp" else []),
         ],
         "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
         "ports": [

@@ -53,6 +53,7 @@ def progress(
     revision: str | None,
     *,
     gguf_revision: str | None = None,
+    gguf_entry: str | None = None,
 ) -> NodeProgress:
     eta = _hms((total - done) / rate) if rate and rate > 0 and total >= done else None
     return NodeProgress(
@@ -64,6 +65,7 @@ def progress(
         eta=eta,
         revision=revision,
         gguf_revision=gguf_revision,
+        gguf_entry=gguf_entry,
         update_time=now_rfc3339(),
     )
 
@@ -128,6 +130,7 @@ class Reporter:
         self.rate = Rate(clock=clock)
         self.revision: str | None = None
         self.gguf_revision: str | None = None
+        self.gguf_entry: str | None = None
         self._last: tuple[float, str] | None = None
         self.failures = 0
 
@@ -139,7 +142,9 @@ class Reporter:
         if not boundary and self._last is not None and now - self._last[0] < self.min_interval:
             return
         self._last = (now, step)
-        record = progress(step, done, total, rate, self.revision, gguf_revision=self.gguf_revision)
+        record = progress(
+            step, done, total, rate, self.revision, gguf_revision=self.gguf_revision, gguf_entry=self.gguf_entry
+        )
         self._print(record)
         if self.writer is not None:
             try:

@@ -138,10 +138,13 @@ def download_gguf(req: Request, report: Reporter) -> None:
     report.gguf_revision = sha
     files = gguf.select(req.gguf_repo, listed, quant)
     target = req.root / "gguf" / quant
-    if _complete(target, sha):
-        return
     # A quantization kept in a directory of its own lands in target as it is named in the repository.
     nested = all(f.path.startswith(f"{quant}/") for f in files)
+    first = gguf.entry(files)
+    entry = first.removeprefix(f"{quant}/") if nested else first
+    report.gguf_entry = entry
+    if _complete(target, sha):
+        return
     destination = target.parent if nested else target
     _fetch(
         req,
@@ -153,8 +156,7 @@ def download_gguf(req: Request, report: Reporter) -> None:
         token=req.gguf_token,
         endpoint=req.gguf_endpoint,
     )
-    first = gguf.entry(files)
-    manifest.write(target, variant="gguf", revision=sha, entry=first.removeprefix(f"{quant}/") if nested else first)
+    manifest.write(target, variant="gguf", revision=sha, entry=entry)
 
 
 def to_bf16(req: Request, revision: str | None, report: Reporter) -> None:

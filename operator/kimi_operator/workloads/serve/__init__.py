@@ -1,1 +1,1 @@
-"""The engine image's own process: the adapter agent beside each SGLang engine."""
+"""The engine images' own process: the adapter agent beside each SGLang or llama.cpp engine."""

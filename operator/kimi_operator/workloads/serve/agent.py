@@ -6,7 +6,13 @@ into the node cache (checked against its sha256 before the engine sees it), ask 
 ``/v1/models``, load and unload until it matches, ask again, and write what it lists into the
 LoraServer's ``status.engines[name=<replica>]`` under this agent's own field manager. An engine
 that restarted comes back with only its start-up adapters; the next step loads the rest again.
-With ``--once`` (the expert replicas' init container) it only fills the cache and exits.
+
+A llama.cpp engine (the plan's ``engine: llamacpp``) has its adapters fixed at its start, the cache
+files of its command line: each step only asks it which files it has (``/lora-adapters``) and
+reports the planned adapters they are, in the same form; nothing is loaded or unloaded.
+
+With ``--once`` (the init container of expert replicas and of llama.cpp engines) it only fills the
+cache, checks that each entry holds what the engine will load, and exits.
 """
 
 from __future__ import annotations
@@ -25,14 +31,26 @@ from typing import Any
 
 from kimi_operator.api.conditions import now_rfc3339
 from kimi_operator.api.loraserver import KIND, PLURAL
-from kimi_operator.api.serving import AGENT_FIELD_MANAGER_PREFIX, PLAN_KEY, PlannedAdapter, ServingPlan
-from kimi_operator.workloads.serve import cache
-from kimi_operator.workloads.serve.engine import Engine, EngineDown
+from kimi_operator.api.serving import (
+    AGENT_FIELD_MANAGER_PREFIX,
+    GGUF_ADAPTER_FILE,
+    PLAN_KEY,
+    EngineApi,
+    PlannedAdapter,
+    ServingPlan,
+)
+from kimi_operator.workloads.serve import cache, llamacpp
+from kimi_operator.workloads.serve.engine import Engine, EngineDown, LlamaServer
 from kimi_operator.workloads.serve.sync import Load, Unload, Want, actions
 
 log = logging.getLogger(__name__)
 
 PlanSource = Callable[[], ServingPlan | None]
+StatusWriter = Callable[[dict[str, Any]], None]
+
+# Files a cache entry must hold besides the weights for each kind of engine to load it, and what is
+# reported when one is missing.
+NEEDS: dict[EngineApi, dict[str, str]] = {"sglang": {}, "llamacpp": {GGUF_ADAPTER_FILE: llamacpp.NO_GGUF}}
 
 
 MAX_MESSAGE = 2000
@@ -54,8 +72,13 @@ class Agent:
         cache_dir: Path,
         pod_uid: str | None = None,
         store_dir: Path | None = None,
+        llama: LlamaServer | None = None,
     ) -> None:
         self.store_dir = store_dir
+        # The same engine seen as a llama-server, asked when the plan says it is one.
+        self.llama = llama or LlamaServer(engine.url)
+        # The kind of engine the last plan read named: without a plan, the step keeps to it.
+        self.api: EngineApi = "sglang"
         # source key -> the digest its files had (adapters declared without a sha256).
         self.digests: dict[str, str] = {}
         # adapter -> whether this agent loaded it pinned.
@@ -129,14 +152,16 @@ class Agent:
             return None
         return f"{files.kind}:{files.path}:{stat.st_size}:{stat.st_mtime_ns}"
 
-    def materialise(self, adapters: Sequence[PlannedAdapter]) -> dict[str, Want]:
-        """Cache path of every adapter that could be had; the others are remembered as unavailable."""
+    def materialise(self, adapters: Sequence[PlannedAdapter], api: EngineApi = "sglang") -> dict[str, Want]:
+        """Cache path of every adapter that could be had as ``api``'s engine loads it; the others are
+        remembered as unavailable."""
         desired: dict[str, Want] = {}
         self.unavailable = {}
+        needs = NEEDS[api]
         for adapter in adapters:
             key = self._source_key(adapter)
             try:
-                path = cache.materialise(self.cache_dir, self._known(adapter), self._fetch(adapter))
+                path = cache.materialise(self.cache_dir, self._known(adapter), self._fetch(adapter), tuple(needs))
             except (cache.Unavailable, OSError) as exc:
                 self.unavailable[adapter.name] = (adapter.sha256, _short(str(exc)))
                 continue
@@ -145,12 +170,44 @@ class Agent:
                 continue
             if key and not adapter.sha256:
                 self.digests[key] = path.name
+            missing = [why for name, why in needs.items() if not (path / name).is_file()]
+            if missing:
+                self.unavailable[adapter.name] = (path.name, missing[0])
+                continue
             desired[adapter.name] = Want(str(path), adapter.pinned)
         return desired
 
     def step(self) -> dict[str, Any]:
         """One comparison of the engine with the plan; returns this replica's report."""
         plan = self.plan()
+        if plan is not None:
+            self.api = plan.engine
+        if self.api == "llamacpp":
+            return self._step_fixed(plan)
+        return self._step_sglang(plan)
+
+    def _step_fixed(self, plan: ServingPlan | None) -> dict[str, Any]:
+        """A llama-server's step: its adapters were fixed at its start, so it is only asked which
+        files it has. An adapter planned here that it does not have (its pod is being replaced with
+        a new list) is not listed, and nothing is sent: only a restart with the new list loads it."""
+        mine = plan.for_replica(self.replica) if plan else None
+        planned = mine.adapters if mine else []
+        # Still fetched: the digests of adapters planned without one name their files, an adapter
+        # its source lost is reported, and the pod replacing this one finds the cache filled.
+        self.materialise(planned, "llamacpp")
+        try:
+            files = self.llama.adapter_files()
+        except EngineDown as exc:
+            log.info("engine not answering: %s", exc)
+            return self.report(up=False, listed={}, planned=planned)
+        digests = {a.name: sha for a in planned if (sha := self._known(a))}
+        listed = llamacpp.adapters_of_files(files, digests, self.cache_dir)
+        # The server keeps the files it loaded at start, whatever their source says now.
+        for name in [n for n in self.unavailable if n in listed]:
+            log.warning("%s is served from %s: %s", name, listed[name], self.unavailable.pop(name)[1])
+        return self.report(up=True, listed=listed, planned=planned)
+
+    def _step_sglang(self, plan: ServingPlan | None) -> dict[str, Any]:
         mine = plan.for_replica(self.replica) if plan else None
         planned = mine.adapters if mine else []
         desired = self.materialise(planned)
@@ -271,6 +328,21 @@ def _kube_sources(namespace: str, plan_name: str) -> tuple[Any, PlanSource]:
     return api, plan
 
 
+def fill_once(agent: Agent, plan: ServingPlan | None, write: StatusWriter) -> int:
+    """``--once``, before the engine starts: every adapter planned for this replica into the node
+    cache, as the plan's engine loads it. 0 when all are there; otherwise 1, with the missing ones
+    reported Unavailable (the pod's init container fails, and status says why)."""
+    mine = plan.for_replica(agent.replica) if plan else None
+    planned = mine.adapters if mine else []
+    agent.materialise(planned, plan.engine if plan else "sglang")
+    if not agent.unavailable:
+        return 0
+    report = agent.report(up=False, listed={}, planned=planned)
+    write({"engines": [{**report, "lastSyncTime": now_rfc3339()}]})
+    print(json.dumps({"event": "unavailable", "adapters": agent.unavailable}), file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kimi-operator serve-agent", description=__doc__)
     parser.add_argument("--report", required=True, help="namespace/name of the LoraServer")
@@ -302,15 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         store_dir=args.store_dir,
     )
     if args.once:
-        current = plan()
-        mine = current.for_replica(args.replica) if current else None
-        agent.materialise(mine.adapters if mine else [])
-        if agent.unavailable:
-            report = agent.report(up=False, listed={}, planned=mine.adapters if mine else [])
-            own.apply({"engines": [{**report, "lastSyncTime": now_rfc3339()}]})
-            print(json.dumps({"event": "unavailable", "adapters": agent.unavailable}), file=sys.stderr)
-            return 1
-        return 0
+        return fill_once(agent, plan(), own.apply)
     # Before anything slow (a download): whatever an earlier pod of this name reported is void now.
     first = agent.report(up=False, listed={}, planned=[])
     own.apply({"engines": [{**first, "lastSyncTime": now_rfc3339()}]})

@@ -1,7 +1,9 @@
 """The node-local adapter cache: one directory per adapter_model.safetensors sha256, shared by every
 LoraServer whose model storage is on the node. A directory appears whole (built under a temporary
-name, checked, then renamed) and is never changed afterwards, so an engine never reads a partial
-adapter and a digest always names the same files.
+name, checked, then renamed) and its files are never changed afterwards, so an engine never reads a
+partial adapter and a digest always names the same weights. The one change: a file an engine needs
+that the first source lacked (a llama.cpp engine's adapter.gguf) is added, whole, when a later
+fetch of the same weights carries it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 WEIGHTS = "adapter_model.safetensors"
@@ -29,10 +31,13 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def materialise(cache: Path, expected: str | None, fetch: Callable[[Path], None]) -> Path:
+def materialise(cache: Path, expected: str | None, fetch: Callable[[Path], None], require: Sequence[str] = ()) -> Path:
     """The cache directory holding the adapter; ``fetch`` fills a temporary directory when it is
-    not cached yet. With ``expected`` the files must have that digest before anything sees them."""
-    if expected and (cache / expected / WEIGHTS).is_file():
+    not cached yet. With ``expected`` the files must have that digest before anything sees them.
+
+    ``require``: files the engine needs besides the weights. An entry without one is fetched again
+    and gets it from there if the source has it; the caller checks whether it is there now."""
+    if expected and _has(cache / expected, (WEIGHTS, *require)):
         return cache / expected
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache))
@@ -46,6 +51,7 @@ def materialise(cache: Path, expected: str | None, fetch: Callable[[Path], None]
             raise Unavailable(f"{WEIGHTS} has sha256 {found}, expected {expected}")
         final = cache / found
         if final.exists():
+            _add_missing(staging, final, require)
             return final
         try:
             os.replace(staging, final)
@@ -53,10 +59,23 @@ def materialise(cache: Path, expected: str | None, fetch: Callable[[Path], None]
             # Another agent on the node put the same files there first.
             if not (final / WEIGHTS).is_file():
                 raise
+            _add_missing(staging, final, require)
         return final
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _has(entry: Path, names: Sequence[str]) -> bool:
+    return all((entry / name).is_file() for name in names)
+
+
+def _add_missing(staging: Path, entry: Path, names: Sequence[str]) -> None:
+    """Move into an existing entry the files of ``names`` it lacks and a fetch of the same weights
+    brought: each appears whole (a rename), and none already there is touched."""
+    for name in names:
+        if (staging / name).is_file() and not (entry / name).exists():
+            os.replace(staging / name, entry / name)
 
 
 def unavailable(message: str) -> Callable[[Path], None]:

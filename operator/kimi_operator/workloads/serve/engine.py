@@ -1,6 +1,9 @@
-"""SGLang's adapter API as the agent uses it (REFERENCE.md, "SGLang multi-LoRA"), over plain HTTP.
+"""The engines' APIs as the agent uses them, over plain HTTP: SGLang's adapter API (REFERENCE.md,
+"SGLang multi-LoRA"), and llama.cpp's ``llama-server``, whose adapters are fixed at its start and
+only listed.
 
-Only the answers are interpreted here; what to load and unload is decided in ``sync``.
+Only the answers are interpreted here; what to load and unload is decided in ``sync``, which
+planned adapter a llama-server's file is in ``llamacpp``.
 """
 
 from __future__ import annotations
@@ -42,24 +45,29 @@ class Answer:
     stuck: bool = False
 
 
+def _call(url: str, method: str, path: str, body: dict[str, Any] | None, timeout: float) -> tuple[int, Any]:
+    """(HTTP status, JSON body) of one request; an error's body that is not JSON comes back as its text."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(  # noqa: S310 (the engine beside us, at the http URL we were given)
+        url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310
+            return int(resp.status), json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw or b"null")
+        except ValueError:
+            return exc.code, {"error_message": raw.decode(errors="replace")}
+
+
 class Engine:
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None, timeout: float) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(  # noqa: S310 (the engine beside us, at the http URL we were given)
-            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310
-                return int(resp.status), json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            try:
-                return exc.code, json.loads(raw or b"null")
-            except ValueError:
-                return exc.code, {"error_message": raw.decode(errors="replace")}
+        return _call(self.url, method, path, body, timeout)
 
     def models(self, served: str) -> dict[str, str]:
         """Adapter name -> the path it was loaded from, as /v1/models lists them (the base excluded)."""
@@ -117,3 +125,30 @@ class Engine:
             return round(sum(float(v) for v in found)) if found else None
         except (ValueError, OverflowError):  # NaN or infinite: nothing to judge by
             return None
+
+
+class LlamaServer:
+    """llama.cpp's ``llama-server``: its adapters are the files of its command line, fixed at its
+    start, so nothing is ever loaded or unloaded here; it is only asked what it has."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def _get(self, path: str) -> Any:
+        try:
+            code, body = _call(self.url, "GET", path, None, LIST_TIMEOUT)
+        except (OSError, ValueError) as exc:
+            raise EngineDown(f"{self.url}{path}: {exc}") from exc
+        if code != 200:
+            raise EngineDown(f"{path} answered {code}")
+        return body
+
+    def adapter_files(self) -> list[str]:
+        """The path of each adapter file it was started with, as ``GET /lora-adapters`` lists them
+        (``[{"id", "path", "scale"}, ...]``). Asked only once ``/health`` says the model is loaded:
+        until then it answers 503."""
+        self._get("/health")
+        body = self._get("/lora-adapters")
+        if not isinstance(body, list) or not all(isinstance(e, dict) for e in body):
+            raise EngineDown("/lora-adapters answered something other than a list of adapters")
+        return [str(e.get("path") or "") for e in body]

@@ -14,6 +14,12 @@ engine, served on a LoraServer's dedicated replicas) or the non-expert part only
 shape, the result is checked the way SGLang reads it (one rank, every lora_A with its lora_B, keys of
 the declared target modules) in ``<output>/adapter.partial`` and renamed to ``<output>/adapter``
 only when complete.
+
+Beside the PEFT files the export writes ``adapter.gguf`` for llama.cpp, made by llama.cpp's own
+``convert_lora_to_gguf.py`` (found through ``KIMI_LLAMACPP_SRC``) from a copy holding only the modules
+llama.cpp applies (``render.llamacpp``; the others are reported as ``llamacppDroppedModules``). No
+converter, no module it applies, or a conversion that fails costs the GGUF file, not the export: the
+adapter is still good for SGLang, and ``status.adapter.ggufError`` says why.
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kimi_operator.api.serving import GGUF_ADAPTER_FILE
 from kimi_operator.render import llamacpp
 from kimi_operator.workloads import manifest
-from kimi_operator.workloads.safetensors_io import Reader, SafetensorsError
+from kimi_operator.workloads.safetensors_io import PlannedTensor, Reader, SafetensorsError, header_bytes
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -39,6 +46,14 @@ FUSED = "fused_expert_lora.safetensors"
 KT_MANIFEST = "kt_adapter_manifest.json"
 CONVERTER = Path("sft") / "convert_kt_to_sglang_adapter.py"
 FINAL, PARTIAL, STAGING = "adapter", "adapter.partial", "adapter.kt-input"
+# The directory holding llama.cpp's convert_lora_to_gguf.py with the conversion/ and gguf-py/ it imports.
+LLAMACPP_SRC_ENV = "KIMI_LLAMACPP_SRC"
+LORA_TO_GGUF = "convert_lora_to_gguf.py"
+GGUF_STAGING = "adapter.gguf-input"
+# Written at the adapter's own precision (no rounding, no doubling); anything else as f32.
+GGUF_OUTTYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
+# A converter that hangs must not keep the pod from reporting its adapter.
+GGUF_TIMEOUT_S = 1800
 
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<ab>lora_A|lora_B)\.weight$")
 _EXPERT_KEY = re.compile(r"\.experts\.\d+\.(gate|up|down)_proj$")
@@ -57,6 +72,8 @@ class Checked:
     target_modules: tuple[str, ...]
     tensors: int
     modules: tuple[str, ...]  # every adapted module, by its full name
+    # Set by export: why no adapter.gguf was written beside the PEFT files (None: it was).
+    gguf_error: str | None = None
 
     @property
     def expert_modules(self) -> int:
@@ -181,8 +198,96 @@ def _convert_kt(output_dir: Path, partial: Path, *, experts: bool, base_model: s
         raise ExportError(f"{script.name} failed on {output_dir}: {last}")
 
 
+class GgufError(Exception):
+    """No adapter.gguf is written; the message says why (``status.adapter.ggufError``). Not an
+    ``ExportError``: the adapter is published without it."""
+
+
+def llamacpp_converter() -> Path:
+    """llama.cpp's ``convert_lora_to_gguf.py``, where ``KIMI_LLAMACPP_SRC`` says it is."""
+    source = os.environ.get(LLAMACPP_SRC_ENV)
+    if not source:
+        raise GgufError(f"{LLAMACPP_SRC_ENV} is not set: no llama.cpp converter here to write {GGUF_ADAPTER_FILE}")
+    script = Path(source) / LORA_TO_GGUF
+    if not script.is_file():
+        raise GgufError(f"{LLAMACPP_SRC_ENV}={source} holds no {LORA_TO_GGUF}: no {GGUF_ADAPTER_FILE} written")
+    return script
+
+
+def _module(tensor: str) -> str:
+    """The adapted module of a checked tensor name (``...o_proj.lora_A.weight`` -> ``...o_proj``)."""
+    match = _KEY.match(tensor)
+    return match["module"] if match else tensor
+
+
+def _llamacpp_input(adapter: Path, staging: Path) -> str:
+    """Copy the PEFT adapter to ``staging`` with only the modules llama.cpp applies: the converter
+    fails on kv_b_proj, and what it would convert without effect would mislead whoever reads the
+    file. ``target_modules`` is reduced to match. Returns the converter's ``--outtype``."""
+    config = json.loads((adapter / CONFIG).read_text())
+    if config.get("use_rslora"):
+        # llama.cpp scales every adapter by lora_alpha / r; rsLoRA's alpha / sqrt(r) would be lost.
+        raise GgufError(f"{CONFIG}: use_rslora is set, which llama.cpp does not apply: no {GGUF_ADAPTER_FILE} written")
+    with Reader(adapter / WEIGHTS) as reader:
+        kept = [info for name, info in reader.tensors.items() if not llamacpp.dropped_modules([_module(name)])]
+        if not kept:
+            raise GgufError(
+                "llama.cpp applies none of the trained modules (see llamacppDroppedModules): "
+                f"no {GGUF_ADAPTER_FILE} written"
+            )
+        staging.mkdir()
+        with (staging / WEIGHTS).open("wb") as fh:
+            fh.write(header_bytes(PlannedTensor(t.name, t.dtype, t.shape) for t in kept))
+            for info in kept:
+                fh.write(reader.raw(info.name))
+    kinds = {_module(info.name).rsplit(".", 1)[-1] for info in kept}
+    config["target_modules"] = [target for target in config["target_modules"] if target in kinds]
+    (staging / CONFIG).write_text(json.dumps(config, indent=2))
+    dtypes = {info.dtype for info in kept}
+    return GGUF_OUTTYPES.get(dtypes.pop(), "f32") if len(dtypes) == 1 else "f32"
+
+
+def _run_lora_to_gguf(script: Path, staging: Path, base: Path, outfile: Path, outtype: str) -> None:
+    """Run the converter with this interpreter (the image's torch and transformers); when it fails,
+    its last line on stderr (a traceback's exception, or its own ERROR line) is the reason."""
+    command = [sys.executable, str(script), str(staging), "--base", str(base), "--outfile", str(outfile)]
+    command += ["--outtype", outtype]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, check=False, timeout=GGUF_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        raise GgufError(f"{script.name} did not finish in {GGUF_TIMEOUT_S} s") from exc
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()] or ["no output"]
+        raise GgufError(f"{script.name} failed (exit {proc.returncode}): {lines[-1].strip()}")
+    if not outfile.is_file():
+        raise GgufError(f"{script.name} exited 0 but wrote no {outfile.name}")
+
+
+def write_gguf(output_dir: Path, partial: Path, *, base_model: str) -> None:
+    """Write ``adapter.gguf`` into the partial export, under a temporary name renamed when complete.
+    The base model's directory gives the converter the architecture (its config.json only)."""
+    script = llamacpp_converter()
+    base = Path(base_model)
+    if not (base / "config.json").is_file():
+        raise GgufError(f"llama.cpp's converter needs the base model's config.json, which {base_model} does not hold")
+    staging, temporary = output_dir / GGUF_STAGING, partial / (GGUF_ADAPTER_FILE + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        outtype = _llamacpp_input(partial, staging)
+        _run_lora_to_gguf(script, staging, base, temporary, outtype)
+        with temporary.open("rb") as fh:
+            os.fsync(fh.fileno())
+        temporary.rename(partial / GGUF_ADAPTER_FILE)
+    except (OSError, ValueError) as exc:  # a full disk, an unreadable copy: the GGUF file is lost, not the export
+        raise GgufError(f"writing {GGUF_ADAPTER_FILE}: {exc}") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        temporary.unlink(missing_ok=True)
+
+
 def export(output_dir: Path, *, experts: bool, base_model: str) -> tuple[Path, Checked]:
-    """Publish ``<output_dir>/adapter`` for SGLang; nothing is left there unless it is complete."""
+    """Publish ``<output_dir>/adapter`` for SGLang, with ``adapter.gguf`` for llama.cpp when it can be
+    written (``Checked.gguf_error`` says why not); nothing is left there unless it is complete."""
     partial, final = output_dir / PARTIAL, output_dir / FINAL
     shutil.rmtree(partial, ignore_errors=True)
     if (output_dir / FUSED).exists():
@@ -202,6 +307,10 @@ def export(output_dir: Path, *, experts: bool, base_model: str) -> tuple[Path, C
     checked = check_for_sglang(partial)
     if experts and not checked.expert_modules:
         raise ExportError(f"{partial / WEIGHTS}: lora.experts is true but no expert module is adapted")
+    try:
+        write_gguf(output_dir, partial, base_model=base_model)
+    except GgufError as exc:
+        checked = dataclasses.replace(checked, gguf_error=str(exc))
     for name in (CONFIG, WEIGHTS):
         with (partial / name).open("rb") as fh:
             os.fsync(fh.fileno())
@@ -237,6 +346,12 @@ def publish(final: Path, root: Path, *, namespace: str, name: str) -> str:
 
 def status(final: Path, checked: Checked, *, name: str, node: str, base_model: str) -> dict[str, Any]:
     """``status.adapter`` of the FineTuneJob."""
+    gguf = final / GGUF_ADAPTER_FILE
+    llama: dict[str, str] = (
+        {"ggufSha256": manifest.sha256_file(gguf)}
+        if gguf.is_file()
+        else {"ggufError": (checked.gguf_error or f"no {GGUF_ADAPTER_FILE} was written")[:4000]}
+    )
     return {
         "name": name,
         "node": node,
@@ -248,4 +363,5 @@ def status(final: Path, checked: Checked, *, name: str, node: str, base_model: s
         "expertLora": checked.expert_modules > 0,
         # Said at export, before any server is asked to load it: a llama.cpp LoraServer would lose these.
         "llamacppDroppedModules": llamacpp.dropped_modules(checked.modules),
+        **llama,
     }

@@ -3,9 +3,9 @@
 In order: validate the dataset (bad data fails here, before any GPU step); turn the records into
 LLaMA-Factory's messages format; resume from the newest complete checkpoint in the output
 directory; train (in this process, or one process per GPU: ``trainer``), while a reporter turns
-``trainer_log.jsonl`` into ``status.progress``; export the adapter under a temporary name, renamed
-when complete, and report it in ``status.adapter``. LLaMA-Factory is imported only by the steps
-that need it.
+``trainer_log.jsonl`` into ``status.progress``; export the adapter (with ``adapter.gguf`` for
+llama.cpp when its converter is in the image) under a temporary name, renamed when complete, and
+report it in ``status.adapter``. LLaMA-Factory is imported only by the steps that need it.
 """
 
 from __future__ import annotations
@@ -98,6 +98,36 @@ def fetch_dataset(opts: argparse.Namespace) -> Path:
     return path
 
 
+def _warn(message: str) -> None:
+    print(json.dumps({"event": "warning", "message": message}), flush=True)
+
+
+def export(opts: argparse.Namespace, *, base_model: str) -> dict[str, Any]:
+    """Export the trained adapter (``base_model``: the directory it was trained from) and copy it to
+    the shared volume when one is given; returns ``status.adapter``."""
+    try:
+        final, checked = adapter.export(opts.output_dir, experts=opts.lora_experts, base_model=base_model)
+    except adapter.ExportError as exc:
+        raise WorkloadError(TrainExit.EXPORT_FAILED, str(exc)) from exc
+    published = adapter.status(final, checked, name=opts.adapter_name, node=opts.node, base_model=opts.base_model)
+    if "ggufError" in published:
+        # Not a failure: SGLang serves the adapter; only a llama.cpp server could not load it.
+        _warn(published["ggufError"])
+    if opts.publish_dir is not None:
+        try:
+            relative = adapter.publish(
+                final, opts.publish_dir, namespace=opts.publish_namespace, name=opts.adapter_name
+            )
+        except (adapter.ExportError, OSError) as exc:
+            # The run and its export are good: a shared volume that failed costs the copy, not the
+            # training. Status says the adapter is on this node only, and why.
+            published["publishError"] = f"copying to volume {opts.publish_claim}: {exc}"[:4000]
+            _warn(published["publishError"])
+        else:
+            published["published"] = {"claimName": opts.publish_claim, "path": relative}
+    return published
+
+
 def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
     if opts.dataset_repo:
         opts.dataset = fetch_dataset(opts)
@@ -125,25 +155,7 @@ def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
             trainer.launch(args, config_dir=opts.config_dir, output_dir=opts.output_dir, processes=opts.processes)
         else:
             trainer.run(args)
-    try:
-        final, checked = adapter.export(
-            opts.output_dir, experts=opts.lora_experts, base_model=str(args.get("model_name_or_path", opts.base_model))
-        )
-    except adapter.ExportError as exc:
-        raise WorkloadError(TrainExit.EXPORT_FAILED, str(exc)) from exc
-    published = adapter.status(final, checked, name=opts.adapter_name, node=opts.node, base_model=opts.base_model)
-    if opts.publish_dir is not None:
-        try:
-            relative = adapter.publish(
-                final, opts.publish_dir, namespace=opts.publish_namespace, name=opts.adapter_name
-            )
-        except (adapter.ExportError, OSError) as exc:
-            # The run and its export are good: a shared volume that failed costs the copy, not the
-            # training. Status says the adapter is on this node only, and why.
-            published["publishError"] = f"copying to volume {opts.publish_claim}: {exc}"[:4000]
-            print(json.dumps({"event": "warning", "message": published["publishError"]}), flush=True)
-        else:
-            published["published"] = {"claimName": opts.publish_claim, "path": relative}
+    published = export(opts, base_model=str(args.get("model_name_or_path", opts.base_model)))
     if own is not None:
         # One field manager owns exactly what its last apply listed: the adapter goes with the last
         # progress, or server-side apply would remove the progress this pod wrote.
