@@ -1,25 +1,21 @@
 """The adapter agent beside a real llama.cpp server (built from source by `make llamacpp`): its
-``--once`` step fills the node cache and refuses an adapter without its GGUF file; the server is
-started as the operator renders it, from those cache entries; each step then reports the planned
-adapters the server's own ``/lora-adapters`` has, in the form the operator's status code reads,
-and never asks the server to change anything.
+``--once`` step fills the node cache with exactly the entries of the pod's command line and refuses
+an adapter without its GGUF file; the server is started as the operator renders it, from those cache
+entries; each step then reports the planned adapters the server's own ``/lora-adapters`` has, in the
+form the operator's status code reads, and never asks the server to change anything.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import socket
 import subprocess
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests import llamacpp_tools
 
-from e2e.conftest import stop
-from e2e.helpers import wait_for
 from kimi_operator.api.serving import GGUF_ADAPTER_FILE, AdapterFiles, PlannedAdapter, ReplicaPlan, ServingPlan
 from kimi_operator.controller.loraserver_status import Replica, Wanted, adapter_status
 from kimi_operator.devcluster.paths import repo_root
@@ -40,10 +36,7 @@ NO_GGUF = "wrong-rank"
 
 @pytest.fixture(scope="module")
 def llamacpp() -> Path:
-    found = os.environ.get("KIMI_LLAMACPP")
-    if not found or not (Path(found) / "bin" / "llama-server").exists():
-        pytest.fail("KIMI_LLAMACPP is not set to a llama.cpp build: run the tests with `make e2e`")
-    return Path(found)
+    return llamacpp_tools.build()
 
 
 @pytest.fixture(scope="module")
@@ -54,33 +47,29 @@ def models(llamacpp: Path, train_python: str, tmp_path_factory: pytest.TempPathF
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     tiny = [train_python, str(ENGINES / "tiny_lora.py"), str(work), "--adapters", str(len(CONVERTED))]
     subprocess.run(tiny, check=True, capture_output=True, env=env, timeout=600)
-    convert = [train_python, str(ENGINES / "gguf_convert.py"), str(llamacpp / "src")]
     model = work / "model"
-    subprocess.run([*convert, "model", str(model), str(work / "base.gguf")], check=True, capture_output=True, env=env)
+    llamacpp_tools.convert_model(train_python, llamacpp, model, work / "base.gguf")
     for name in CONVERTED:
         adapter = work / "adapters" / name
-        lora = [*convert, "lora", str(adapter), str(model), str(adapter / GGUF_ADAPTER_FILE)]
-        subprocess.run(lora, check=True, capture_output=True, env=env, timeout=600)
+        llamacpp_tools.convert_lora(train_python, llamacpp, adapter, model, adapter / GGUF_ADAPTER_FILE)
     return work
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def digest(models: Path, name: str, file: str = "adapter_model.safetensors") -> str:
+    return hashlib.sha256((models / "adapters" / name / file).read_bytes()).hexdigest()
 
 
-def digest(models: Path, name: str) -> str:
-    return hashlib.sha256((models / "adapters" / name / "adapter_model.safetensors").read_bytes()).hexdigest()
-
-
-def plan_of(models: Path, names: list[str]) -> ServingPlan:
-    # a1 is planned without its digest (a path adapter): the agent learns it from the files.
+def plan_of(models: Path, names: list[str], *, declared: bool = True) -> ServingPlan:
+    """The plan as the operator writes it: every adapter with the digest of its weights (the cache
+    entry its pod's command line names). ``declared=False``: a1 without it, as a path adapter may be
+    planned (the agent learns it from the files). a0 is planned as a FineTuneJob's export is, with
+    the digest of its adapter.gguf, which --once checks."""
     adapters = [
         PlannedAdapter(
             name=n,
-            sha256=None if n == "a1" else digest(models, n),
+            sha256=None if n == "a1" and not declared else digest(models, n),
             files=AdapterFiles(kind="node", path=f"adapters/{n}"),
+            gguf_sha256=digest(models, n, GGUF_ADAPTER_FILE) if n == "a0" else None,
         )
         for n in names
     ]
@@ -104,24 +93,37 @@ def states(models: Path, report: dict[str, Any], names: list[str]) -> dict[str, 
 def test_the_agent_reports_what_a_real_llama_server_has(llamacpp: Path, models: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     host = "127.0.0.73"
-    port = free_port(host)
+    port = llamacpp_tools.free_port(host)
     url = f"http://{host}:{port}"
-    current = [plan_of(models, ["a0", "a1", NO_GGUF])]
+    current: list[ServingPlan | None] = [plan_of(models, ["a0", "a1", NO_GGUF])]
 
-    def plan() -> ServingPlan:
+    def plan() -> ServingPlan | None:
         return current[0]  # the plan as the operator writes it now
 
-    agent = Agent(replica="r0", engine=Engine(url), plan=plan, models_dir=models, cache_dir=cache, pod_uid=UID)
+    agent = Agent(
+        replica="r0",
+        engine=Engine(url),
+        plan=plan,
+        models_dir=models,
+        cache_dir=cache,
+        pod_uid=UID,
+        engine_api="llamacpp",
+    )
 
-    # --once (the pod's init container): the adapter without its GGUF file fails it, by name.
+    # --once (the pod's init container, given the digests of its command line): the adapter without
+    # its GGUF file fails it, by name. The operator cannot know a path or hub adapter lacks the file
+    # (it does not read their sources): it stays in the plan and in the pod's list, and its status
+    # says why, until the LoraServer no longer names it or its source carries an adapter.gguf.
     written: list[dict[str, Any]] = []
-    assert fill_once(agent, current[0], written.append) == 1
+    digests = [digest(models, n) for n in ("a0", "a1", NO_GGUF)]
+    assert fill_once(agent, current[0], written.append, digests) == 1
     (error,) = written[-1]["engines"][0]["errors"]
     assert (error["name"], error["reason"], error["sha256"]) == (NO_GGUF, "Unavailable", digest(models, NO_GGUF))
     assert f"no {GGUF_ADAPTER_FILE}" in error["message"]
-    # The operator takes it out of the plan: the init container succeeds.
+    # Taken out of the LoraServer: the plan and the next pod's command line no longer name it, and
+    # that pod's init container succeeds.
     current[0] = plan_of(models, ["a0", "a1"])
-    assert fill_once(agent, current[0], written.append) == 0
+    assert fill_once(agent, current[0], written.append, digests[:2]) == 0
     files = tuple(str(cache / digest(models, n) / GGUF_ADAPTER_FILE) for n in ("a0", "a1"))
     assert all(Path(f).is_file() for f in files)
 
@@ -146,16 +148,8 @@ def test_the_agent_reports_what_a_real_llama_server_has(llamacpp: Path, models: 
         host=host,
         port=port,
     )
-    log = tmp_path / "llama-server.log"
-    with log.open("ab") as out:
-        engine = subprocess.Popen(
-            [str(llamacpp / "bin" / "llama-server"), *llamacpp_render.server_args(options)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for(lambda: engine.poll() is not None or agent.step()["engineUp"], 60, "llama-server up")
-        assert engine.poll() is None, log.read_text()[-3000:]
+    argv = [str(llamacpp / "bin" / "llama-server"), *llamacpp_render.server_args(options)]
+    with llamacpp_tools.running(argv, url, tmp_path / "llama-server.log"):
         serving = {
             "name": "r0",
             "engineUp": True,
@@ -169,19 +163,21 @@ def test_the_agent_reports_what_a_real_llama_server_has(llamacpp: Path, models: 
 
         # a2 planned after the server's start (its pod is being replaced): brought into the cache
         # for the next pod, not listed, no error, and nothing asked of the server.
-        current[0] = plan_of(models, ["a0", "a1", "a2"])
+        current[0] = plan_of(models, ["a0", "a1", "a2"], declared=False)
         report = agent.step()
         assert report == serving
         assert (cache / digest(models, "a2") / GGUF_ADAPTER_FILE).is_file()
         assert states(models, report, ["a2"]) == {"a2": "Pending"}
-        with urllib.request.urlopen(f"{url}/lora-adapters", timeout=10) as resp:  # noqa: S310 (loopback)
-            assert [(e["path"], e["scale"]) for e in json.load(resp)] == [(f, 0.0) for f in files]
+        listed = llamacpp_tools.http_json(f"{url}/lora-adapters")
+        assert [(e["path"], e["scale"]) for e in listed] == [(f, 0.0) for f in files]
+
+        # No plan readable (the ConfigMap being recreated): reported against the last plan read.
+        current[0] = None
+        assert agent.step() == serving
 
         # A file no planned adapter has (a1 removed from the plan) names nothing.
-        current[0] = plan_of(models, ["a0"])
+        current[0] = plan_of(models, ["a0"], declared=False)
         assert agent.step()["adapters"] == ["a0"]
-    finally:
-        stop(engine)
     # Gone: down, nothing listed.
     down = agent.step()
     assert (down["engineUp"], down["adapters"], down["errors"]) == (False, [], [])

@@ -27,7 +27,7 @@ from e2e.manifests import GROUP, KIMI_MODEL, VERSION
 from e2e.test_finetunejob import ftj, release_training, training_pod_status, wait_phase
 from e2e.test_kimimodel import _token_kubeconfig, condition
 from e2e.test_llamacpp import PROMPT, SERVED, llamacpp, served  # noqa: F401 (fixtures)
-from e2e.test_loraserver import Serving, adapters_by_name, custom, exported_adapter, get, lsrv
+from e2e.test_loraserver import Node, Serving, adapters_by_name, custom, exported_adapter, get, lsrv
 from e2e.test_router import router_pod, start_router  # noqa: F401 (a fixture)
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.render import llamacpp as llamacpp_facts
@@ -45,24 +45,18 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-class GgufNode:
+class GgufNode(Node):
     """A simulated node's storage holding the model's gguf variant, as a directory of this machine
     (what the KimiModel's prepare pod would have downloaded)."""
 
     def __init__(self, root: Path, namespace: str, base: Path) -> None:
+        # Not Node.__init__: this node holds the gguf variant, not the INT4 checkpoint.
         self.storage = root / STORAGE.lstrip("/")
         self.store = root.parent / "shared-store"
         quantization = self.storage / namespace / "kimi" / "gguf" / QUANT
         quantization.mkdir(parents=True)
         (quantization / ENTRY).symlink_to(base)
         (self.storage / "adapter-cache").mkdir(parents=True)
-
-    def local(self, arg: str) -> str:
-        import re  # noqa: PLC0415 (the same substitution as e2e/test_loraserver.py's Node)
-
-        arg = re.sub(r"(^|[=,])/adapter-cache(?=/|$)", lambda m: f"{m[1]}{self.storage / 'adapter-cache'}", arg)
-        arg = re.sub(r"(^|[=,])/adapter-store(?=/|$)", lambda m: f"{m[1]}{self.store}", arg)
-        return re.sub(r"(^|[=,])/models(?=/|$)", lambda m: f"{m[1]}{self.storage}", arg)
 
     def put(self, relative: str, peft: Path, gguf: Path | None) -> Path:
         """An adapter directory as an export leaves it: the PEFT files, and adapter.gguf."""
@@ -166,13 +160,22 @@ def test_a_llamacpp_loraserver_serves_the_exported_gguf_adapters_through_the_rou
         ],
     }
     custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "loraservers", lsrv("serve", **spec))
-    serving = Serving(cluster, api, namespace, "serve", {NODE: node}, train_python, tmp_path)  # type: ignore[dict-item]
+    serving = Serving(cluster, api, namespace, "serve", {NODE: node}, train_python, tmp_path)
     try:
         serving.start(1)
         (engine,) = serving.pods.values()
         # llama-server was started with the command line the operator rendered: the model's gguf
-        # entry, each served adapter's file at scale 0, on the pod's own address.
+        # entry, each served adapter's file at scale 0 (a0's, then the export's), on the pod's address.
         assert engine.engine_command == ["llama-server"]
+        args = engine.engine_args
+        assert args[args.index("-m") + 1] == str(node.storage / namespace / "kimi" / "gguf" / QUANT / ENTRY)
+        cache = node.storage / "adapter-cache"
+        support = digest(tiny / "adapters" / "a1" / "adapter_model.safetensors")
+        a0_sha = digest(a0 / "adapter_model.safetensors")
+        assert (
+            args[args.index("--lora-scaled") + 1] == f"{cache}/{a0_sha}/adapter.gguf:0,{cache}/{support}/adapter.gguf:0"
+        )
+        assert args[args.index("--host") + 1] == engine.ip
 
         def settled() -> dict[str, dict[str, Any]] | None:
             states = adapters_by_name(get(api, namespace, "loraservers", "serve"))

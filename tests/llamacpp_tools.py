@@ -35,7 +35,10 @@ def build() -> Path:
     """The llama.cpp build named by KIMI_LLAMACPP; a test that needs it fails (never skips) without it."""
     found = os.environ.get("KIMI_LLAMACPP")
     if not found or not (Path(found) / "bin" / "llama-server").exists():
-        pytest.fail("KIMI_LLAMACPP is not set to a llama.cpp build (`make llamacpp`): run the tests with `make unit`")
+        pytest.fail(
+            "KIMI_LLAMACPP is not set to a llama.cpp build (`make llamacpp`): run the tests with `make unit` "
+            "or `make e2e`"
+        )
     return Path(found)
 
 
@@ -45,12 +48,22 @@ def with_converter(env: Mapping[str, str]) -> dict[str, str]:
     return {**env, SRC_ENV: str(Path(found) / "src")} if found else dict(env)
 
 
-def convert_model(train_python: str, llamacpp: Path, model: Path, out: Path) -> Path:
-    """The Hugging Face model as GGUF (f32), by llama.cpp's own convert_hf_to_gguf.py."""
+def _gguf_convert(train_python: str, llamacpp: Path, *args: Path | str) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [train_python, str(GGUF_CONVERT), str(llamacpp / "src"), "model", str(model), str(out)]
+    command = [train_python, str(GGUF_CONVERT), str(llamacpp / "src"), *map(str, args)]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def convert_model(train_python: str, llamacpp: Path, model: Path, out: Path) -> Path:
+    """The Hugging Face model as GGUF (f32), by llama.cpp's own convert_hf_to_gguf.py."""
+    _gguf_convert(train_python, llamacpp, "model", model, out)
+    return out
+
+
+def convert_lora(train_python: str, llamacpp: Path, adapter: Path, model: Path, out: Path) -> Path:
+    """The PEFT adapter of ``model`` as GGUF (f32), by llama.cpp's own convert_lora_to_gguf.py."""
+    _gguf_convert(train_python, llamacpp, "lora", adapter, model, out)
     return out
 
 
@@ -72,7 +85,7 @@ def http_json(url: str, body: dict[str, Any] | None = None) -> Any:
         return json.load(resp)
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
@@ -83,12 +96,19 @@ def server(llamacpp: Path, model: Path, adapters: list[Path], log: Path) -> Iter
     """llama-server on loopback with the adapters at scale 0 (a request picks them by id), one slot,
     one thread; yields its URL once it is healthy, and stops it."""
     host = "127.0.0.1"
-    port = _free_port(host)
+    port = free_port(host)
     argv = [str(llamacpp / "bin" / "llama-server"), "-m", str(model), "--host", host, "--port", str(port)]
     argv += ["-c", "512", "-np", "1", "-t", "1"]
     if adapters:
         argv += ["--lora-scaled", ",".join(f"{path}:0" for path in adapters)]
-    url = f"http://{host}:{port}"
+    with running(argv, f"http://{host}:{port}", log) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running(argv: list[str], url: str, log: Path) -> Iterator[str]:
+    """llama-server started with ``argv`` (listening at ``url``), its output in ``log``; yields the
+    URL once it is healthy, and stops it."""
     with log.open("ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -45,10 +46,12 @@ lora, out = Path(args[0]), Path(args[args.index("--outfile") + 1])
 raw = (lora / "adapter_model.safetensors").read_bytes()
 (size,) = struct.unpack("<Q", raw[:8])
 header = json.loads(raw[8 : 8 + size])
+base = Path(args[args.index("--base") + 1])
 Path(os.environ["FAKE_RECORD"]).write_text(json.dumps({
     "argv": args,
     "config": json.loads((lora / "adapter_config.json").read_text()),
     "tensors": {name: entry["dtype"] for name, entry in header.items()},
+    "base": {p.name: json.loads(p.read_text()) for p in base.iterdir()},
 }))
 out.write_bytes(b"GGUF, half written")
 if os.environ.get("FAKE_MODE") == "fail":
@@ -91,9 +94,12 @@ def peft_output(directory: Path, modules: list[str], *, dtype: str = "F32", **co
 
 @pytest.fixture
 def base_model(tmp_path: Path) -> Path:
+    """The base model's directory: its config, and weights the converter must never be shown."""
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"architectures": ["DeepseekV3ForCausalLM"]}))
+    (model / "model-00001-of-00001.safetensors").write_bytes(b"not read by the converter")
+    (model / "model.safetensors.index.json").write_text("{}")
     return model
 
 
@@ -160,7 +166,14 @@ def test_the_converter_gets_only_the_modules_llamacpp_applies(
         "lora_dropout": 0.05,
     }
     staging, outfile = Path(given["argv"][0]), Path(given["argv"][given["argv"].index("--outfile") + 1])
-    assert given["argv"][1:] == ["--base", str(base_model), "--outfile", str(outfile), "--outtype", outtype]
+    base = Path(given["argv"][2])
+    assert given["argv"][1:] == ["--base", str(base), "--outfile", str(outfile), "--outtype", outtype]
+    # --base is a directory of the base model's config.json alone, not the model's own directory
+    # (the converter would read the header of every safetensors file there), removed afterwards.
+    assert given["base"] == {"config.json": {"architectures": ["DeepseekV3ForCausalLM"]}}
+    assert base != base_model
+    assert base.parent == out
+    assert not base.exists()
     # Written under a temporary name inside the partial export, renamed before the export was.
     assert outfile == out / "adapter.partial" / "adapter.gguf.partial"
     assert staging.parent == out
@@ -223,7 +236,22 @@ def test_an_export_over_one_with_a_gguf_does_not_keep_the_old_file(
             "adapter_config.json: use_rslora is set, which llama.cpp does not apply: no adapter.gguf written",
         ),
         (APPLIED, {}, False, "llama.cpp's converter needs the base model's config.json, which {model} does not hold"),
+        (
+            APPLIED,
+            {"alpha_pattern": {"o_proj": 8, "gate_proj": 2}},
+            True,
+            "adapter_config.json: alpha_pattern is set (gate_proj, o_proj), which llama.cpp's converter does not "
+            "carry (it writes one lora_alpha and one rank): no adapter.gguf written",
+        ),
+        (
+            APPLIED,
+            {"rank_pattern": {"o_proj": 2}},
+            True,
+            "adapter_config.json: rank_pattern is set (o_proj), which llama.cpp's converter does not carry (it "
+            "writes one lora_alpha and one rank): no adapter.gguf written",
+        ),
     ],
+    ids=["nothing-applied", "rslora", "no-config", "alpha-pattern", "rank-pattern"],
 )
 def test_what_llamacpp_cannot_take_is_not_converted(
     tmp_path: Path,
@@ -243,6 +271,41 @@ def test_what_llamacpp_cannot_take_is_not_converted(
     assert not fake_converter.exists()
     assert sorted(p.name for p in final.iterdir()) == [adapter.CONFIG, adapter.WEIGHTS]
     assert not (out / adapter.GGUF_STAGING).exists()
+
+
+def test_empty_patterns_do_not_stop_the_conversion(tmp_path: Path, base_model: Path, fake_converter: Path) -> None:
+    """PEFT writes ``alpha_pattern: {}`` and ``rank_pattern: {}`` into every adapter_config.json."""
+    out = peft_output(tmp_path / "out", APPLIED, alpha_pattern={}, rank_pattern={})
+    final, checked = adapter.export(out, experts=False, base_model=str(base_model))
+    assert checked.gguf_error is None
+    assert (final / GGUF_ADAPTER_FILE).is_file()
+
+
+def test_a_copy_published_without_a_gguf_file_gets_the_exports(
+    tmp_path: Path, base_model: Path, fake_converter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same weights published before the export wrote adapter.gguf: publishing again adds it to
+    the copy, whole, and leaves nothing else there; one already there is never replaced."""
+    out = peft_output(tmp_path / "out", APPLIED)
+    store = tmp_path / "store"
+    monkeypatch.setenv("FAKE_MODE", "fail")
+    final, _ = adapter.export(out, experts=False, base_model=str(base_model))
+    relative = adapter.publish(final, store, namespace="ml", name="a")
+    copy = store / relative
+    assert sorted(p.name for p in copy.iterdir()) == [adapter.CONFIG, adapter.WEIGHTS]
+    weights_inode = (copy / adapter.WEIGHTS).stat().st_ino
+
+    monkeypatch.delenv("FAKE_MODE")
+    final, _ = adapter.export(out, experts=False, base_model=str(base_model))
+    assert adapter.publish(final, store, namespace="ml", name="a") == relative
+    assert sorted(p.name for p in copy.iterdir()) == [GGUF_ADAPTER_FILE, adapter.CONFIG, adapter.WEIGHTS]
+    assert (copy / GGUF_ADAPTER_FILE).read_bytes() == (final / GGUF_ADAPTER_FILE).read_bytes()
+    assert (copy / adapter.WEIGHTS).stat().st_ino == weights_inode
+    assert sorted(p.name for p in copy.parent.iterdir()) == [copy.name]
+
+    (final / GGUF_ADAPTER_FILE).write_bytes(b"GGUF, another")
+    adapter.publish(final, store, namespace="ml", name="a")
+    assert (copy / GGUF_ADAPTER_FILE).read_bytes() == b"GGUF, whole"
 
 
 # The real converter on the tiny DeepSeek-V3 (MLA) model.
@@ -323,7 +386,12 @@ def test_an_mla_adapter_converts_without_what_llamacpp_drops(
     the MLP and q_a_proj it converts, kv_b_proj and q_a_proj left out, every kept tensor as trained."""
     kinds = ["kv_b_proj", "q_a_proj", "o_proj", "mlp"]
     tensors = merge_adapters([mla / "adapters" / kind for kind in kinds], tmp_path / "out")
-    status = run_export(train_python, llamacpp, tmp_path / "out", mla / "model")
+    # The base model's directory as a big checkpoint leaves it: besides its weights, a safetensors
+    # file the converter cannot read (it is given the config alone).
+    model = tmp_path / "model"
+    shutil.copytree(mla / "model", model)
+    (model / "model-extra.safetensors").write_bytes(b"\xff" * 64)
+    status = run_export(train_python, llamacpp, tmp_path / "out", model)
     gguf = tmp_path / "out" / "adapter" / GGUF_ADAPTER_FILE
     assert status["ggufSha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
     assert status["llamacppDroppedModules"] == ["kv_b_proj", "q_a_proj"]

@@ -92,7 +92,7 @@ def deleting(*, reclaim: str = "Delete", adapters: Sequence[str] = (A, B)) -> tu
     return body, LoraServerSpec.model_validate(spec)
 
 
-SETTINGS = Settings(engine_image="engine:1", router_image="router:1")
+SETTINGS = Settings(engine_image="engine:1", router_image="router:1", llamacpp_image="llamacpp:1")
 
 
 def test_the_engines_end_before_their_cache_is_cleaned_and_a_failed_cleanup_does_not_hold_deletion() -> None:

@@ -205,17 +205,7 @@ class Engine(ApiModel):
     """The engine of every replica: SGLang with kt-kernel (type sglang, the settings below), or
     llama.cpp's llama-server (type llamacpp, its settings under llamacpp)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "!has(self.llamacpp) || self.type == 'llamacpp'",
-                    "engine.llamacpp applies only with engine.type llamacpp",
-                    field_path=".llamacpp",
-                ),
-            ]
-        }
-    )
+    # Its rules are on LoraServerSpec.engine: the field's own validations replace the class's.
 
     type: Literal["sglang", "llamacpp"] = Field(
         default="sglang",
@@ -460,6 +450,11 @@ class LoraServerSpec(ApiModel):
         ),
         json_schema_extra={
             "x-kubernetes-validations": [
+                cel(
+                    "!has(self.llamacpp) || self.type == 'llamacpp'",
+                    "engine.llamacpp applies only with engine.type llamacpp",
+                    field_path=".llamacpp",
+                ),
                 cel(
                     "!has(self.maxLoadedLoras) || self.maxLoadedLoras >= self.maxLorasPerBatch",
                     "maxLoadedLoras must be at least maxLorasPerBatch",

@@ -46,6 +46,12 @@ class PlannedAdapter(ApiModel):
     )
     files: AdapterFiles
     pinned: bool = False
+    gguf_sha256: str | None = Field(
+        default=None,
+        description=(
+            "llama.cpp: expected sha256 of adapter.gguf (a FineTuneJob's export); checked before the engine starts."
+        ),
+    )
 
 
 class ReplicaPlan(ApiModel):
@@ -59,11 +65,13 @@ class ServingPlan(ApiModel):
 
     served_model_name: str
     generation: int = Field(description="metadata.generation of the LoraServer the plan was made from.")
-    engine: EngineApi = Field(
-        default="sglang",
+    # Left out for SGLang (None): an agent of an earlier version, which knows no such field, keeps
+    # reading the plans of its LoraServer after the operator is upgraded.
+    engine: EngineApi | None = Field(
+        default=None,
         description=(
-            "sglang: adapters loaded and unloaded through the engine's API; llamacpp: llama-server, whose "
-            "adapters are fixed at its start (the agent only fetches them before the start and reports)."
+            "None (SGLang): adapters loaded and unloaded through the engine's API; llamacpp: llama-server, "
+            "whose adapters are fixed at its start (the agent only fetches them before the start and reports)."
         ),
     )
     replicas: list[ReplicaPlan] = Field(default_factory=list)

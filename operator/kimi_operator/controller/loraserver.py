@@ -30,7 +30,7 @@ from kimi_operator.render.labels import COMPONENT, common, selector
 class Settings:
     engine_image: str
     router_image: str
-    llamacpp_image: str = "ghcr.io/kimi-operator/llamacpp:0.1.0"
+    llamacpp_image: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +76,7 @@ def _from_fine_tune_job(
     if ftj["spec"]["model"]["name"] != model["metadata"]["name"]:
         message = f"{where} trained on KimiModel {ftj['spec']['model']['name']}, not {model['metadata']['name']}"
         return Resolved(adapter, None, None, None, where, ("Unavailable", message))
-    for_llamacpp = {
+    gguf_facts = {
         "dropped": tuple(exported["llamacppDroppedModules"])
         if exported.get("llamacppDroppedModules") is not None
         else None,
@@ -95,7 +95,7 @@ def _from_fine_tune_job(
             exported.get("sha256"),
             source,
             rank=exported.get("rank"),
-            **for_llamacpp,
+            **gguf_facts,
         )
     # The trainer saw the model storage at the same mount as the engine pods do.
     relative = _under(str(exported["path"]), MOUNT)
@@ -110,7 +110,7 @@ def _from_fine_tune_job(
         exported.get("sha256"),
         source,
         rank=exported.get("rank"),
-        **for_llamacpp,
+        **gguf_facts,
     )
 
 
@@ -143,11 +143,24 @@ def resolve(
     return Resolved(adapter, adapter.expert, files, adapter.sha256, f"hub {hub.repo}@{hub.revision}")
 
 
-def for_llamacpp(r: Resolved) -> Resolved:
+def for_llamacpp(r: Resolved, ready_nodes: frozenset[str] = frozenset()) -> Resolved:
     """An adapter as a llama.cpp engine would serve it: refused when llama.cpp would drop trained
-    modules the user did not accept losing, or when the export wrote no GGUF file; an accepted
-    expert adapter is served without its experts, beside the others."""
-    if r.blocked is not None or r.spec.fine_tune_job is None:
+    modules the user did not accept losing, when the export wrote no GGUF file, or when its files
+    are on one node while replicas may run on others (each replica starts with every adapter: one
+    it cannot have would keep it from starting at all); an accepted expert adapter is served
+    without its experts, beside the others."""
+    if r.blocked is not None:
+        return r
+    files = r.files
+    if files is not None and files.kind == "node" and files.node and ready_nodes - {files.node}:
+        others = ", ".join(sorted(ready_nodes - {files.node}))
+        message = (
+            f"{r.source}: llama.cpp replicas start with every adapter, and its files are only on node {files.node} "
+            f"while replicas may run on {others}: publish it to a shared volume (the FineTuneJob's "
+            "spec.output.publish, named in this LoraServer's spec.adapterStore)"
+        )
+        return dataclasses.replace(r, blocked=("Unavailable", message))
+    if r.spec.fine_tune_job is None:
         # Path and hub adapters carry their own adapter.gguf (the agent checks it is there).
         return r
     if r.dropped and not r.spec.accept_dropped_modules:
@@ -164,9 +177,29 @@ def for_llamacpp(r: Resolved) -> Resolved:
     return dataclasses.replace(r, expert=False)
 
 
+def _one_name_per_file(judged: list[Resolved]) -> list[Resolved]:
+    """The router knows a llama.cpp adapter by its file's digest: two names for the same files
+    could not be told apart (and llama-server would load them twice). The first keeps them."""
+    first: dict[str, str] = {}
+    out = []
+    for r in judged:
+        owner = first.setdefault(r.sha256, r.spec.name) if r.blocked is None and r.sha256 else r.spec.name
+        if owner != r.spec.name:
+            message = (
+                f"its files (sha256 {r.sha256}) are adapter {owner}'s: a llama.cpp server tells adapters "
+                "apart by their files only; serve them under one name"
+            )
+            out.append(dataclasses.replace(r, blocked=("Failed", message)))
+        else:
+            out.append(r)
+    return out
+
+
 def _planned(r: Resolved) -> PlannedAdapter:
     assert r.files is not None
-    return PlannedAdapter(name=r.spec.name, sha256=r.sha256, files=r.files, pinned=r.spec.pinned)
+    return PlannedAdapter(
+        name=r.spec.name, sha256=r.sha256, files=r.files, pinned=r.spec.pinned, gguf_sha256=r.gguf_sha256
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,15 +214,22 @@ class Layout:
     llamacpp_adapters: list[str] | None = None
 
 
-def llamacpp_layout(name: str, generation: int, spec: LoraServerSpec, resolved: list[Resolved]) -> Layout:
+def llamacpp_layout(
+    name: str,
+    generation: int,
+    spec: LoraServerSpec,
+    resolved: list[Resolved],
+    ready_nodes: frozenset[str] = frozenset(),
+) -> Layout:
     """One set of llama-server replicas, each started with every adapter it can serve (llama.cpp has
     no adapter slots to share out, and loads adapters only at start)."""
     shared_set = render.shared_set_name(name)
     replicas = render.replica_names(shared_set, spec.replicas)
-    served = [r for r in (for_llamacpp(r) for r in resolved) if r.blocked is None and r.sha256]
+    judged = _one_name_per_file([for_llamacpp(r, ready_nodes) for r in resolved])
+    served = [r for r in judged if r.blocked is None and r.sha256]
     plans = [ReplicaPlan(replica=n, adapters=[_planned(r) for r in served]) for n in replicas]
     wanted: list[Wanted] = []
-    for r in (for_llamacpp(r) for r in resolved):
+    for r in judged:
         dropped = (r.dropped or ()) if r.spec.accept_dropped_modules else ()
         if r.blocked is not None:
             wanted.append(Wanted(r.spec.name, "Shared", sha256=r.sha256, source=r.source, blocked=r.blocked))
@@ -281,8 +321,11 @@ def reconcile(
     )
     resolved = [resolve(ftjs, model, a, store) for a in spec.adapters]
     generation = int(meta.get("generation") or 0)
+    ready_nodes = frozenset(
+        str(n.get("name")) for n in (model.get("status") or {}).get("nodes") or [] if n.get("phase") == "Ready"
+    )
     plan_layout = (
-        llamacpp_layout(name, generation, spec, resolved)
+        llamacpp_layout(name, generation, spec, resolved, ready_nodes)
         if llama
         else layout(name, generation, spec, resolved, render.CACHE_MOUNT)
     )

@@ -107,6 +107,18 @@ def _bounded(message: str, limit: int = 4000) -> str:
     return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
+def _refused_at_start(adapter: Wanted, name: str, replicas: Mapping[str, Replica], serving: set[str]) -> str | None:
+    """Why the replica's engine keeps exiting, when that says it refused this adapter: a dedicated
+    engine loads its one adapter at start; one that starts with several (llama.cpp) refused this
+    one only if its words name its files."""
+    replica = replicas.get(name)
+    if replica is None or not replica.crashed or name in serving:
+        return None
+    if adapter.kind == "Expert" or (adapter.at_start and adapter.sha256 and adapter.sha256 in replica.crashed):
+        return replica.crashed
+    return None
+
+
 def adapter_status(
     adapter: Wanted, replicas: Mapping[str, Replica], reports: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, Any]:
@@ -130,12 +142,7 @@ def adapter_status(
         for n in adapter.placed
         if n in replicas and _current(replicas[n], reports.get(n)) and (p := _problem(reports.get(n), adapter))
     ]
-    # A dedicated engine loads its adapter at start: one that keeps exiting refused it.
-    crashes = [
-        (n, replicas[n].crashed)
-        for n in adapter.placed
-        if adapter.kind == "Expert" and n in replicas and replicas[n].crashed and n not in serving
-    ]
+    crashes = [(n, why) for n in adapter.placed if (why := _refused_at_start(adapter, n, replicas, serving))]
     if adapter.blocked is not None:
         entry["state"], entry["message"] = adapter.blocked
     elif crashes:
@@ -161,6 +168,13 @@ def adapter_status(
             why += f" ({', '.join(down)} not serving)"
         if adapter.at_start:
             why += "; llama.cpp loads adapters only at start: the replicas restart one at a time to take this list"
+            crashed = [
+                f"{n}: the engine exits at start: {replicas[n].crashed}"
+                for n in down
+                if n in replicas and replicas[n].crashed
+            ]
+            if crashed:
+                why += f" ({'; '.join(crashed)})"
         entry["state"], entry["message"] = "Pending", why
     return entry
 

@@ -59,7 +59,7 @@ class Images:
     trainer: str
     engine: str
     router: str
-    llamacpp: str = "ghcr.io/kimi-operator/llamacpp:0.1.0"
+    llamacpp: str
 
 
 Reconcile = Callable[[Mapping[str, Any], Any], tuple[Verdict, dict[str, Any]]]

@@ -175,7 +175,7 @@ def _probes() -> dict[str, Any]:
     }
 
 
-def _agent_args(owner: Owner, spec: LoraServerSpec, *, once: bool = False) -> list[str]:
+def _agent_args(owner: Owner, spec: LoraServerSpec, *, once: bool = False, extra: tuple[str, ...] = ()) -> list[str]:
     args = [
         "serve-agent",
         f"--report={owner.namespace}/{owner.name}",
@@ -188,6 +188,7 @@ def _agent_args(owner: Owner, spec: LoraServerSpec, *, once: bool = False) -> li
     ]
     if spec.adapter_store is not None:
         args.append(f"--store-dir={STORE_MOUNT}")
+    args += extra
     return [*args, "--once"] if once else args
 
 
@@ -203,7 +204,9 @@ class _PodParts:
     affinity: dict[str, Any]
 
 
-def _pod_parts(owner: Owner, spec: LoraServerSpec, model: ModelFacts, image: str) -> _PodParts:
+def _pod_parts(
+    owner: Owner, spec: LoraServerSpec, model: ModelFacts, image: str, agent_extra: tuple[str, ...] = ()
+) -> _PodParts:
     env = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
@@ -239,7 +242,7 @@ def _pod_parts(owner: Owner, spec: LoraServerSpec, model: ModelFacts, image: str
         "name": "adapter-agent",
         "image": image,
         "command": ["kimi-operator"],
-        "args": _agent_args(owner, spec),
+        "args": _agent_args(owner, spec, extra=agent_extra),
         "env": agent_env,
         "resources": {"requests": agent_resources, "limits": agent_resources},
         "volumeMounts": agent_mounts,
@@ -392,7 +395,10 @@ def llamacpp_set(
     if sampling.min_p is not None:
         options = dataclasses.replace(options, min_p=sampling.min_p)
     # The llama.cpp image carries the agent too (kimi-operator serve-agent), as the SGLang one does.
-    parts = _pod_parts(owner, spec, model, image)
+    # Its engine is named on its command line, not taken from the plan, so an old pod's agent keeps
+    # speaking its own engine's language while a switch of engine.type rolls the replicas.
+    engine_api = ("--engine-api=llamacpp",)
+    parts = _pod_parts(owner, spec, model, image, engine_api)
     probe = {"httpGet": {"path": "/health", "port": sglang.ENGINE_PORT}, "timeoutSeconds": 5}
     engine = {
         "name": ENGINE,
@@ -413,8 +419,17 @@ def llamacpp_set(
     pod_spec: dict[str, Any] = {
         "serviceAccountName": service_account_name(owner.name),
         "affinity": parts.affinity,
-        # Every adapter on the node before the engine starts with it.
-        "initContainers": [{**parts.agent, "name": "fetch-adapters", "args": _agent_args(owner, spec, once=True)}],
+        # Every adapter on the node before the engine starts with it: exactly the files of this pod's
+        # command line (the plan may already name others while the replicas roll).
+        "initContainers": [
+            {
+                **parts.agent,
+                "name": "fetch-adapters",
+                "args": _agent_args(
+                    owner, spec, once=True, extra=(*engine_api, f"--adapter-digests={','.join(adapters)}")
+                ),
+            }
+        ],
         "containers": [engine, parts.agent],
         "volumes": parts.volumes,
         "terminationGracePeriodSeconds": 120,

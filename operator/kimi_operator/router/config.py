@@ -101,6 +101,12 @@ def from_object(obj: Mapping[str, Any]) -> RouterConfig:
     for a in status.get("adapters") or []:
         if a.get("sha256") and a.get("name") in names:
             digests.setdefault(str(a["sha256"]), str(a["name"]))
+    # What the agents report their engines hold (their own fields, kept when a pass of the operator
+    # writes no adapters, e.g. while its model is briefly not ready).
+    for engine in status.get("engines") or []:
+        for name, sha in (engine.get("loadedSha256") or {}).items():
+            if sha and name in names:
+                digests.setdefault(str(sha), str(name))
     return RouterConfig(
         served=spec.served_model_name,
         digests=digests,

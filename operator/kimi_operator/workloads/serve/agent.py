@@ -7,12 +7,17 @@ into the node cache (checked against its sha256 before the engine sees it), ask 
 LoraServer's ``status.engines[name=<replica>]`` under this agent's own field manager. An engine
 that restarted comes back with only its start-up adapters; the next step loads the rest again.
 
-A llama.cpp engine (the plan's ``engine: llamacpp``) has its adapters fixed at its start, the cache
-files of its command line: each step only asks it which files it has (``/lora-adapters``) and
-reports the planned adapters they are, in the same form; nothing is loaded or unloaded.
+A llama.cpp engine (``--engine-api=llamacpp``, else the plan's ``engine: llamacpp``) has its
+adapters fixed at its start, the cache files of its command line: each step only asks it which
+files it has (``/lora-adapters``) and reports the planned adapters they are, in the same form;
+nothing is loaded or unloaded. The step fetches an adapter whose entry is missing, but never
+completes an entry (that is ``--once``'s work): an entry without adapter.gguf is reported, not
+fetched again every step. Without a readable plan it keeps reporting against the last one it read.
 
 With ``--once`` (the init container of expert replicas and of llama.cpp engines) it only fills the
-cache, checks that each entry holds what the engine will load, and exits.
+cache, checks that each entry holds what the engine will load (for llama.cpp, adapter.gguf with the
+digest the export reported), and exits. ``--adapter-digests`` names the entries the pod's own
+command line loads: then exactly those are made ready, whatever the plan places on this replica now.
 """
 
 from __future__ import annotations
@@ -73,12 +78,26 @@ class Agent:
         pod_uid: str | None = None,
         store_dir: Path | None = None,
         llama: LlamaServer | None = None,
+        engine_api: EngineApi | None = None,
     ) -> None:
         self.store_dir = store_dir
-        # The same engine seen as a llama-server, asked when the plan says it is one.
+        # The same engine seen as a llama-server, asked when it is one.
         self.llama = llama or LlamaServer(engine.url)
-        # The kind of engine the last plan read named: without a plan, the step keeps to it.
-        self.api: EngineApi = "sglang"
+        # The kind of engine beside this agent when its pod says so (--engine-api): kept whatever
+        # the plan says, so during a switch of engines an old pod's agent keeps to its own engine.
+        self.engine_api = engine_api
+        # The kind of engine asked at the last step: without a plan, the step keeps to it.
+        self.api: EngineApi = engine_api or "sglang"
+        # The last plan read: a llama.cpp step without a readable plan reports against it.
+        self.last_plan: ServingPlan | None = None
+        # (path, size, mtime, inode) of a file -> its sha256: a large adapter.gguf is hashed once,
+        # not at every step.
+        self.file_digests: dict[tuple[str, int, int, int], str] = {}
+        # Adapters whose cache entry holds another adapter.gguf than the one their export wrote.
+        self.wrong_files: set[str] = set()
+        # Source (and the adapter.gguf digest expected of it) -> why its files were refused: a source
+        # holding another adapter.gguf is not fetched again at every step (--once always fetches).
+        self.wrong_sources: dict[str, str] = {}
         # source key -> the digest its files had (adapters declared without a sha256).
         self.digests: dict[str, str] = {}
         # adapter -> whether this agent loaded it pinned.
@@ -152,16 +171,61 @@ class Agent:
             return None
         return f"{files.kind}:{files.path}:{stat.st_size}:{stat.st_mtime_ns}"
 
-    def materialise(self, adapters: Sequence[PlannedAdapter], api: EngineApi = "sglang") -> dict[str, Want]:
+    def api_of(self, plan: ServingPlan | None) -> EngineApi:
+        """The kind of engine to talk to: the pod's own (``--engine-api``), else the plan's (None is
+        SGLang, left out of the plan for older agents), else the one asked last."""
+        if self.engine_api is not None:
+            return self.engine_api
+        if plan is not None:
+            return plan.engine or "sglang"
+        return self.api
+
+    def _digest_of(self, path: Path) -> str:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        if key not in self.file_digests:
+            self.file_digests[key] = cache.sha256_of(path)
+        return self.file_digests[key]
+
+    def _wrong_file(self, entry: Path, checked: dict[str, str]) -> str | None:
+        """Why the cache entry's files are not the ones expected (None: they are)."""
+        for name, want in checked.items():
+            found = self._digest_of(entry / name)
+            if found != want:
+                return (
+                    f"{entry / name} has sha256 {found}, expected {want} (the digest of the {name} the adapter's "
+                    f"export wrote): the cache entry holds another {name} for these weights, which no engine is "
+                    f"given; remove {entry} on the node of {self.replica} (its adapter cache) so that the next "
+                    "start fetches it again"
+                )
+        return None
+
+    def materialise(
+        self, adapters: Sequence[PlannedAdapter], api: EngineApi = "sglang", *, complete: bool = True
+    ) -> dict[str, Want]:
         """Cache path of every adapter that could be had as ``api``'s engine loads it; the others are
-        remembered as unavailable."""
+        remembered as unavailable. ``complete``: an entry without a file the engine needs is fetched
+        again to add it (``--once``); otherwise it is only reported."""
         desired: dict[str, Want] = {}
         self.unavailable = {}
+        self.wrong_files = set()
         needs = NEEDS[api]
         for adapter in adapters:
             key = self._source_key(adapter)
+            # llama.cpp: the adapter.gguf of a FineTuneJob's export must be the one it reported.
+            checked = {GGUF_ADAPTER_FILE: adapter.gguf_sha256} if api == "llamacpp" and adapter.gguf_sha256 else {}
+            require = tuple(needs) if complete else ()
+            wrong_key = f"{key}:{adapter.gguf_sha256}" if key and checked else None
+            if not complete and wrong_key in self.wrong_sources:
+                self.unavailable[adapter.name] = (adapter.sha256, self.wrong_sources[wrong_key])
+                continue
             try:
-                path = cache.materialise(self.cache_dir, self._known(adapter), self._fetch(adapter), tuple(needs))
+                path = cache.materialise(self.cache_dir, self._known(adapter), self._fetch(adapter), require, checked)
+            except cache.WrongFile as exc:
+                self.unavailable[adapter.name] = (adapter.sha256, _short(str(exc)))
+                if wrong_key:
+                    self.wrong_sources[wrong_key] = self.unavailable[adapter.name][1]
+                continue
             except (cache.Unavailable, OSError) as exc:
                 self.unavailable[adapter.name] = (adapter.sha256, _short(str(exc)))
                 continue
@@ -174,16 +238,27 @@ class Agent:
             if missing:
                 self.unavailable[adapter.name] = (path.name, missing[0])
                 continue
+            try:
+                wrong = self._wrong_file(path, checked)
+            except OSError as exc:
+                wrong = _short(f"reading {path}: {exc}")
+            if wrong is not None:
+                self.unavailable[adapter.name] = (path.name, wrong)
+                self.wrong_files.add(adapter.name)
+                continue
             desired[adapter.name] = Want(str(path), adapter.pinned)
         return desired
 
     def step(self) -> dict[str, Any]:
         """One comparison of the engine with the plan; returns this replica's report."""
         plan = self.plan()
+        self.api = self.api_of(plan)
         if plan is not None:
-            self.api = plan.engine
+            self.last_plan = plan
         if self.api == "llamacpp":
-            return self._step_fixed(plan)
+            # No plan readable (the ConfigMap being recreated): the server has not changed, so it is
+            # reported against the last plan read rather than as listing nothing.
+            return self._step_fixed(self.last_plan)
         return self._step_sglang(plan)
 
     def _step_fixed(self, plan: ServingPlan | None) -> dict[str, Any]:
@@ -192,9 +267,11 @@ class Agent:
         a new list) is not listed, and nothing is sent: only a restart with the new list loads it."""
         mine = plan.for_replica(self.replica) if plan else None
         planned = mine.adapters if mine else []
-        # Still fetched: the digests of adapters planned without one name their files, an adapter
-        # its source lost is reported, and the pod replacing this one finds the cache filled.
-        self.materialise(planned, "llamacpp")
+        # Still fetched when not cached: the digests of adapters planned without one name their
+        # files, an adapter its source lost is reported, and the pod replacing this one finds the
+        # cache filled. An entry lacking adapter.gguf is only reported: completing it (a copy or a
+        # download, and a digest, at every step) is --once's work.
+        self.materialise(planned, "llamacpp", complete=False)
         try:
             files = self.llama.adapter_files()
         except EngineDown as exc:
@@ -202,8 +279,12 @@ class Agent:
             return self.report(up=False, listed={}, planned=planned)
         digests = {a.name: sha for a in planned if (sha := self._known(a))}
         listed = llamacpp.adapters_of_files(files, digests, self.cache_dir)
-        # The server keeps the files it loaded at start, whatever their source says now.
+        # The server keeps the files it loaded at start, whatever their source says now; but a file
+        # other than the one the export wrote is not the adapter asked for.
         for name in [n for n in self.unavailable if n in listed]:
+            if name in self.wrong_files:
+                listed.pop(name)
+                continue
             log.warning("%s is served from %s: %s", name, listed[name], self.unavailable.pop(name)[1])
         return self.report(up=True, listed=listed, planned=planned)
 
@@ -328,19 +409,63 @@ def _kube_sources(namespace: str, plan_name: str) -> tuple[Any, PlanSource]:
     return api, plan
 
 
-def fill_once(agent: Agent, plan: ServingPlan | None, write: StatusWriter) -> int:
+def _unplanned_name(digest: str) -> str:
+    """The name an error about a digest no planned adapter has is reported under."""
+    return f"unplanned-{digest[:12]}"
+
+
+def _by_digest(agent: Agent, plan: ServingPlan | None, digests: Sequence[str]) -> list[PlannedAdapter]:
+    """The plan's adapter of each digest (this replica's first, else any replica's), each once; a
+    digest without one is reported unavailable."""
+    mine = plan.for_replica(agent.replica) if plan else None
+    known: dict[str, PlannedAdapter] = {}
+    everywhere = [*(mine.adapters if mine else []), *(a for r in (plan.replicas if plan else []) for a in r.adapters)]
+    for adapter in everywhere:
+        if adapter.sha256:
+            known.setdefault(adapter.sha256, adapter)
+    found: list[PlannedAdapter] = []
+    for digest in dict.fromkeys(digests):
+        if digest in known:
+            found.append(known[digest])
+    return found
+
+
+def fill_once(agent: Agent, plan: ServingPlan | None, write: StatusWriter, digests: Sequence[str] | None = None) -> int:
     """``--once``, before the engine starts: every adapter planned for this replica into the node
-    cache, as the plan's engine loads it. 0 when all are there; otherwise 1, with the missing ones
-    reported Unavailable (the pod's init container fails, and status says why)."""
+    cache, as its engine loads it, each entry completed and checked. 0 when all are there;
+    otherwise 1, with the missing ones reported Unavailable (the pod's init container fails, and
+    status says why).
+
+    ``digests`` (``--adapter-digests``): the cache entries the pod's own command line loads. Then
+    exactly the plan's adapters of those weights are made ready, whatever the plan places on this
+    replica now (the plan and the pod's template can disagree while a change rolls out); a digest
+    no planned adapter has fails it too, named."""
+    api = agent.api_of(plan)
     mine = plan.for_replica(agent.replica) if plan else None
     planned = mine.adapters if mine else []
-    agent.materialise(planned, plan.engine if plan else "sglang")
+    if digests is not None:
+        planned = _by_digest(agent, plan, digests)
+    agent.materialise(planned, api)
+    if digests is not None:
+        have = {a.sha256 for a in planned}
+        for digest in dict.fromkeys(d for d in digests if d not in have):
+            agent.unavailable[_unplanned_name(digest)] = (
+                digest,
+                f"this pod's command line names the adapter files of sha256 {digest} ({agent.cache_dir / digest}), "
+                "but the serving plan has no adapter of these weights: the LoraServer's adapters changed since "
+                "this pod was made, and the pod replacing it does not load them",
+            )
     if not agent.unavailable:
         return 0
     report = agent.report(up=False, listed={}, planned=planned)
     write({"engines": [{**report, "lastSyncTime": now_rfc3339()}]})
     print(json.dumps({"event": "unavailable", "adapters": agent.unavailable}), file=sys.stderr)
     return 1
+
+
+def parse_digests(value: str) -> list[str]:
+    """``--adapter-digests``: comma-separated, in the engine's order; empty: none."""
+    return [d.strip() for d in value.split(",") if d.strip()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -355,6 +480,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--once", action="store_true", help="fill the cache for this replica and exit")
     parser.add_argument("--pod-uid", default="", help="this pod's UID, so reports of an earlier pod are told apart")
     parser.add_argument("--store-dir", type=Path, help="the shared adapter store as mounted here")
+    parser.add_argument(
+        "--engine-api",
+        choices=("sglang", "llamacpp"),
+        help="the kind of engine beside this agent, whatever the plan says (default: the plan's)",
+    )
+    parser.add_argument(
+        "--adapter-digests",
+        help=(
+            "with --once: the weights digests (cache entries) the engine's command line loads, comma-separated "
+            "('' = none); exactly these are made ready (default: the plan's adapters for this replica)"
+        ),
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     namespace, name = args.report.split("/", 1)
@@ -372,9 +509,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache_dir=args.cache_dir,
         pod_uid=args.pod_uid or None,
         store_dir=args.store_dir,
+        engine_api=args.engine_api,
     )
     if args.once:
-        return fill_once(agent, plan(), own.apply)
+        digests = None if args.adapter_digests is None else parse_digests(args.adapter_digests)
+        return fill_once(agent, plan(), own.apply, digests)
     # Before anything slow (a download): whatever an earlier pod of this name reported is void now.
     first = agent.report(up=False, listed={}, planned=[])
     own.apply({"engines": [{**first, "lastSyncTime": now_rfc3339()}]})

@@ -2,8 +2,10 @@
 LoraServer whose model storage is on the node. A directory appears whole (built under a temporary
 name, checked, then renamed) and its files are never changed afterwards, so an engine never reads a
 partial adapter and a digest always names the same weights. The one change: a file an engine needs
-that the first source lacked (a llama.cpp engine's adapter.gguf) is added, whole, when a later
-fetch of the same weights carries it.
+that the first source lacked (a llama.cpp engine's adapter.gguf) is added when a later fetch of the
+same weights carries it: written and synced under a temporary name, then hard-linked into the entry,
+so it appears whole; a file already there is never replaced (two agents completing one entry: the
+first link wins, the other's copy is dropped).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 WEIGHTS = "adapter_model.safetensors"
@@ -23,6 +25,10 @@ class Unavailable(Exception):
     """The files cannot be had here; the message says where they are and what to do."""
 
 
+class WrongFile(Unavailable):
+    """The source holds a file other than the one expected: fetching it again brings the same."""
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -31,12 +37,20 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def materialise(cache: Path, expected: str | None, fetch: Callable[[Path], None], require: Sequence[str] = ()) -> Path:
+def materialise(
+    cache: Path,
+    expected: str | None,
+    fetch: Callable[[Path], None],
+    require: Sequence[str] = (),
+    checked: Mapping[str, str] | None = None,
+) -> Path:
     """The cache directory holding the adapter; ``fetch`` fills a temporary directory when it is
     not cached yet. With ``expected`` the files must have that digest before anything sees them.
 
     ``require``: files the engine needs besides the weights. An entry without one is fetched again
-    and gets it from there if the source has it; the caller checks whether it is there now."""
+    and gets it from there if the source has it; the caller checks whether it is there now.
+    ``checked``: file name -> the sha256 a fetched file of that name must have before it goes into
+    the cache (a file the fetch did not bring is the caller's to report)."""
     if expected and _has(cache / expected, (WEIGHTS, *require)):
         return cache / expected
     cache.mkdir(parents=True, exist_ok=True)
@@ -49,6 +63,12 @@ def materialise(cache: Path, expected: str | None, fetch: Callable[[Path], None]
         found = sha256_of(staging / WEIGHTS)
         if expected and found != expected:
             raise Unavailable(f"{WEIGHTS} has sha256 {found}, expected {expected}")
+        for name, want in (checked or {}).items():
+            if (staging / name).is_file() and (got := sha256_of(staging / name)) != want:
+                raise WrongFile(
+                    f"the adapter's source holds a {name} with sha256 {got}, expected {want} (the digest its "
+                    f"export reported): its source has another {name} than the export wrote; export it again"
+                )
         final = cache / found
         if final.exists():
             _add_missing(staging, final, require)
@@ -71,11 +91,19 @@ def _has(entry: Path, names: Sequence[str]) -> bool:
 
 
 def _add_missing(staging: Path, entry: Path, names: Sequence[str]) -> None:
-    """Move into an existing entry the files of ``names`` it lacks and a fetch of the same weights
-    brought: each appears whole (a rename), and none already there is touched."""
+    """Add to an existing entry the files of ``names`` it lacks and a fetch of the same weights
+    brought: each is synced, then hard-linked in, so it appears whole; one already there (another
+    agent linked it first) is never replaced."""
     for name in names:
-        if (staging / name).is_file() and not (entry / name).exists():
-            os.replace(staging / name, entry / name)
+        staged = staging / name
+        if not staged.is_file() or (entry / name).exists():
+            continue
+        with staged.open("rb") as fh:
+            os.fsync(fh.fileno())
+        try:
+            os.link(staged, entry / name)
+        except FileExistsError:
+            continue  # another agent completed the entry first: its file stays
 
 
 def unavailable(message: str) -> Callable[[Path], None]:

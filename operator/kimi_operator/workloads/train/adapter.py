@@ -17,9 +17,11 @@ only when complete.
 
 Beside the PEFT files the export writes ``adapter.gguf`` for llama.cpp, made by llama.cpp's own
 ``convert_lora_to_gguf.py`` (found through ``KIMI_LLAMACPP_SRC``) from a copy holding only the modules
-llama.cpp applies (``render.llamacpp``; the others are reported as ``llamacppDroppedModules``). No
-converter, no module it applies, or a conversion that fails costs the GGUF file, not the export: the
-adapter is still good for SGLang, and ``status.adapter.ggufError`` says why.
+llama.cpp applies (``render.llamacpp``; the others are reported as ``llamacppDroppedModules``), with
+the base model's config.json alone as its ``--base``. No converter, no module it applies, settings it
+cannot carry (rsLoRA, a per-module ``alpha_pattern`` or ``rank_pattern``), or a conversion that fails
+costs the GGUF file, not the export: the adapter is still good for SGLang, and
+``status.adapter.ggufError`` says why.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ FINAL, PARTIAL, STAGING = "adapter", "adapter.partial", "adapter.kt-input"
 LLAMACPP_SRC_ENV = "KIMI_LLAMACPP_SRC"
 LORA_TO_GGUF = "convert_lora_to_gguf.py"
 GGUF_STAGING = "adapter.gguf-input"
+# The converter's --base: a directory holding only the base model's config.json.
+GGUF_BASE = "adapter.gguf-base"
 # Written at the adapter's own precision (no rounding, no doubling); anything else as f32.
 GGUF_OUTTYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
 # A converter that hangs must not keep the pod from reporting its adapter.
@@ -228,6 +232,14 @@ def _llamacpp_input(adapter: Path, staging: Path) -> str:
     if config.get("use_rslora"):
         # llama.cpp scales every adapter by lora_alpha / r; rsLoRA's alpha / sqrt(r) would be lost.
         raise GgufError(f"{CONFIG}: use_rslora is set, which llama.cpp does not apply: no {GGUF_ADAPTER_FILE} written")
+    for pattern in ("alpha_pattern", "rank_pattern"):
+        if config.get(pattern):
+            # The converter writes one lora_alpha for the whole file, and llama.cpp scales every
+            # module by it over that module's rank: per-module values would be lost.
+            raise GgufError(
+                f"{CONFIG}: {pattern} is set ({', '.join(sorted(map(str, config[pattern])))}), which llama.cpp's "
+                f"converter does not carry (it writes one lora_alpha and one rank): no {GGUF_ADAPTER_FILE} written"
+            )
     with Reader(adapter / WEIGHTS) as reader:
         kept = [info for name, info in reader.tensors.items() if not llamacpp.dropped_modules([_module(name)])]
         if not kept:
@@ -265,15 +277,21 @@ def _run_lora_to_gguf(script: Path, staging: Path, base: Path, outfile: Path, ou
 
 def write_gguf(output_dir: Path, partial: Path, *, base_model: str) -> None:
     """Write ``adapter.gguf`` into the partial export, under a temporary name renamed when complete.
-    The base model's directory gives the converter the architecture (its config.json only)."""
+    The base model gives the converter the architecture: its config.json alone, in a directory of
+    its own (given the model's directory, the converter reads the header of every safetensors file
+    there, which on a 2 TB checkpoint costs time and fails on any file it does not expect)."""
     script = llamacpp_converter()
-    base = Path(base_model)
-    if not (base / "config.json").is_file():
+    config = Path(base_model) / "config.json"
+    if not config.is_file():
         raise GgufError(f"llama.cpp's converter needs the base model's config.json, which {base_model} does not hold")
     staging, temporary = output_dir / GGUF_STAGING, partial / (GGUF_ADAPTER_FILE + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    base = output_dir / GGUF_BASE
+    for stale in (staging, base):
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         outtype = _llamacpp_input(partial, staging)
+        base.mkdir()
+        shutil.copyfile(config, base / "config.json")
         _run_lora_to_gguf(script, staging, base, temporary, outtype)
         with temporary.open("rb") as fh:
             os.fsync(fh.fileno())
@@ -282,6 +300,7 @@ def write_gguf(output_dir: Path, partial: Path, *, base_model: str) -> None:
         raise GgufError(f"writing {GGUF_ADAPTER_FILE}: {exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
         temporary.unlink(missing_ok=True)
 
 
@@ -319,14 +338,43 @@ def export(output_dir: Path, *, experts: bool, base_model: str) -> tuple[Path, C
     return final, checked
 
 
+def _add_gguf(final: Path, target: Path) -> None:
+    """Give a copy on the shared volume that lacks it the export's adapter.gguf (a copy published
+    before the export wrote one): copied and synced under a temporary name, then hard-linked in, so
+    a reader sees it whole or not at all; one already there is never replaced."""
+    source, wanted = final / GGUF_ADAPTER_FILE, target / GGUF_ADAPTER_FILE
+    if not source.is_file() or wanted.exists():
+        return
+    # Beside the copy, not in it: a reader copies every file of the directory.
+    staged = target.parent / f".{target.name}.{GGUF_ADAPTER_FILE}.{os.getpid()}.partial"
+    try:
+        shutil.copyfile(source, staged)
+        with staged.open("rb") as fh:
+            os.fsync(fh.fileno())
+        if manifest.sha256_file(staged) != manifest.sha256_file(source):
+            raise ExportError(f"{staged}: the copy on the shared volume does not match {source}")
+        try:
+            os.link(staged, wanted)
+        except FileExistsError:
+            pass  # another writer added it first: its file stays
+        except OSError:
+            # A volume without hard links: renamed in, unless one appeared meanwhile.
+            if not wanted.exists():
+                os.replace(staged, wanted)
+    finally:
+        staged.unlink(missing_ok=True)
+
+
 def publish(final: Path, root: Path, *, namespace: str, name: str) -> str:
     """Copy the exported adapter to the shared store: ``<root>/<namespace>/<name>/<sha256>/``, built
     under a temporary name and renamed, so a reader sees it whole or not at all. Returns the path
-    relative to ``root``. A copy already there (the same digest) is kept as it is."""
+    relative to ``root``. A copy already there (the same digest) is kept as it is, but for the
+    export's adapter.gguf, added when it lacks one."""
     digest = manifest.sha256_file(final / WEIGHTS)
     relative = f"{namespace}/{name}/{digest}"
     target = root / relative
     if (target / WEIGHTS).is_file():
+        _add_gguf(final, target)
         return relative
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{digest}.partial")
