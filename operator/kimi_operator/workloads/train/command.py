@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from kimi_operator.api.exitcodes import TrainExit
 from kimi_operator.api.finetunejob import KIND, PLURAL
 from kimi_operator.workloads import termination
+from kimi_operator.workloads.events import emit
 from kimi_operator.workloads.termination import WorkloadError
 from kimi_operator.workloads.train import adapter, dataset, trainer
 from kimi_operator.workloads.train.progress import Reporter, latest_checkpoint
@@ -99,7 +100,7 @@ def fetch_dataset(opts: argparse.Namespace) -> Path:
 
 
 def _warn(message: str) -> None:
-    print(json.dumps({"event": "warning", "message": message}), flush=True)
+    emit({"event": "warning", "message": message})
 
 
 def export(opts: argparse.Namespace, *, base_model: str) -> dict[str, Any]:
@@ -142,9 +143,9 @@ def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
     )
     if not report.ok or report.key is None:
         raise WorkloadError(TrainExit.INVALID_DATASET, report.summary(5))
-    print(json.dumps({"event": "dataset", "records": report.records, "key": report.key}), flush=True)
+    emit({"event": "dataset", "records": report.records, "key": report.key})
     for warning in report.warnings:
-        print(json.dumps({"event": "warning", "message": warning}), flush=True)
+        emit({"event": "warning", "message": warning})
     opts.output_dir.mkdir(parents=True, exist_ok=True)
     to_llamafactory(opts.dataset, report.key, opts.root or opts.dataset.parent, opts.output_dir / "dataset.jsonl")
     checkpoint = latest_checkpoint(opts.output_dir)
@@ -160,7 +161,7 @@ def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
         # One field manager owns exactly what its last apply listed: the adapter goes with the last
         # progress, or server-side apply would remove the progress this pod wrote.
         own.apply({**reporter.status, "adapter": published})
-    print(json.dumps({"event": "adapter", **published}), flush=True)
+    emit({"event": "adapter", **published})
     return published
 
 

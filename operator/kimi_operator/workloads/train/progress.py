@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from kimi_operator.api.conditions import now_rfc3339
 from kimi_operator.api.durations import seconds
+from kimi_operator.workloads.events import emit
 
 if TYPE_CHECKING:
     from kimi_operator.workloads.report import OwnStatus
@@ -139,13 +140,13 @@ class Reporter:
         if status == self.status and self.applied:
             return status  # nothing new in the log since the last write: no request
         self.status, self.applied = status, False
-        print(json.dumps({"event": "progress", **status}), flush=True)
+        emit({"event": "progress", **status})
         if self.own is not None:
             try:
                 self.own.apply(status)
                 self.applied = True
             except Exception as exc:
-                print(json.dumps({"event": "warning", "message": f"progress not written: {exc}"}), file=sys.stderr)
+                emit({"event": "warning", "message": f"progress not written: {exc}"}, sys.stderr)
         return status
 
     def _run(self) -> None:
