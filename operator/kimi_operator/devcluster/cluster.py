@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kimi_operator.devcluster import build, nodes
+from kimi_operator.devcluster import build, nodes, podprocess
 from kimi_operator.devcluster.certs import Authority, service_account_keys
 from kimi_operator.devcluster.paths import repo_root, state_root
 
@@ -422,6 +422,8 @@ class Cluster:
 
     def down(self) -> list[str]:
         """Stop the processes this directory started (by PID), then remove the directory."""
+        # Pod programs a local pod runner started and left behind (a runner killed mid-run).
+        podprocess.stop_leftovers(self.layout.root)
         state = self.state()
         stopped = []
         # Reverse start order: fake kubelets and controllers first, etcd last.
