@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from tests.processes import stop
+
 ROOT = Path(__file__).parents[1]
 GGUF_CONVERT = ROOT / "e2e" / "engines" / "gguf_convert.py"
 # What the export reads (adapter.LLAMACPP_SRC_ENV), here as the pod's image sets it.
@@ -122,9 +124,4 @@ def running(argv: list[str], url: str, log: Path) -> Iterator[str]:
             time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)

@@ -88,21 +88,15 @@ def _from_fine_tune_job(
         # On the shared store: every replica can have it, whatever node it runs on.
         files = AdapterFiles(kind="store", path=str(published["path"]), node=exported["node"])
         source = f"{where}: {published['path']} on volume {store}"
-        return Resolved(
-            adapter,
-            bool(exported.get("expertLora")),
-            files,
-            exported.get("sha256"),
-            source,
-            rank=exported.get("rank"),
-            **gguf_facts,
-        )
-    # The trainer saw the model storage at the same mount as the engine pods do.
-    relative = _under(str(exported["path"]), MOUNT)
-    source = f"{where}: {exported['path']} on node {exported['node']}"
-    if relative is None:
-        return Resolved(adapter, None, None, None, source, ("Unavailable", f"{source} is outside the model storage"))
-    files = AdapterFiles(kind="node", path=relative, node=exported["node"])
+    else:
+        # The trainer saw the model storage at the same mount as the engine pods do.
+        relative = _under(str(exported["path"]), MOUNT)
+        source = f"{where}: {exported['path']} on node {exported['node']}"
+        if relative is None:
+            return Resolved(
+                adapter, None, None, None, source, ("Unavailable", f"{source} is outside the model storage")
+            )
+        files = AdapterFiles(kind="node", path=relative, node=exported["node"])
     return Resolved(
         adapter,
         bool(exported.get("expertLora")),
