@@ -193,7 +193,7 @@ def _resolved(nodes: Iterable[Mapping[str, Any]]) -> dict[str, str]:
 
 
 def _job_selector(name: str) -> str:
-    return selector(common("KimiModel", name, "prepare"))
+    return selector(common(KIMI_MODEL.kind, name, "prepare"))
 
 
 def _sync_labels(kube: Kube, label: str, ready: set[str]) -> None:

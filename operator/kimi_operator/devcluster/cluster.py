@@ -73,18 +73,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_time(pid: int) -> str | None:
-    """Field 22 of /proc/<pid>/stat: the process start time in clock ticks, or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces; fields after the closing parenthesis are fixed.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    state = fields[0]
-    if state in ("Z", "X"):
-        return None
-    return fields[19]
+# A PID with its start time names one process: the control plane's are recorded as the pods' are.
+_start_time = podprocess.start_time
 
 
 def alive(record: Mapping[str, Any]) -> bool:

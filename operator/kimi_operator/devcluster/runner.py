@@ -416,19 +416,14 @@ class PodRunner:
         """The KWOK nodes; read again when a pod names one not seen yet (a pod that is Running gets
         no further events, so it must not be skipped for a stale list)."""
         if wanted and wanted not in self.nodes:
-            listing = self._read_list(self.core.list_node)
+            listing = self._read(self.core.list_node)
+            assert listing is not None  # a list is never "not found"
             self.nodes = {
                 n["metadata"]["name"]
                 for n in listing["items"]
                 if (n["metadata"].get("annotations") or {}).get(KWOK_NODE_ANNOTATION) == "fake"
             }
         return self.nodes
-
-    @staticmethod
-    def _read_list(method: Any) -> dict[str, Any]:
-        response = method(_preload_content=False)
-        data: dict[str, Any] = json.loads(response.data)
-        return data
 
     # -- events --------------------------------------------------------------------------------
 
@@ -472,7 +467,8 @@ class PodRunner:
             worker.forget()
 
     def _relist(self) -> str:
-        listing = self._read_list(self.core.list_pod_for_all_namespaces)
+        listing = self._read(self.core.list_pod_for_all_namespaces)
+        assert listing is not None  # a list is never "not found"
         present = set()
         for pod in listing["items"]:
             present.add(pod["metadata"]["uid"])

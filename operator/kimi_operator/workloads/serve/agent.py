@@ -44,6 +44,7 @@ from kimi_operator.api.serving import (
     PlannedAdapter,
     ServingPlan,
 )
+from kimi_operator.workloads.events import emit
 from kimi_operator.workloads.serve import cache, llamacpp
 from kimi_operator.workloads.serve.engine import Engine, EngineDown, LlamaServer
 from kimi_operator.workloads.serve.sync import Load, Unload, Want, actions
@@ -459,7 +460,7 @@ def fill_once(agent: Agent, plan: ServingPlan | None, write: StatusWriter, diges
         return 0
     report = agent.report(up=False, listed={}, planned=planned)
     write({"engines": [{**report, "lastSyncTime": now_rfc3339()}]})
-    print(json.dumps({"event": "unavailable", "adapters": agent.unavailable}), file=sys.stderr)
+    emit({"event": "unavailable", "adapters": agent.unavailable}, sys.stderr)
     return 1
 
 
