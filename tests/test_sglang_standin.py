@@ -171,6 +171,15 @@ def shared_args(tiny: Path) -> list[str]:
     ]
 
 
+def agent_args(tiny: Path) -> list[str]:
+    """A shared replica started without adapters, for an adapter agent of its own."""
+    return [
+        *("--model-path", str(tiny / "model"), "--served-model-name", SERVED, "--enable-lora"),
+        *("--max-lora-rank", "16", "--lora-target-modules", "q_proj", "k_proj", "v_proj", "o_proj"),
+        *("--max-loaded-loras", "8", "--enable-metrics"),
+    ]
+
+
 def small_args(tiny: Path) -> list[str]:
     """Two slots, two adapters in memory at most (and the benchmarks' per-token delay and replay)."""
     return [
@@ -245,6 +254,7 @@ def engines(train_python: str, tiny: Path, tmp_path_factory: pytest.TempPathFact
         "small": launch(train_python, logs, "small", small_args(tiny)),
         "expert": launch(train_python, logs, "expert", expert_args(tiny)),
         "wedge": launch(train_python, logs, "wedge", wedge_args(tiny), wedge_env),
+        "agent": launch(train_python, logs, "agent", agent_args(tiny), CHEAP_HEALTH),
     }
     wedge = started["wedge"]
 
@@ -699,6 +709,53 @@ def test_an_abandoned_non_streamed_request_keeps_its_adapter_from_ever_unloading
     # Gone: reported as down, not stuck; its restart gets every update again.
     down = agent.step()
     assert (down["engineUp"], down["errors"], agent.stuck) == (False, [], None)
+
+
+def test_freeze_gc_answers_as_sglang_does(engines: dict[str, Engine]) -> None:
+    engine = engines["small"]
+    for method in ("POST", "GET"):
+        answer = engine.call(method, "/freeze_gc")
+        assert (answer.status, answer.raw, answer.content_type) == (200, b"Garbage collection frozen.\n", None)
+    assert "Freezing GC in Tokenizer Manager process. gen0: " in engine.log.read_text()
+    # An engine without the endpoint (an older SGLang) is told apart from one not answering now.
+    assert serve_engine.Engine(f"http://127.0.0.1:{engine.port}/older").freeze_gc() is None
+    assert serve_engine.Engine(f"http://127.0.0.1:{free_port()}").freeze_gc() is False
+
+
+def test_the_agent_freezes_the_engines_heap_once_it_is_up_and_after_each_load(
+    engines: dict[str, Engine], tiny: Path, tmp_path: Path
+) -> None:
+    """SGLang's advice against the pauses of its garbage collector, which on a real engine held
+    every request in flight about 0.4 s (e2e/gpu/serve/RESULTS.md): the agent freezes the engine's
+    heap once it answers, and again after each load, never at a step that changed nothing."""
+    engine = engines["agent"]
+
+    def freezes() -> int:
+        return engine.log.read_text(errors="replace").count("Freezing GC in Tokenizer Manager process")
+
+    def plan_of(*adapters: PlannedAdapter) -> ServingPlan:
+        return ServingPlan(
+            served_model_name=SERVED, generation=1, replicas=[ReplicaPlan(replica="r0", adapters=list(adapters))]
+        )
+
+    plan = plan_of()
+    agent = Agent(
+        replica="r0",
+        engine=serve_engine.Engine(f"http://127.0.0.1:{engine.port}"),
+        plan=lambda: plan,
+        models_dir=tiny / "adapters",
+        cache_dir=tmp_path / "cache",
+    )
+    assert freezes() == 0
+    assert agent.step()["engineUp"] is True
+    assert freezes() == 1
+    agent.step()
+    assert freezes() == 1
+    plan = plan_of(PlannedAdapter(name="sql", files=AdapterFiles(kind="node", path="a1")))
+    assert agent.step()["adapters"] == ["sql"]
+    assert freezes() == 2
+    agent.step()
+    assert freezes() == 2
 
 
 def test_metrics_carry_sglangs_names_and_labels(standin: Engine) -> None:

@@ -39,6 +39,8 @@ Every behaviour below is SGLang's: as recorded in REFERENCE.md ("KTransformers s
 - SIGTERM: generation requests in flight are drained first (one stuck behind a hung unload keeps
   the server up until it is killed).
 - ``/metrics`` (``--enable-metrics``): SGLang's names and label sets; no metric is per adapter.
+- ``GET`` or ``POST /freeze_gc``: gc.freeze() in this process (SGLang freezes its HTTP, scheduler
+  and detokenizer processes), logged in SGLang's words; 200, a text body, no content type.
 - An adapter given at start that carries expert LoRA (``.mlp.experts.`` keys) puts the server under
   sglang-kt's static pairing: it must be the only adapter, load and unload are refused, and every
   generation must select it. The tiny model has no experts, so only its non-expert part applies.
@@ -56,6 +58,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import gc
 import http
 import importlib
 import json
@@ -1227,6 +1230,7 @@ class Server:
             "/generate": {"POST": self.generate_native, "PUT": self.generate_native},
             "/load_lora_adapter": {"POST": self.load_adapter},
             "/unload_lora_adapter": {"POST": self.unload_adapter},
+            "/freeze_gc": {"GET": self.freeze_gc, "POST": self.freeze_gc},
         }
         if args.enable_metrics:
             self.routes["/metrics"] = {"GET": self.metrics_text}
@@ -1378,6 +1382,16 @@ class Server:
         name, path = field(body, "lora_name", str), field(body, "lora_path", str)
         result = self.loras.load(name, path, bool(field(body, "pinned", bool, False)))
         return json_reply(result.body(), 200 if result.success else 400)
+
+    def freeze_gc(self, _: bytes) -> Reply:
+        before = [len(gc.get_objects(generation)) for generation in range(3)]
+        gc.freeze()
+        after = [len(gc.get_objects(generation)) for generation in range(3)]
+        log.info(
+            "Freezing GC in Tokenizer Manager process. gen0: %d->%d, gen1: %d->%d, gen2: %d->%d",
+            *(n for pair in zip(before, after, strict=True) for n in pair),
+        )
+        return Reply(200, b"Garbage collection frozen.\n", content_type=None)
 
     def unload_adapter(self, raw: bytes) -> Reply:
         body = self.body(raw)

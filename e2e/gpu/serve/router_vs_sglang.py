@@ -243,26 +243,35 @@ class Timer:
     def close(self) -> None:
         self.conn.close()
 
-    def one(self, model: str, stream: bool) -> dict[str, Any]:
+    def _send(self, payload: bytes, headers: dict[str, str]) -> tuple[httpclient.HTTPResponse, bool]:
+        """The answer's head, and whether the kept connection had to be replaced for it."""
+        try:
+            self.conn.request("POST", "/v1/chat/completions", payload, headers)
+            return self.conn.getresponse(), False
+        except (OSError, httpclient.HTTPException):
+            self.conn.close()
+            self.conn = httpclient.HTTPConnection(self.host, self.port, timeout=60)
+            self.conn.request("POST", "/v1/chat/completions", payload, headers)
+            return self.conn.getresponse(), True
+
+    def one(self, model: str, stream: bool, trace_id: str = "", extra: dict[str, Any] | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": model,
             "messages": PROMPT,
             "temperature": 0,
             "max_tokens": MAX_TOKENS,
             "ignore_eos": True,
+            **(extra or {}),
         }
         if stream:
             body["stream"] = True
         payload = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if trace_id:
+            headers["X-Trace-Id"] = trace_id
+        started = time.monotonic()
         t0 = time.perf_counter()
-        try:
-            self.conn.request("POST", "/v1/chat/completions", payload, {"Content-Type": "application/json"})
-            resp = self.conn.getresponse()
-        except (OSError, httpclient.HTTPException):
-            self.conn.close()
-            self.conn = httpclient.HTTPConnection(self.host, self.port, timeout=60)
-            self.conn.request("POST", "/v1/chat/completions", payload, {"Content-Type": "application/json"})
-            resp = self.conn.getresponse()
+        resp, reconnected = self._send(payload, headers)
         first_byte = first_content = None
         buf = b""
         while True:
@@ -289,7 +298,15 @@ class Timer:
         if resp.will_close:
             self.conn.close()
             self.conn = httpclient.HTTPConnection(self.host, self.port, timeout=60)
-        return {"status": resp.status, "total": total, "first_byte": first_byte, "first_content": first_content}
+        return {
+            "status": resp.status,
+            "total": total,
+            "first_byte": first_byte,
+            "first_content": first_content,
+            "id": trace_id,
+            "start": started,
+            "reconnected": reconnected,
+        }
 
 
 def run_sequential(urls: dict[str, str], model: str, n: int, stream: bool) -> dict[str, Any]:
@@ -310,20 +327,33 @@ def run_sequential(urls: dict[str, str], model: str, n: int, stream: bool) -> di
     return summarise(got, stream)
 
 
-def run_concurrent(urls: dict[str, str], model: str, workers: int, per_worker: int, stream: bool) -> dict[str, Any]:
+def run_concurrent(
+    urls: dict[str, str],
+    model: str,
+    workers: int,
+    per_worker: int,
+    stream: bool,
+    *,
+    label: str = "",
+    extras: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """``workers`` threads, each with its own connection, ``per_worker`` requests each; the targets in
-    A B B A order (each run twice, halves combined)."""
+    A B B A order (each run twice, halves combined). Every request carries an ``X-Trace-Id``
+    (label/target/half/worker/i) and its row is kept (``rows``: start on the monotonic clock, first
+    byte, total), so slow requests can be matched with the router's trace. ``extras``: request fields
+    added for a target."""
     got: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
     walls: dict[str, list[float]] = {name: [] for name in urls}
     names = list(urls)
     order = names + list(reversed(names))
-    for name in order:
+    for half, name in enumerate(order):
 
-        def work(_: int, base: str = urls[name]) -> list[dict[str, Any]]:
+        def work(w: int, base: str = urls[name], name: str = name, half: int = half) -> list[dict[str, Any]]:
             t = Timer(base)
+            extra = (extras or {}).get(name)
             try:
-                t.one(model, stream)  # warm-up: the connection
-                return [t.one(model, stream) for _ in range(per_worker // 2)]
+                t.one(model, stream, extra=extra)  # warm-up: the connection
+                return [t.one(model, stream, f"{label}/{name}/{half}/{w}/{i}", extra) for i in range(per_worker // 2)]
             finally:
                 t.close()
 
@@ -337,6 +367,9 @@ def run_concurrent(urls: dict[str, str], model: str, workers: int, per_worker: i
         n = len(got[name])
         out[name]["wall_s"] = [round(w, 3) for w in walls[name]]
         out[name]["requests_per_s"] = round(n / sum(walls[name]), 1) if walls[name] else None
+    keys = ("id", "start", "first_byte", "first_content", "total", "status", "reconnected")
+    out["rows"] = [[r.get(k) for k in keys] for name in names for r in got[name]]
+    out["row_keys"] = list(keys)
     return out
 
 
@@ -475,6 +508,17 @@ def main() -> int:
     parser.add_argument("--n-seq", type=int, default=100, help="sequential requests per target")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--per-worker", type=int, default=20, help="requests per concurrent worker and target")
+    parser.add_argument("--stream-rounds", type=int, default=3, help="rounds of the concurrent stream run")
+    parser.add_argument(
+        "--freeze-gc-after", type=int, default=-1, help="POST the engine's /freeze_gc before this stream round"
+    )
+    parser.add_argument(
+        "--gc-warning-s", type=float, default=0.05, help="the engine's --gc-warning-threshold-secs (0: off)"
+    )
+    parser.add_argument(
+        "--router-trace", action=argparse.BooleanOptionalAction, default=True,
+        help="run the router through traced_router.py (OUT/router-trace.jsonl)",
+    )  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     res = Results(args.out / "results.json")
@@ -499,6 +543,9 @@ def main() -> int:
         "--attention-backend", "triton", "--sampling-backend", "pytorch", "--disable-cuda-graph",
         "--mem-fraction-static", "0.3", "--enable-metrics", "--host", "127.0.0.1", "--port", str(args.engine_port),
     ]  # fmt: skip
+    if args.gc_warning_s > 0:
+        # SGLang logs each collection of its HTTP process that takes longer (LONG GARBAGE COLLECTION).
+        engine_argv += ["--gc-warning-threshold-secs", str(args.gc_warning_s)]
     engine_env = {**os.environ, "PYTHONPATH": args.site}
     engine_env.update(
         NCCL_NVLS_ENABLE="0",
@@ -506,12 +553,15 @@ def main() -> int:
         NVSHMEM_DISABLE_NVLS="1",
         SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION="false",
     )
+    launcher = [str(Path(__file__).with_name("traced_router.py"))] if args.router_trace else ["-m", "kimi_operator"]
     router_argv = [
-        sys.executable, "-m", "kimi_operator", "router", "--spec-file", str(spec_path),
+        sys.executable, *launcher, "router", "--spec-file", str(spec_path),
         "--engine", f"e0={engine}", "--host", "127.0.0.1", "--port", str(args.router_port),
         "--metrics-port", str(args.metrics_port), "--keys-dir", str(keys_dir),
     ]  # fmt: skip
     router_env = {**os.environ, "PYTHONPATH": args.router_pythonpath, "PYTHONUNBUFFERED": "1"}
+    if args.router_trace:
+        router_env["ROUTER_TRACE"] = str((args.out / "router-trace.jsonl").resolve())
     res.put(
         "setup",
         {
@@ -755,12 +805,24 @@ def main() -> int:
             out["sequential_stream"] = run_sequential(urls, model, args.n_seq, stream=True)
             res.put("latency", out)
             out[f"concurrent_{args.concurrency}_sync"] = run_concurrent(
-                urls, model, args.concurrency, args.per_worker, stream=False
+                urls, model, args.concurrency, args.per_worker, stream=False, label="c"
             )
             res.put("latency", out)
-            out[f"concurrent_{args.concurrency}_stream"] = run_concurrent(
-                urls, model, args.concurrency, args.per_worker, stream=True
-            )
+            # Streams again, with a third target: the engine asked for usage as the router asks it,
+            # in rounds, to tell a one-time stall from a recurring one (each round's rows are kept).
+            three = {**urls, "direct_usage": engine}
+            usage = {"direct_usage": {"stream_options": {"include_usage": True}}}
+            for r in range(args.stream_rounds):
+                if r == args.freeze_gc_after:
+                    # SGLang's own advice against the pauses of its collector (a log line of its
+                    # --gc-warning-threshold-secs): freeze what is alive, in its HTTP and scheduler
+                    # processes, after warm-up.
+                    out["freeze_gc"] = http(f"{engine}/freeze_gc", method="POST", timeout=30)
+                    res.put("latency", out)
+                out[f"concurrent_{args.concurrency}_stream_{r}"] = run_concurrent(
+                    three, model, args.concurrency, args.per_worker, stream=True, label=f"s{r}", extras=usage
+                )
+                res.put("latency", out)
             return out
 
         section("latency", latency, min_left=90)

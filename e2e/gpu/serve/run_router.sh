@@ -19,6 +19,7 @@
 #      `git archive` of a commit), TOK_DIR (default
 #      build/tiny-tokenizer, else made here), BUDGET_S (default 420: no new section of the driver
 #      starts after it), N_SEQ (default 100), CONCURRENCY (default 16), PER_WORKER (default 20),
+#      DRIVER_ARGS (more arguments for router_vs_sglang.py, e.g. --freeze-gc-after 3),
 #      MODE (default router; abort-leak: lora_abort_leak.py instead, the engine alone: does an
 #      abandoned request keep its adapter from being unloaded).
 set -uo pipefail
@@ -77,7 +78,7 @@ if [ "${MODE:-router}" = abort-leak ]; then
 else
   PYTHONPATH=$DRIVER_PATH python3 "$HERE/router_vs_sglang.py" --work "$W" --site "$SITE" --out "$O" \
     --router-pythonpath "$ROUTER_PATH" --budget-s "${BUDGET_S:-420}" --n-seq "${N_SEQ:-100}" \
-    --concurrency "${CONCURRENCY:-16}" --per-worker "${PER_WORKER:-20}"
+    --concurrency "${CONCURRENCY:-16}" --per-worker "${PER_WORKER:-20}" ${DRIVER_ARGS:-}
 fi
 rc=$?
 stamp "driver rc=$rc"

@@ -113,6 +113,9 @@ class Agent:
         # Set when the engine took an adapter update and never answered: no other is sent until
         # the engine restarts, each would only wait as long.
         self.stuck: str | None = None
+        # Whether the engine's heap is to be frozen (engine.freeze_gc): once it is up, and after each
+        # load; None once the engine showed it has no way to.
+        self.freeze_due: bool | None = True
 
     def _fetch(self, adapter: PlannedAdapter) -> Callable[[Path], None]:
         files = adapter.files
@@ -304,6 +307,8 @@ class Agent:
         if not self.engine_was_up:
             self.refused.clear()  # a (re)started engine gets another chance at everything
             self.stuck = None
+            if self.freeze_due is not None:
+                self.freeze_due = True
         self.engine_was_up = True
         # An adapter the engine serves whose source failed this time (a hub hiccup) stays loaded
         # from the files the engine has; the failure is logged, not turned into an unload.
@@ -327,7 +332,22 @@ class Agent:
                     return self.report(up=False, listed={}, planned=planned)
         # Refusals of files no longer wanted are forgotten.
         self.refused = {n: r for n, r in self.refused.items() if n in desired and desired[n].path == r[0]}
+        self._freeze_if_due()
         return self.report(up=True, listed=listed, planned=planned)
+
+    def _freeze_if_due(self) -> None:
+        """Freeze the engine's heap after its start and its loads, as SGLang advises against the
+        pauses of its garbage collector: what is alive then (imports, weights' bookkeeping, the
+        adapters) lives as long as the engine, and each full collection would walk it again."""
+        if not self.freeze_due:
+            return
+        frozen = self.engine.freeze_gc()
+        if frozen is None:
+            log.warning("the engine has no /freeze_gc: its garbage collector may pause it under load")
+            self.freeze_due = None
+        elif frozen:
+            log.info("engine heap frozen (/freeze_gc)")
+            self.freeze_due = False
 
     def _apply(self, action: Load | Unload) -> bool:
         """Send one change; False when it got no answer in time: the next ones would wait behind it."""
@@ -351,6 +371,8 @@ class Agent:
             return True
         if answer.ok:
             self.pinned_as[action.name] = action.pinned
+            if self.freeze_due is not None:
+                self.freeze_due = True
         # A name the engine already holds (it reloaded it for a request between our unload and
         # load) is not a verdict on the files: the next step unloads and loads again.
         if answer.refused and "already" not in answer.message.lower():
