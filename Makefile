@@ -154,9 +154,10 @@ $(LLAMACPP)/.complete: | $(VENV)/.complete
 
 llamacpp: $(LLAMACPP)/.complete
 
-e2e: venv controlplane train-env prometheus llamacpp
+# The oracle environment builds the tiny INT4 checkpoint the journey's KimiModel downloads.
+e2e: venv controlplane train-env oracle-env prometheus llamacpp
 	KIMI_TRAIN_PYTHON=$(TRAIN_VENV)/bin/python KIMI_PROMETHEUS=$(PROMETHEUS) KIMI_LLAMACPP=$(LLAMACPP) \
-		$(PY) -m pytest e2e -q
+		KIMI_ORACLE_PYTHON=$(ORACLE_VENV)/bin/python $(PY) -m pytest e2e -q
 	@# The session stops its cluster: nothing started from its directory may be left running.
 	$(KO) dev-cluster stray --dir $(E2E_DIR)
 
