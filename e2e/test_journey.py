@@ -21,6 +21,7 @@ from typing import Any
 
 import kubernetes
 import pytest
+from tests.fakehub import FakeHub
 
 from e2e.conftest import OperatorProcess
 from e2e.helpers import wait_for
@@ -31,7 +32,6 @@ from kimi_operator.devcluster.paths import repo_root
 from kimi_operator.devcluster.podplan import RunnerConfig
 from kimi_operator.devcluster.runner import PodRunner, base_env, default_images
 from kimi_operator.workloads import manifest
-from tests.fakehub import FakeHub
 
 pytestmark = pytest.mark.e2e
 
