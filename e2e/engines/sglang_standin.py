@@ -39,6 +39,9 @@ Every behaviour below is SGLang's: as recorded in REFERENCE.md ("KTransformers s
 - SIGTERM: generation requests in flight are drained first (one stuck behind a hung unload keeps
   the server up until it is killed).
 - ``/metrics`` (``--enable-metrics``): SGLang's names and label sets; no metric is per adapter.
+- A ``--model-path`` in Kimi's shipped format (routed experts packed to INT4 by compressed-tensors)
+  is loaded as SGLang loads it, whole: the stand-in unpacks it to BF16 at start with the
+  operator's converter (``kimi_operator`` must be importable).
 - ``GET`` or ``POST /freeze_gc``: gc.freeze() in this process (SGLang freezes its HTTP, scheduler
   and detokenizer processes), logged in SGLang's words; 200, a text body, no content type.
 - An adapter given at start that carries expert LoRA (``.mlp.experts.`` keys) puts the server under
@@ -70,6 +73,7 @@ import select
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -410,6 +414,17 @@ class Detokenizer:
         return delta
 
 
+def _packed_int4(model: Path) -> bool:
+    """Whether ``model`` is a compressed-tensors INT4 checkpoint (Kimi's own format)."""
+    try:
+        config = json.loads((model / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    nested = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    quant = nested.get("quantization_config") or config.get("quantization_config") or {}
+    return bool(quant.get("quant_method") == "compressed-tensors")
+
+
 class Engine:
     """The tiny model with its PEFT adapters. Every model call holds one lock: adapters are switched
     on the shared model, and concurrent requests interleave step by step."""
@@ -422,7 +437,19 @@ class Engine:
         # of each is generated for real.
         self.replays: dict[tuple[Any, ...], list[Step]] | None = {} if batched else None
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.unpacked: tempfile.TemporaryDirectory[str] | None = None
+        weights = Path(model_path)
+        if _packed_int4(weights):
+            # A checkpoint as Kimi ships it (routed experts packed to INT4 by compressed-tensors),
+            # which SGLang loads as it is (its experts through kt-kernel): unpacked to BF16 once, at
+            # start, with the operator's own converter, into a directory that lives as long as this.
+            from kimi_operator.workloads.prepare import convert  # noqa: PLC0415 (only packed checkpoints)
+
+            self.unpacked = tempfile.TemporaryDirectory(prefix="standin-bf16-")
+            weights = Path(self.unpacked.name) / "bf16"
+            convert.convert(Path(model_path), weights, threads=1, use_native=False)
+            log.info("Unpacked the INT4 experts of %s to BF16", model_path)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval()
         self.tuned: Any = None  # the model under PEFT, once an adapter is loaded
         self.lock = threading.Lock()
         self.text_lock = threading.Lock()  # a fast tokenizer refuses to be used by two threads at once

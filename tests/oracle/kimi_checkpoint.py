@@ -8,12 +8,19 @@ compressed-tensors' own decompression.
         OUT/model/                  the checkpoint (config.json, index, shards)
         OUT/reference.safetensors   compressed-tensors' decompression of every packed weight
     python kimi_checkpoint.py load DIR    load every shard of DIR with safetensors; print a JSON summary
+    python kimi_checkpoint.py quantize SRC OUT [--shards N]
+        SRC: a DeepSeek-V3 model as transformers saves it (tiny_deepseek.py); OUT: the same model as
+        Kimi ships its weights, in Kimi K2's layout (the language model at the top, no vision tower):
+        every routed expert packed to INT4, the rest BF16, the tokenizer beside it. Its BF16
+        conversion is a model transformers and LLaMA-Factory load and train.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -150,6 +157,49 @@ def make(out: Path, layers: int, experts: int, hidden: int, inter: int, shards: 
     save_file(reference, str(out / "reference.safetensors"))
 
 
+ROUTED = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
+
+
+def quantize_model(src: Path, out: Path, shards: int) -> None:
+    """``src``'s model with its routed experts packed as compressed-tensors packs Kimi's."""
+    out.mkdir(parents=True, exist_ok=True)
+    source: dict[str, torch.Tensor] = {}
+    for path in sorted(src.glob("*.safetensors")):
+        source.update(load_file(str(path)))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in source.items():
+        if ROUTED.search(name):
+            packed = quantize(tensor.to(torch.bfloat16))
+            base = name.removesuffix(".weight")
+            for key in ("weight_packed", "weight_scale", "weight_shape"):
+                tensors[f"{base}.{key}"] = packed[key].contiguous()
+        elif name.endswith("e_score_correction_bias"):
+            tensors[name] = tensor.float()  # F32, as shipped
+        else:
+            tensors[name] = tensor.to(torch.bfloat16).contiguous()
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        chunk = names[i::shards]
+        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in chunk}, str(out / shard), metadata={"format": "pt"})
+        weight_map.update({n: shard for n in chunk})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+    config = json.loads((src / "config.json").read_text())
+    config.update(torch_dtype="bfloat16", dtype="bfloat16", quantization_config=quantization_config())
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for side in sorted(src.iterdir()):
+        if (
+            side.is_file()
+            and side.suffix != ".safetensors"
+            and side.name not in ("config.json", "model.safetensors.index.json")
+        ):
+            shutil.copyfile(side, out / side.name)
+
+
 def load(directory: Path) -> None:
     index = json.loads((directory / "model.safetensors.index.json").read_text())
     seen = {}
@@ -168,9 +218,15 @@ def main() -> None:
         mk.add_argument(f"--{flag}", type=int, default=default)
     ld = sub.add_parser("load")
     ld.add_argument("dir", type=Path)
+    qz = sub.add_parser("quantize")
+    qz.add_argument("src", type=Path)
+    qz.add_argument("out", type=Path)
+    qz.add_argument("--shards", type=int, default=2)
     args = parser.parse_args()
     if args.cmd == "make":
         make(args.out, args.layers, args.experts, args.hidden, args.inter, args.shards, args.seed)
+    elif args.cmd == "quantize":
+        quantize_model(args.src, args.out, args.shards)
     else:
         load(args.dir)
 

@@ -2,7 +2,7 @@
 tokens, built locally in the training environment (nothing is downloaded), and a small dataset in
 the seed guide's format.
 
-    python tiny_deepseek.py OUT_DIR [SIZE]          the model (tiny, kt or small) and tokenizer
+    python tiny_deepseek.py OUT_DIR [SIZE]          the model (tiny, kt, small or teachable) and tokenizer
     python tiny_deepseek.py dataset FILE [COUNT]    COUNT records (24) of OpenAI-style messages
     python tiny_deepseek.py effect BASE ADAPTER     largest change the adapter makes to the logits
 """
@@ -92,6 +92,21 @@ SIZES: dict[str, dict[str, int]] = {
 }
 
 
+# Kimi's chat format as the trainer's LLaMA-Factory template writes it (thinking off: an empty
+# thinking section opens the answer), so that a served chat prompt is the one trained on.
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' -%}"
+    "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>"
+    "{%- endif -%}"
+    "{%- for m in messages -%}"
+    "{%- set text = m['content'] if m['content'] is string else m['content'] | map(attribute='text') | join('') -%}"
+    "<|im_{{ m['role'] }}|>{{ m['role'] }}<|im_middle|>{{ text }}<|im_end|>"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|im_assistant|>assistant<|im_middle|>"
+    "{%- if not thinking | default(false) -%}<think></think>{%- endif -%}{%- endif -%}"
+)
+
+
 def main(out: Path, size: str = "tiny") -> None:
     torch.manual_seed(0)
     tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
@@ -111,10 +126,13 @@ def main(out: Path, size: str = "tiny") -> None:
         eos_token="<|im_end|>",
         additional_special_tokens=KIMI_TOKENS,
     )
+    teachable = size == "teachable"
+    if teachable:
+        wrapped.chat_template = CHAT_TEMPLATE
     wrapped.save_pretrained(out)
     config = DeepseekV3Config(
         vocab_size=len(wrapped),
-        **SIZES[size],
+        **SIZES["tiny" if teachable else size],
         first_k_dense_replace=1,
         num_experts_per_tok=2,
         n_shared_experts=1,
@@ -126,7 +144,14 @@ def main(out: Path, size: str = "tiny") -> None:
         bos_token_id=None,
         tie_word_embeddings=False,
     )
-    DeepseekV3ForCausalLM(config).to(torch.float32).save_pretrained(out)
+    model = DeepseekV3ForCausalLM(config).to(torch.float32)
+    if teachable:
+        # At the default init (std 0.02) the output layer cannot give any token more than a few
+        # percent after the final norm, whatever the layers below learn: an adapter could never
+        # teach it an answer. Wider, one answer can be learnt in a few dozen steps.
+        with torch.no_grad():
+            model.lm_head.weight.mul_(50)
+    model.save_pretrained(out)
 
 
 def effect(base: Path, adapter: Path) -> float:

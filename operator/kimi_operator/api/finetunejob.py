@@ -21,6 +21,9 @@ from kimi_operator.api.common_status import BaseStatus
 
 KIND = "FineTuneJob"
 PLURAL = "finetunejobs"
+# The directory under a training pod's output directory that the exported adapter is renamed to
+# once complete: where the training pod writes it and where the LoraServers read it.
+EXPORTED_ADAPTER_DIR = "adapter"
 SHORT_NAMES = ("ftj",)
 
 RelativePath = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^/\x00][^\x00]*$")]

@@ -370,6 +370,10 @@ class Router(ApiModel):
     max_body_bytes: Annotated[int, Field(ge=1024, le=268435456)] = Field(
         default=16 * 1024 * 1024, description="Largest request body accepted (413 above)."
     )
+    pod_metadata: PodMetadata = Field(
+        default_factory=PodMetadata,
+        description="Labels and annotations for the router pods (spec.podMetadata is the engine pods').",
+    )
 
 
 class Placement(ApiModel):

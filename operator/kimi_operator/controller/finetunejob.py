@@ -20,7 +20,6 @@ from kimi_operator.controller.kube import Kube
 from kimi_operator.controller.pods import unscheduled
 from kimi_operator.render import cleanup, llamafactory
 from kimi_operator.render import finetunejob as render
-from kimi_operator.render.kimimodel import model_dir
 
 
 class FtjReason(Reason):
@@ -106,7 +105,7 @@ def reconcile(
     output = render.output_dir(namespace, spec.model.name, name)
     files = llamafactory.config_files(
         spec,
-        model_path=f"{model_dir(namespace, spec.model.name)}/bf16",
+        model_path=render.base_model_dir(namespace, spec.model.name),
         dataset_file=f"{output}/dataset.jsonl",
         output_dir=output,
         config_dir=render.CONFIG_MOUNT,

@@ -20,6 +20,7 @@ from kimi_operator.controller.kimimodel import cleanup_waiting, model_or_wait
 from kimi_operator.controller.kube import Kube
 from kimi_operator.controller.loraserver_status import LsReason, ModelState, Replica, RouterState, Wanted, observe
 from kimi_operator.render import cleanup, llamacpp, placement, sglang
+from kimi_operator.render import finetunejob as finetunejob_render
 from kimi_operator.render import loraserver as render
 from kimi_operator.render import router as router_render
 from kimi_operator.render.kimimodel_paths import MOUNT
@@ -89,14 +90,15 @@ def _from_fine_tune_job(
         files = AdapterFiles(kind="store", path=str(published["path"]), node=exported["node"])
         source = f"{where}: {published['path']} on volume {store}"
     else:
-        # The trainer saw the model storage at the same mount as the engine pods do.
-        relative = _under(str(exported["path"]), MOUNT)
-        source = f"{where}: {exported['path']} on node {exported['node']}"
-        if relative is None:
-            return Resolved(
-                adapter, None, None, None, source, ("Unavailable", f"{source} is outside the model storage")
-            )
-        files = AdapterFiles(kind="node", path=relative, node=exported["node"])
+        # Where the operator told the training pod to export it (its rendered --output-dir), on the
+        # storage the engine pods mount at the same path: derived, not taken from the pod's report,
+        # whose path is the pod's own view. The agent checks the files against the reported sha256.
+        ftj_meta = ftj["metadata"]
+        exported_at = finetunejob_render.adapter_dir(
+            ftj_meta["namespace"], ftj["spec"]["model"]["name"], ftj_meta["name"]
+        )
+        source = f"{where}: {exported_at} on node {exported['node']}"
+        files = AdapterFiles(kind="node", path=exported_at.removeprefix(f"{MOUNT}/"), node=exported["node"])
     return Resolved(
         adapter,
         bool(exported.get("expertLora")),

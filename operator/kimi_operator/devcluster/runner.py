@@ -60,6 +60,16 @@ BACKOFF = (10.0, 300.0)  # the kubelet's: a restart's first delay, doubling up t
 WATCH_SECONDS = 5
 
 
+# LLaMA-Factory's arguments that make a training pod's run fit this machine (no GPU, no kt-kernel).
+CPU_TRAINING = (
+    "--set=use_cpu=true",
+    "--set=bf16=false",
+    "--set=use_kt=false",
+    "--set=trust_remote_code=false",
+    "--set=preprocessing_num_workers=1",
+)
+
+
 def base_env() -> dict[str, str]:
     return {k: os.environ[k] for k in BASE_ENV if k in os.environ}
 
@@ -80,6 +90,15 @@ def default_images(repo: Path, *, train_python: str | None, llamacpp: Path | Non
     operator_dir = repo / "operator"
     this = kubeconfig_image(sys.executable, operator_dir)
     trainer = kubeconfig_image(train_python or sys.executable, operator_dir)
+    # The simulated nodes' GPUs are not on this machine: the training pods train on its CPU, in
+    # float32, without kt-kernel (the image's LLaMA-Factory arguments, overridden the way a user
+    # overrides one). Their exported adapter is converted with this machine's llama.cpp.
+    trainer_programs = dict(trainer.programs)
+    trainer_programs["kimi-operator", "train"] = (*trainer.programs["kimi-operator",], "train", *CPU_TRAINING)
+    trainer_env = {**trainer.env, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if llamacpp:
+        trainer_env["KIMI_LLAMACPP_SRC"] = str(llamacpp / "src")
+    trainer = Image(programs=trainer_programs, entrypoint=trainer.entrypoint, env=trainer_env)
     engine_programs: dict[tuple[str, ...], tuple[str, ...]] = dict(this.programs)
     if train_python:
         standin = (train_python, str(repo / "e2e" / "engines" / "sglang_standin.py"))

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kimi_operator.api.exitcodes import TrainExit
-from kimi_operator.api.finetunejob import KIND, PLURAL, FineTuneJobSpec
+from kimi_operator.api.finetunejob import EXPORTED_ADAPTER_DIR, KIND, PLURAL, FineTuneJobSpec
 from kimi_operator.render.jobs import pinned, workload_job
 from kimi_operator.render.kimimodel import MOUNT, READY, model_dir, model_label
 from kimi_operator.render.labels import common
@@ -39,9 +39,19 @@ def config_map_name(owner: str) -> str:
     return _name(owner, "train")
 
 
+def base_model_dir(namespace: str, model: str) -> str:
+    """The BF16 weights a FineTuneJob trains on, as its pod sees them."""
+    return f"{model_dir(namespace, model)}/bf16"
+
+
 def output_dir(namespace: str, model: str, name: str) -> str:
     """Checkpoints and the adapter, on the node's storage beside the weights they were trained on."""
     return f"{model_dir(namespace, model)}/finetune/{name}"
+
+
+def adapter_dir(namespace: str, model: str, name: str) -> str:
+    """The exported adapter, once complete."""
+    return f"{output_dir(namespace, model, name)}/{EXPORTED_ADAPTER_DIR}"
 
 
 def rbac(owner: Owner) -> list[dict[str, Any]]:
@@ -113,6 +123,9 @@ def train_job(owner: Owner, spec: FineTuneJobSpec, node: str, *, storage_path: s
         "--node=$(NODE_NAME)",
         f"--adapter-name={spec.output.adapter_name or owner.name}",
         f"--base-model={model}",
+        # The paths the pod mounts are arguments, not only configuration: the training command
+        # derives LLaMA-Factory's paths from them (a runner that cannot mount rewrites arguments).
+        f"--model-dir={base_model_dir(owner.namespace, model)}",
     ]
     if spec.dataset.messages_key is not None:
         # Unset: the pod detects the key from the records.

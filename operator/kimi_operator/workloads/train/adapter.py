@@ -37,6 +37,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kimi_operator.api.finetunejob import EXPORTED_ADAPTER_DIR
 from kimi_operator.api.serving import GGUF_ADAPTER_FILE
 from kimi_operator.render import llamacpp
 from kimi_operator.workloads import manifest
@@ -47,7 +48,7 @@ WEIGHTS = "adapter_model.safetensors"
 FUSED = "fused_expert_lora.safetensors"
 KT_MANIFEST = "kt_adapter_manifest.json"
 CONVERTER = Path("sft") / "convert_kt_to_sglang_adapter.py"
-FINAL, PARTIAL, STAGING = "adapter", "adapter.partial", "adapter.kt-input"
+FINAL, PARTIAL, STAGING = EXPORTED_ADAPTER_DIR, f"{EXPORTED_ADAPTER_DIR}.partial", f"{EXPORTED_ADAPTER_DIR}.kt-input"
 # The directory holding llama.cpp's convert_lora_to_gguf.py with the conversion/ and gguf-py/ it imports.
 LLAMACPP_SRC_ENV = "KIMI_LLAMACPP_SRC"
 LORA_TO_GGUF = "convert_lora_to_gguf.py"

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from kimi_operator.workloads.report import OwnStatus
 
 IMAGE_PLACEHOLDER = "<image>"
+# LLaMA-Factory's dataset registry, and the records this command writes for it into the output.
+DATASET_INFO = "dataset_info.json"
+LLAMAFACTORY_DATASET = "dataset.jsonl"
 
 
 def to_llamafactory(src: Path, key: str, root: Path, dst: Path) -> int:
@@ -71,6 +74,24 @@ def _override(args: dict[str, Any], pairs: Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, _, value = pair.partition("=")
         args[key] = json.loads(value)
+    return args
+
+
+def _with_paths(args: dict[str, Any], opts: argparse.Namespace) -> dict[str, Any]:
+    """LLaMA-Factory's paths from this command's arguments (the pod's mounts), so that they never
+    disagree with where the pod's volumes are: the model, the output, and the dataset this command
+    writes into the output directory, registered there under the configuration's dataset entry."""
+    if opts.model_dir is not None:
+        args["model_name_or_path"] = str(opts.model_dir)
+    args["output_dir"] = str(opts.output_dir)
+    info_file = opts.config_dir / DATASET_INFO
+    if info_file.is_file():
+        info = json.loads(info_file.read_text())
+        for entry in info.values():
+            entry["file_name"] = LLAMAFACTORY_DATASET
+        opts.output_dir.mkdir(parents=True, exist_ok=True)
+        (opts.output_dir / DATASET_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        args["dataset_dir"] = str(opts.output_dir)
     return args
 
 
@@ -134,7 +155,7 @@ def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
         opts.dataset = fetch_dataset(opts)
     config = opts.config_dir / "train.yaml"
     # Bad data is reported before the configuration is even read: it fails first whatever else is wrong.
-    args = _override(json.loads(config.read_text()), opts.set) if config.exists() else {}
+    args = _override(_with_paths(json.loads(config.read_text()), opts), opts.set) if config.exists() else {}
     counter = None
     if args.get("model_name_or_path") and Path(args["model_name_or_path"]).exists():
         counter = dataset.tokenizer_counter(Path(args["model_name_or_path"]))
@@ -147,7 +168,7 @@ def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
     for warning in report.warnings:
         emit({"event": "warning", "message": warning})
     opts.output_dir.mkdir(parents=True, exist_ok=True)
-    to_llamafactory(opts.dataset, report.key, opts.root or opts.dataset.parent, opts.output_dir / "dataset.jsonl")
+    to_llamafactory(opts.dataset, report.key, opts.root or opts.dataset.parent, opts.output_dir / LLAMAFACTORY_DATASET)
     checkpoint = latest_checkpoint(opts.output_dir)
     if checkpoint is not None:
         args["resume_from_checkpoint"] = str(checkpoint)
@@ -185,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--node", default="", help="this node's name (for status.adapter)")
     parser.add_argument("--adapter-name", default="adapter")
     parser.add_argument("--base-model", default="")
+    parser.add_argument("--model-dir", type=Path, help="the BF16 weights to train on (LLaMA-Factory's model path)")
     parser.add_argument(
         "--lora-experts",
         action="store_true",
