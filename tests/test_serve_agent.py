@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from kimi_operator.api.serving import AdapterFiles, PlannedAdapter
+from kimi_operator.api.serving import AdapterFiles, PlannedAdapter, ReplicaPlan, ServingPlan
 from kimi_operator.workloads.serve.agent import Agent
-from kimi_operator.workloads.serve.engine import Engine
+from kimi_operator.workloads.serve.engine import Engine, EngineDown
 from tests.fakehub import FakeHub
 
 CONFIG = json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}).encode()
@@ -156,3 +156,77 @@ def test_the_token_goes_only_to_the_hub_it_is_for(
     assert a.materialise([from_hub(hub, SHA, commit)]) == {}
     assert hub.seen
     assert all(seen.token is None for seen in hub.seen)
+
+
+class FreezingEngine(Engine):
+    """An engine whose health, listing and /freeze_gc answers a test sets; the freezes are counted."""
+
+    def __init__(self) -> None:
+        super().__init__("http://127.0.0.1:9")
+        self.up, self.warm, self.freezes = True, True, 0
+        self.answer: int | None = 200
+
+    def models(self, served: str) -> dict[str, str]:
+        if not self.up:
+            raise EngineDown("connection refused")
+        return {}
+
+    def healthy(self) -> bool:
+        return self.warm
+
+    def freeze_gc(self) -> int | None:
+        self.freezes += 1
+        return self.answer
+
+
+def freezing_agent(tmp_path: Path, engine: FreezingEngine) -> Agent:
+    plan = ServingPlan(served_model_name="kimi", generation=1, replicas=[ReplicaPlan(replica="r0", adapters=[])])
+    return Agent(
+        replica="r0", engine=engine, plan=lambda: plan, models_dir=tmp_path / "models", cache_dir=tmp_path / "cache"
+    )
+
+
+def test_the_heap_is_frozen_once_per_engine_start_after_its_warm_up(tmp_path: Path) -> None:
+    engine = FreezingEngine()
+    agent = freezing_agent(tmp_path, engine)
+    engine.warm = False  # SGLang's /health says 503 during its warm-up generation
+    agent.step()
+    assert engine.freezes == 0
+    engine.warm = True
+    agent.step()
+    agent.step()
+    assert engine.freezes == 1
+    engine.up = False  # a restart: the new process's heap is frozen again once it is warm
+    assert agent.step()["engineUp"] is False
+    engine.up = True
+    agent.step()
+    agent.step()
+    assert engine.freezes == 2
+
+
+@pytest.mark.parametrize("answer", [None, 500, 503])
+def test_a_freeze_without_success_is_tried_again_at_the_next_step(tmp_path: Path, answer: int | None) -> None:
+    engine = FreezingEngine()
+    agent = freezing_agent(tmp_path, engine)
+    engine.answer = answer
+    agent.step()
+    agent.step()
+    assert engine.freezes == 2
+    engine.answer = 200
+    agent.step()
+    agent.step()
+    assert engine.freezes == 3
+
+
+@pytest.mark.parametrize("answer", [404, 405])
+def test_an_engine_without_freeze_gc_is_not_asked_again_even_after_a_restart(tmp_path: Path, answer: int) -> None:
+    engine = FreezingEngine()
+    agent = freezing_agent(tmp_path, engine)
+    engine.answer = answer
+    agent.step()
+    agent.step()
+    engine.up = False
+    agent.step()
+    engine.up = True
+    agent.step()
+    assert engine.freezes == 1

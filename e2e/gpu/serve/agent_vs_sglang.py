@@ -118,6 +118,12 @@ class RecordingEngine(Engine):
         self.calls.append(rec)
         return code, answer
 
+    def _status(self, method: str, path: str) -> int | None:
+        # /health and /freeze_gc, whose bodies the client does not read
+        status = super()._status(method, path)
+        self.calls.append({"method": method, "path": path, "status": status})
+        return status
+
     def take(self) -> list[dict[str, Any]]:
         calls, self.calls = self.calls, []
         return calls

@@ -516,8 +516,8 @@ def main() -> int:
         "--gc-warning-s", type=float, default=0.05, help="the engine's --gc-warning-threshold-secs (0: off)"
     )
     parser.add_argument(
-        "--router-trace", action=argparse.BooleanOptionalAction, default=True,
-        help="run the router through traced_router.py (OUT/router-trace.jsonl)",
+        "--router-trace", action=argparse.BooleanOptionalAction, default=False,
+        help="run the router through traced_router.py (OUT/router-trace.jsonl): a timeline per request, at some cost",
     )  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -812,6 +812,8 @@ def main() -> int:
             # in rounds, to tell a one-time stall from a recurring one (each round's rows are kept).
             three = {**urls, "direct_usage": engine}
             usage = {"direct_usage": {"stream_options": {"include_usage": True}}}
+            if args.freeze_gc_after >= args.stream_rounds:
+                out["freeze_gc"] = {"skipped": f"--freeze-gc-after {args.freeze_gc_after} >= --stream-rounds"}
             for r in range(args.stream_rounds):
                 if r == args.freeze_gc_after:
                     # SGLang's own advice against the pauses of its collector (a log line of its

@@ -52,7 +52,8 @@ def phases(row: dict[str, Any], tr: dict[str, Any]) -> dict[str, str]:
 def _after_freeze(latency: dict[str, Any], run: str) -> bool:
     """Whether ``run`` came after the driver's freeze_gc call (the keys keep their order)."""
     keys = list(latency)
-    return "freeze_gc" in keys and keys.index(run) > keys.index("freeze_gc")
+    frozen = (latency.get("freeze_gc") or {}).get("status") == 200
+    return frozen and keys.index(run) > keys.index("freeze_gc")
 
 
 def read_trace(path: Path) -> tuple[dict[str, dict[str, Any]], list[tuple[float, float]]]:
@@ -77,7 +78,7 @@ def slow_line(r: dict[str, Any], t0: float, traces: dict[str, dict[str, Any]], l
     if tr is None:
         return line + f" first_byte={ms(r['first_byte'])} total={ms(r['total'])}"
     line += " " + " ".join(f"{k}={v}" for k, v in phases(r, tr).items())
-    end = r["start"] + (r["first_byte"] or 0)
+    end = r["start"] + (r["first_byte"] or r["total"] or 0)
     over = [(t, lag) for t, lag in lags if t < end and t + lag > r["start"]]
     if over:
         line += " loop lags: " + ", ".join(f"{lag * 1000:.0f} ms at {t - t0:.3f}" for t, lag in over)
@@ -86,6 +87,9 @@ def slow_line(r: dict[str, Any], t0: float, traces: dict[str, dict[str, Any]], l
 
 def report_run(data: dict[str, Any], traces: dict[str, dict[str, Any]], lags: list[tuple[float, float]]) -> None:
     rows = [dict(zip(data["row_keys"], r, strict=True)) for r in data["rows"]]
+    if not rows:
+        print("  no requests")
+        return
     t0 = min(r["start"] for r in rows)
     by_target: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -96,7 +100,8 @@ def report_run(data: dict[str, Any], traces: dict[str, dict[str, Any]], lags: li
             continue
         med = statistics.median(fb)
         limit = max(4 * med, med + 0.1)
-        slow = sorted((r for r in trs if (r["first_byte"] or 0) > limit), key=lambda r: r["start"])
+        # A stream that never sent a byte is the slowest of all.
+        slow = sorted((r for r in trs if r["first_byte"] is None or r["first_byte"] > limit), key=lambda r: r["start"])
         print(
             f"  {target:13s} n={len(fb)} first byte p50 {ms(med)} p90 {ms(pct(fb, 90))} p99 {ms(pct(fb, 99))}"
             f" max {ms(max(fb))} ms; slow (> {ms(limit)} ms): {len(slow)}"

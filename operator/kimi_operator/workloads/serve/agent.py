@@ -113,9 +113,11 @@ class Agent:
         # Set when the engine took an adapter update and never answered: no other is sent until
         # the engine restarts, each would only wait as long.
         self.stuck: str | None = None
-        # Whether the engine's heap is to be frozen (engine.freeze_gc): once it is up, and after each
-        # load; None once the engine showed it has no way to.
+        # Whether the engine's heap is still to be frozen (engine.freeze_gc), once per engine start;
+        # None once the engine showed it has no way to.
         self.freeze_due: bool | None = True
+        # The engine's last refusal of a freeze, logged once.
+        self.freeze_refused: int | None = None
 
     def _fetch(self, adapter: PlannedAdapter) -> Callable[[Path], None]:
         files = adapter.files
@@ -309,6 +311,7 @@ class Agent:
             self.stuck = None
             if self.freeze_due is not None:
                 self.freeze_due = True
+                self.freeze_refused = None
         self.engine_was_up = True
         # An adapter the engine serves whose source failed this time (a hub hiccup) stays loaded
         # from the files the engine has; the failure is logged, not turned into an unload.
@@ -336,18 +339,24 @@ class Agent:
         return self.report(up=True, listed=listed, planned=planned)
 
     def _freeze_if_due(self) -> None:
-        """Freeze the engine's heap after its start and its loads, as SGLang advises against the
-        pauses of its garbage collector: what is alive then (imports, weights' bookkeeping, the
-        adapters) lives as long as the engine, and each full collection would walk it again."""
-        if not self.freeze_due:
+        """Freeze the engine's heap once per engine start, after its warm-up (``/health`` 200) and
+        the step's loads, as SGLang advises against the pauses of its garbage collector: what is
+        alive then (imports, the weights' bookkeeping, the start-up adapters) lives as long as the
+        engine, and each full collection would walk it again. Once only: gc.freeze() keeps whatever
+        garbage exists at that moment for good, so freezing at every later load could leak."""
+        if not self.freeze_due or not self.engine.healthy():
             return
-        frozen = self.engine.freeze_gc()
-        if frozen is None:
-            log.warning("the engine has no /freeze_gc: its garbage collector may pause it under load")
-            self.freeze_due = None
-        elif frozen:
+        status = self.engine.freeze_gc()
+        if status == 200:
             log.info("engine heap frozen (/freeze_gc)")
             self.freeze_due = False
+        elif status in (404, 405):
+            log.warning("the engine has no /freeze_gc: its garbage collector may pause it under load")
+            self.freeze_due = None
+        elif status != self.freeze_refused:
+            # Tried again at the next step; said once per kind of answer.
+            log.warning("/freeze_gc answered %s; trying again", status if status is not None else "nothing")
+            self.freeze_refused = status
 
     def _apply(self, action: Load | Unload) -> bool:
         """Send one change; False when it got no answer in time: the next ones would wait behind it."""
@@ -371,8 +380,6 @@ class Agent:
             return True
         if answer.ok:
             self.pinned_as[action.name] = action.pinned
-            if self.freeze_due is not None:
-                self.freeze_due = True
         # A name the engine already holds (it reloaded it for a request between our unload and
         # load) is not a verdict on the files: the next step unloads and loads again.
         if answer.refused and "already" not in answer.message.lower():

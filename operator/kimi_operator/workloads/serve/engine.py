@@ -9,6 +9,7 @@ planned adapter a llama-server's file is in ``llamacpp``.
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import json
 import re
 import urllib.error
@@ -103,21 +104,29 @@ class Engine:
     def unload(self, name: str) -> Answer:
         return self._change("/unload_lora_adapter", {"lora_name": name}, UNLOAD_TIMEOUT)
 
-    def freeze_gc(self) -> bool | None:
+    def _status(self, method: str, path: str) -> int | None:
+        """The HTTP status of a request without a body whose answer is not needed; None when the
+        engine gave none (down, reset, not HTTP)."""
+        request = urllib.request.Request(self.url + path, data=b"" if method == "POST" else None, method=method)  # noqa: S310
+        try:
+            with urllib.request.urlopen(request, timeout=LIST_TIMEOUT) as resp:  # noqa: S310 (the engine beside us)
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except (OSError, ValueError, http.client.HTTPException):
+            return None
+
+    def healthy(self) -> bool:
+        """Whether ``/health`` says 200: SGLang says 503 until its warm-up generation is over."""
+        return self._status("GET", "/health") == 200
+
+    def freeze_gc(self) -> int | None:
         """Ask SGLang to move what its processes hold now out of the garbage collector's reach
         (``POST /freeze_gc``; its HTTP, scheduler and detokenizer processes each call gc.freeze()).
         Without it, a full collection of the HTTP process's ~800,000 start-up objects pauses it about
         0.4 s, and every request in flight waits that long for its first token (measured on a real
-        engine, e2e/gpu/serve/RESULTS.md). True: frozen; None: this engine has no such endpoint;
-        False: no answer now (tried again later)."""
-        request = urllib.request.Request(self.url + "/freeze_gc", data=b"", method="POST")  # noqa: S310
-        try:
-            with urllib.request.urlopen(request, timeout=LIST_TIMEOUT) as resp:  # noqa: S310 (the engine beside us)
-                return bool(resp.status == 200)
-        except urllib.error.HTTPError as exc:
-            return None if exc.code in (404, 405) else False
-        except (OSError, ValueError):
-            return False
+        engine, e2e/gpu/serve/RESULTS.md). The HTTP status (200: frozen), None without an answer."""
+        return self._status("POST", "/freeze_gc")
 
     def _timed_out(self, message: str) -> Answer:
         """An update without an answer: stuck only if the engine runs no request it could wait for
