@@ -197,12 +197,15 @@ cluster-status: venv
 cluster-env: venv
 	@$(KO) dev-cluster env --dir $(CLUSTER_DIR)
 
-# The cluster is stopped when the operator exits (Ctrl-C), whatever the exit status.
-run: venv
-	trap '$(KO) dev-cluster down --dir $(CLUSTER_DIR)' EXIT; \
+# The journey on the local cluster: the demo (devcluster/demo.py) publishes the tiny model, runs the
+# simulated nodes' pods for real and applies examples/dev/journey.yaml; the operator runs in the
+# foreground. Ctrl-C stops the operator, then the demo (by its PID) and the cluster.
+run: venv train-env oracle-env llamacpp
+	trap 'kill $$demo 2>/dev/null; wait $$demo; $(KO) dev-cluster down --dir $(CLUSTER_DIR)' EXIT; \
 	$(KO) dev-cluster up --dir $(CLUSTER_DIR) --crds crds; \
 	export KUBECONFIG=$(KUBECONFIG_DEV); \
 	eval "$$($(KO) dev-cluster env --dir $(CLUSTER_DIR))"; \
-	kubectl apply --server-side -f examples/; \
-	echo "kubeconfig: $(KUBECONFIG_DEV)  (in another shell: eval \"\$$(make -s cluster-env)\")"; \
+	echo "kubeconfig: $(KUBECONFIG_DEV)  (in another shell: eval \"\$$(make -s cluster-env)\"; kubectl get km,ftj,lsrv -w)"; \
+	KIMI_TRAIN_PYTHON=$(TRAIN_VENV)/bin/python KIMI_ORACLE_PYTHON=$(ORACLE_VENV)/bin/python KIMI_LLAMACPP=$(LLAMACPP) \
+		$(PY) -m kimi_operator.devcluster.demo --dir $(CLUSTER_DIR) & demo=$$!; \
 	$(KO) run --health-port 8081 --metrics-port 8080 --bind-address 127.0.0.1

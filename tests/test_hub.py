@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
+from kimi_operator.devcluster.hub import FakeHub, git_blob_sha1
 from kimi_operator.workloads import hub
-from tests.fakehub import FakeHub, git_blob_sha1
 
 REPO = "moonshotai/Tiny-K2"
 # The client streams in chunks of this size and writes only whole chunks before a failure.

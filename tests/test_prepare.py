@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from kimi_operator.api.exitcodes import PrepareExit
+from kimi_operator.devcluster.hub import FakeHub
 from kimi_operator.workloads import manifest
 from kimi_operator.workloads.prepare import command as prepare
-from tests.fakehub import FakeHub
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[dict[str, object]], str]:

@@ -1,5 +1,5 @@
 """The gguf variant of a KimiModel: one quantization of a GGUF repository, and only its files,
-downloaded from a hub (tests/fakehub.py) at a pinned revision, resumed, verified and marked, without
+downloaded from a hub (devcluster/hub.py) at a pinned revision, resumed, verified and marked, without
 the INT4 checkpoint; a quantization the repository lacks is refused with the ones it has."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from huggingface_hub import constants
 
 from kimi_operator.api.exitcodes import PrepareExit
 from kimi_operator.api.kimimodel import KimiModelSpec, KimiModelStatus
+from kimi_operator.devcluster.hub import FakeHub
 from kimi_operator.render import kimimodel as render
 from kimi_operator.workloads import manifest
 from kimi_operator.workloads.hub import RemoteFile
 from kimi_operator.workloads.prepare import command as prepare
 from kimi_operator.workloads.prepare import gguf
 from kimi_operator.workloads.termination import WorkloadError
-from tests.fakehub import FakeHub
 
 GGUF_REPO = "unsloth/Kimi-K2.5-GGUF"
 # The INT4 checkpoint's repository is not on this hub: a gguf-only model must never ask for it.

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from kimi_operator.api.serving import AdapterFiles, PlannedAdapter, ReplicaPlan, ServingPlan
+from kimi_operator.devcluster.hub import FakeHub
 from kimi_operator.workloads.serve.agent import Agent
 from kimi_operator.workloads.serve.engine import Engine, EngineDown
-from tests.fakehub import FakeHub
 
 CONFIG = json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}).encode()
 WEIGHTS = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + b"\x00" * 64

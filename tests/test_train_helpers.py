@@ -9,6 +9,7 @@ import pytest
 
 from kimi_operator.api.durations import seconds
 from kimi_operator.api.exitcodes import TrainExit
+from kimi_operator.devcluster.hub import FakeHub
 from kimi_operator.workloads.train import command as train
 from kimi_operator.workloads.train import trainer
 from kimi_operator.workloads.train.command import to_llamafactory
@@ -19,7 +20,6 @@ from kimi_operator.workloads.train.progress import (
     progress_from_log,
     tokens_per_second,
 )
-from tests.fakehub import FakeHub
 
 
 def test_records_become_text_with_image_placeholders(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""A fake Hugging Face hub on 127.0.0.1, answering the HTTP API the way the real hub does.
+"""A local Hugging Face hub on 127.0.0.1, answering the HTTP API the way the real hub does: the
+development cluster publishes its tiny model with it, and the tests their checkpoints and adapters.
 
 It serves what ``huggingface_hub`` needs to resolve a revision and download files over plain HTTP:
 

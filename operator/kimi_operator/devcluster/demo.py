@@ -1,0 +1,301 @@
+"""The product's journey on the development cluster, for real (``make run``).
+
+Builds the tiny model once (a DeepSeek-V3 shaped like Kimi, its routed experts packed to INT4 by
+compressed-tensors as Kimi ships them: the tests' own builders, ``tests/oracle``), publishes it with
+a local hub on 127.0.0.1, runs the pods of the simulated nodes with the local pod runner, applies
+``examples/dev/journey.yaml`` (the hub's address filled in) and follows what a user would watch with
+``kubectl get km,ftj,lsrv -w``. Once the router answers, it prints ready-to-paste ``curl`` and
+``openai`` snippets, what they return, and where the metrics are; then it keeps the hub and the
+runner going until it is stopped (SIGINT or SIGTERM).
+
+    python -m kimi_operator.devcluster.demo --dir .cluster   (KIMI_TRAIN_PYTHON, KIMI_ORACLE_PYTHON,
+                                                             KIMI_LLAMACPP from the Makefile)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import yaml
+
+from kimi_operator.api.base import GROUP
+from kimi_operator.devcluster.hub import FakeHub
+from kimi_operator.devcluster.paths import cache_root, repo_root, state_root
+from kimi_operator.devcluster.podprocess import stop_leftovers
+from kimi_operator.devcluster.runner import PodRunner, config_for, default_images
+from kimi_operator.render.router import HTTP_PORT, METRICS_PORT
+from kimi_operator.render.router import labels as router_labels
+
+log = logging.getLogger(__name__)
+
+VERSION = "v1alpha1"
+MANIFESTS = Path("examples") / "dev" / "journey.yaml"
+PLURALS = {"KimiModel": "kimimodels", "FineTuneJob": "finetunejobs", "LoraServer": "loraservers"}
+BUILDERS = ("tiny_deepseek.py", "kimi_checkpoint.py")
+
+
+def model_cache(cache: Path) -> Path:
+    """Where the built model is kept, keyed by its builders' text (a change builds it again)."""
+    oracle = repo_root() / "tests" / "oracle"
+    digest = hashlib.sha256(b"".join((oracle / b).read_bytes() for b in BUILDERS)).hexdigest()[:12]
+    return cache / f"tiny-kimi-{digest}"
+
+
+def build_model(cache: Path, train_python: str, oracle_python: str) -> Path:
+    """The tiny model's files: a transformers model with its tokenizer (training environment),
+    then its routed experts packed by compressed-tensors (oracle environment). Built under a
+    temporary name and renamed, so an interrupted build is never taken for a model."""
+    final = model_cache(cache)
+    if (final / "config.json").is_file():
+        return final
+    oracle = repo_root() / "tests" / "oracle"
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix="building-") as tmp:
+        steps = (
+            [train_python, str(oracle / "tiny_deepseek.py"), f"{tmp}/source", "teachable"],
+            [oracle_python, str(oracle / "kimi_checkpoint.py"), "quantize", f"{tmp}/source", f"{tmp}/model"],
+        )
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True, check=False, timeout=900)
+            if done.returncode != 0:
+                raise RuntimeError(f"building the tiny model: {' '.join(step[:2])} failed:\n{done.stderr[-3000:]}")
+        shutil.rmtree(final, ignore_errors=True)
+        Path(tmp, "model").rename(final)
+    return final
+
+
+def manifests(path: Path, endpoint: str) -> list[dict[str, Any]]:
+    """The overlay's objects, each KimiModel's hub source pointed at ``endpoint``."""
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for doc in docs:
+        if doc["kind"] == "KimiModel":
+            doc["spec"]["source"]["huggingFace"]["endpoint"] = endpoint
+    return docs
+
+
+def repo_of(docs: Sequence[Mapping[str, Any]]) -> str:
+    """The hub repository the overlay's KimiModel names (the hub publishes the model there)."""
+    (model,) = [d for d in docs if d["kind"] == "KimiModel"]
+    return str(model["spec"]["source"]["huggingFace"]["repo"])
+
+
+def apply(api: kubernetes.client.ApiClient, docs: Sequence[Mapping[str, Any]], namespace: str | None = None) -> None:
+    """Create each object (in ``namespace`` when given), as ``kubectl create`` would."""
+    core, custom = kubernetes.client.CoreV1Api(api), kubernetes.client.CustomObjectsApi(api)
+    for original in docs:
+        doc = copy.deepcopy(dict(original))
+        ns = namespace or doc["metadata"].get("namespace") or "default"
+        doc["metadata"]["namespace"] = ns
+        if doc["kind"] == "ConfigMap":
+            # The client takes a plain dict as the body.
+            core.create_namespaced_config_map(ns, doc)  # type: ignore[arg-type]
+        else:
+            custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURALS[doc["kind"]], doc)
+
+
+def _line(kind: str, obj: Mapping[str, Any]) -> str:
+    """What ``kubectl get`` would show of an object: its phase and progress, in one line."""
+    status = obj.get("status") or {}
+    name = f"{kind.lower()}/{obj['metadata']['name']}"
+    ready: Mapping[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    words = [name, str(status.get("phase") or ready.get("reason") or "Pending")]
+    if kind == "KimiModel":
+        for node in status.get("nodes") or []:
+            progress = node.get("progress") or {}
+            step = progress.get("step")
+            words.append(
+                f"{node['name']}: {node.get('phase')}" + (f" ({step} {progress.get('percent')}%)" if step else "")
+            )
+    elif kind == "FineTuneJob":
+        progress = status.get("progress") or {}
+        if progress.get("step") is not None:
+            loss = progress.get("loss")
+            words.append(
+                f"step {progress['step']}/{progress.get('totalSteps')}" + (f" loss {loss:.3f}" if loss else "")
+            )
+    elif kind == "LoraServer":
+        states = [f"{a['name']}: {a.get('state')}" for a in status.get("adapters") or []]
+        words += states
+    if ready.get("status") == "True":
+        words.append("Ready")
+    return "  ".join(words)
+
+
+def follow(
+    api: kubernetes.client.ApiClient,
+    docs: Sequence[Mapping[str, Any]],
+    done: Callable[[], bool],
+    out: Callable[[str], None],
+    *,
+    stop: threading.Event,
+    every: float = 1.0,
+) -> bool:
+    """Print each object's line when it changes until ``done()`` (True) or ``stop`` (False); a
+    Stalled or Failed condition ends it too, printed with its message (False)."""
+    custom = kubernetes.client.CustomObjectsApi(api)
+    seen: dict[str, str] = {}
+    watched = [d for d in docs if d["kind"] in PLURALS]
+    while not stop.is_set():
+        for doc in watched:
+            meta = doc["metadata"]
+            obj: dict[str, Any] = custom.get_namespaced_custom_object(  # type: ignore[assignment]
+                GROUP, VERSION, meta.get("namespace") or "default", PLURALS[doc["kind"]], meta["name"]
+            )
+            line = _line(doc["kind"], obj)
+            if seen.get(meta["name"] + doc["kind"]) != line:
+                seen[meta["name"] + doc["kind"]] = line
+                out(line)
+            for c in (obj.get("status") or {}).get("conditions") or []:
+                if c.get("type") in ("Stalled", "Failed") and c.get("status") == "True":
+                    out(f"{doc['kind']} {meta['name']}: {c.get('reason')}: {c.get('message')}")
+                    return False
+        if done():
+            return True
+        stop.wait(every)
+    return False
+
+
+def router_url(api: kubernetes.client.ApiClient, namespace: str, server: str) -> str | None:
+    """The router pod's own address (a 127.x pod IP on this cluster), once it has one."""
+    selector = ",".join(f"{k}={v}" for k, v in router_labels(server).items())
+    pods = kubernetes.client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector).items
+    ips = [p.status.pod_ip for p in pods if p.status and p.status.pod_ip]
+    return f"http://{ips[0]}:{HTTP_PORT}" if ips else None
+
+
+def ask(url: str, model: str, question: str) -> str:
+    """One chat answer from the router (plain HTTP: what the printed curl does)."""
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 24}
+    request = urllib.request.Request(  # noqa: S310 (the router's 127.x address)
+        f"{url}/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310
+        return str(json.loads(resp.read())["choices"][0]["message"]["content"])
+
+
+def snippets(url: str, model: str, question: str) -> str:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0})
+    return "\n".join(
+        [
+            f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\",
+            f"  -d '{body}'",
+            "",
+            "python - <<'PY'",
+            "import openai",
+            f'client = openai.OpenAI(base_url="{url}/v1", api_key="none")',
+            f"reply = client.chat.completions.create(model={model!r}, temperature=0,",
+            f'    messages=[{{"role": "user", "content": {question!r}}}])',
+            "print(reply.choices[0].message.content)",
+            "PY",
+        ]
+    )
+
+
+@contextlib.contextmanager
+def published(model: Path, repo: str) -> Iterator[tuple[FakeHub, str]]:
+    """The model as one commit of ``repo`` on a local hub; the hub and the commit."""
+    with FakeHub() as hub:
+        yield hub, hub.add_commit(repo, {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()})
+
+
+def answering(api: kubernetes.client.ApiClient, namespace: str, server: str, model: str, question: str) -> bool:
+    """Whether the LoraServer's router answers ``question`` for ``model`` (what a user waits for)."""
+    url = router_url(api, namespace, server)
+    if url is None:
+        return False
+    try:
+        return bool(ask(url, model, question))
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def lesson(docs: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+    """The question the overlay's dataset asks and the answer it teaches."""
+    (data,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    record = json.loads(next(iter(data["data"].values())).splitlines()[0])
+    messages = record["messages"]
+    return str(messages[0]["content"]), str(messages[1]["content"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kimi_operator.devcluster.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--dir", help="cluster directory (default: .cluster in the checkout)")
+    parser.add_argument("--manifests", default=str(repo_root() / MANIFESTS), help="the overlay to apply")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    train_python, oracle_python = os.environ.get("KIMI_TRAIN_PYTHON"), os.environ.get("KIMI_ORACLE_PYTHON")
+    if not train_python or not oracle_python:
+        print(
+            "demo: KIMI_TRAIN_PYTHON and KIMI_ORACLE_PYTHON must name the training and oracle environments", flush=True
+        )
+        return 2
+    llamacpp = os.environ.get("KIMI_LLAMACPP")
+    root = Path(args.dir) if args.dir else state_root()
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+
+    def say(text: str) -> None:
+        print(f"[demo {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    began = time.monotonic()
+    say("building the tiny model (once; cached)")
+    model = build_model(cache_root() / "demo", train_python, oracle_python)
+    config = config_for(
+        root,
+        default_images(repo_root(), train_python=train_python, llamacpp=Path(llamacpp) if llamacpp else None),
+    )
+    api = kubernetes.config.new_client_from_config(config_file=str(root / "kubeconfig"))  # type: ignore[no-untyped-call]
+    stop_leftovers(config.cluster_dir)  # of a demo that was killed
+    docs = manifests(Path(args.manifests), "")
+    with published(model, repo_of(docs)) as (hub, _):
+        docs = manifests(Path(args.manifests), hub.endpoint)
+        runner = PodRunner(config, kubernetes.client.CoreV1Api(api))
+        runner.start()
+        try:
+            apply(api, docs)
+            say(f"applied {args.manifests} (the model from the hub at {hub.endpoint}); following it:")
+            (lsrv,) = [d for d in docs if d["kind"] == "LoraServer"]
+            namespace, server = lsrv["metadata"].get("namespace") or "default", lsrv["metadata"]["name"]
+            served, adapter = lsrv["spec"]["servedModelName"], lsrv["spec"]["adapters"][0]["name"]
+            question, _ = lesson(docs)
+
+            def answers() -> bool:
+                return answering(api, namespace, server, adapter, question)
+
+            if follow(api, docs, answers, say, stop=stop):
+                url = router_url(api, namespace, server) or ""
+                say(f"first answer {time.monotonic() - began:.0f} s after start; ask it yourself:\n")
+                print(snippets(url, adapter, question), flush=True)
+                print(f"\n  with the adapter ({adapter}): {ask(url, adapter, question)!r}", flush=True)
+                print(f"  the base model ({served}):   {ask(url, served, question)!r}\n", flush=True)
+                say(
+                    f"metrics: the router's at {url.rsplit(':', 1)[0]}:{METRICS_PORT}/metrics, the operator's at "
+                    "http://127.0.0.1:8080/metrics; the Grafana dashboard to import: "
+                    "charts/kimi-operator/dashboards/kimi-operator.json. Ctrl-C stops everything."
+                )
+            stop.wait()
+        finally:
+            runner.stop(grace=5)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
