@@ -97,6 +97,8 @@ def only(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return doc
 
 
+# Building the model, a prepare Job, 60 training steps on the CPU and an engine's start.
+@pytest.mark.timeout(1800)
 def test_what_a_fine_tune_learned_is_what_the_router_serves(
     api: kubernetes.client.ApiClient,
     namespace: str,

@@ -96,3 +96,28 @@ def test_only_the_agent_mounts_the_adapter_store_and_read_only(store: str | None
     assert {"name": "adapter-store", "mountPath": "/adapter-store", "readOnly": True} in agent["volumeMounts"]
     assert all(m["name"] != "adapter-store" for m in engine["volumeMounts"])
     assert "--store-dir=/adapter-store" in agent["args"]
+
+
+def test_a_loraserver_reads_a_fine_tune_jobs_adapter_where_the_job_exported_it() -> None:
+    """The node path comes from where the operator told the training pod to export (the job's name,
+    whatever its adapterName), not from the path the pod reported (its own view of the storage)."""
+    from kimi_operator.api.loraserver import Adapter  # noqa: PLC0415
+    from kimi_operator.controller.loraserver import _from_fine_tune_job  # noqa: PLC0415
+
+    job = {
+        "metadata": {"name": "tune", "namespace": "ml"},
+        "spec": {"model": {"name": "kimi"}, "output": {"adapterName": "support"}},
+        "status": {
+            "phase": "Succeeded",
+            "adapter": {"sha256": SHA, "node": "n1", "path": "/somewhere/the/pod/saw/adapter", "expertLora": False},
+        },
+    }
+    model = {"metadata": {"name": "kimi", "namespace": "ml"}, "spec": {}}
+    found = _from_fine_tune_job(
+        {"tune": job}, model, Adapter.model_validate({"name": "support", "fineTuneJob": {"name": "tune"}}), None
+    )
+    assert found.blocked is None
+    assert found.files is not None
+    assert (found.files.kind, found.files.node, found.sha256) == ("node", "n1", SHA)
+    assert found.files.path == render_ftj.adapter_dir("ml", "kimi", "tune").removeprefix("/models/")
+    assert found.files.path == "ml/kimi/finetune/tune/adapter"

@@ -234,3 +234,21 @@ def test_one_training_process_per_gpu(gpus: int, processes: int | None) -> None:
     assert config["mixed_precision"] == "bf16"
     # KTransformers' settings stay in the training arguments: accelerate-kt refuses them here.
     assert "kt_config" not in config
+
+
+def test_the_pod_is_told_its_paths_in_arguments_the_same_as_its_configuration() -> None:
+    """The model and output directories reach the pod as arguments (a pod runner that cannot mount
+    rewrites arguments, never configuration files), with the values the configuration holds."""
+    job = render.train_job(OWNER, spec(), "n1", storage_path="/mnt/nvme/kimi", image="t:1")
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    files = llamafactory.config_files(
+        spec(),
+        model_path=render.base_model_dir("ml", "kimi"),
+        dataset_file="unused",
+        output_dir=render.output_dir("ml", "kimi", "tune"),
+        config_dir=render.CONFIG_MOUNT,
+    )
+    config = json.loads(files["train.yaml"])
+    assert f"--model-dir={config['model_name_or_path']}" in args
+    assert f"--output-dir={config['output_dir']}" in args
+    assert render.adapter_dir("ml", "kimi", "tune") == f"{config['output_dir']}/adapter"

@@ -115,3 +115,17 @@ def test_the_service_and_the_endpoint_name_the_same_port() -> None:
     assert ports == {"http": render.HTTP_PORT}
     assert render.endpoint("ml", "serve") == f"http://serve-router.ml.svc:{render.HTTP_PORT}/v1"
     assert service["spec"]["selector"] == render.labels("serve")
+
+
+def test_the_router_pods_carry_the_users_metadata_under_ours() -> None:
+    wanted = {"labels": {"team": "ml", "app.kubernetes.io/component": "mine"}, "annotations": {"a": "1"}}
+    template = render.deployment(OWNER, spec(router={"podMetadata": wanted}), image="r:1")["spec"]["template"]
+    meta = template["metadata"]
+    assert meta["labels"]["team"] == "ml"
+    assert meta["labels"]["app.kubernetes.io/component"] == render.labels("serve")["app.kubernetes.io/component"]
+    assert meta["annotations"]["a"] == "1"
+    assert meta["annotations"][engine_render.OWNER_ANNOTATION] == "serve"
+    # The engine pods' metadata is not the router's.
+    plain = render.deployment(OWNER, spec(podMetadata=wanted), image="r:1")["spec"]["template"]["metadata"]
+    assert "team" not in plain["labels"]
+    assert "a" not in plain["annotations"]

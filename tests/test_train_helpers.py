@@ -327,3 +327,21 @@ def test_a_refusal_left_half_written_is_not_read_as_one(tmp_path: Path) -> None:
     args_file.parent.mkdir()
     trainer.refuse(args_file, "LLaMA-Factory refused the configuration: cpu_infer")
     assert [p.name for p in args_file.parent.iterdir()] == ["refused-0.json"]
+
+
+def test_llamafactorys_paths_come_from_the_arguments_and_the_registry_is_written_after_validation(
+    tmp_path: Path,
+) -> None:
+    config_dir, out = tmp_path / "config", tmp_path / "out"
+    config_dir.mkdir()
+    (config_dir / train.DATASET_INFO).write_text(json.dumps({"kimi_sft": {"file_name": "/o/dataset.jsonl"}}))
+    opts = types.SimpleNamespace(config_dir=config_dir, output_dir=out, model_dir=tmp_path / "bf16")
+    args = train._with_paths({"model_name_or_path": "/m/bf16", "output_dir": "/o", "dataset_dir": "/c"}, opts)
+    assert args == {"model_name_or_path": str(tmp_path / "bf16"), "output_dir": str(out), "dataset_dir": str(out)}
+    assert not out.exists()  # nothing written before the dataset is judged
+    out.mkdir()
+    train._register_dataset(opts)
+    registry = json.loads((out / train.DATASET_INFO).read_text())
+    assert registry == {"kimi_sft": {"file_name": train.LLAMAFACTORY_DATASET}}
+    # A user's --set still wins over the paths.
+    assert train._override(args, ['output_dir="/elsewhere"'])["output_dir"] == "/elsewhere"

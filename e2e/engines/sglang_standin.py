@@ -1822,7 +1822,9 @@ def main(argv: list[str]) -> int:
         httpd.shutdown()
         return 0
     # SGLang then kills its own process tree: nothing is torn down in order (a hung unload's thread
-    # included).
+    # included). Only the unpacked copy of an INT4 checkpoint is removed first: it is ours, not SGLang's.
+    if server.engine is not None and server.engine.unpacked is not None:
+        server.engine.unpacked.cleanup()
     logging.shutdown()
     os._exit(0)
 

@@ -95,7 +95,8 @@ def default_images(repo: Path, *, train_python: str | None, llamacpp: Path | Non
     # overrides one). Their exported adapter is converted with this machine's llama.cpp.
     trainer_programs = dict(trainer.programs)
     trainer_programs["kimi-operator", "train"] = (*trainer.programs["kimi-operator",], "train", *CPU_TRAINING)
-    trainer_env = {**trainer.env, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # Not offline: a FineTuneJob's hub dataset comes from a hub on 127.0.0.1.
+    trainer_env = {**trainer.env, "TOKENIZERS_PARALLELISM": "false"}
     if llamacpp:
         trainer_env["KIMI_LLAMACPP_SRC"] = str(llamacpp / "src")
     trainer = Image(programs=trainer_programs, entrypoint=trainer.entrypoint, env=trainer_env)

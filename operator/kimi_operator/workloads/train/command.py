@@ -80,19 +80,23 @@ def _override(args: dict[str, Any], pairs: Sequence[str]) -> dict[str, Any]:
 def _with_paths(args: dict[str, Any], opts: argparse.Namespace) -> dict[str, Any]:
     """LLaMA-Factory's paths from this command's arguments (the pod's mounts), so that they never
     disagree with where the pod's volumes are: the model, the output, and the dataset this command
-    writes into the output directory, registered there under the configuration's dataset entry."""
+    writes into the output directory (``_register_dataset``). Nothing is written here."""
     if opts.model_dir is not None:
         args["model_name_or_path"] = str(opts.model_dir)
     args["output_dir"] = str(opts.output_dir)
+    if (opts.config_dir / DATASET_INFO).is_file():
+        args["dataset_dir"] = str(opts.output_dir)
+    return args
+
+
+def _register_dataset(opts: argparse.Namespace) -> None:
+    """The configuration's dataset registry, beside the records this command wrote for it."""
     info_file = opts.config_dir / DATASET_INFO
     if info_file.is_file():
         info = json.loads(info_file.read_text())
         for entry in info.values():
             entry["file_name"] = LLAMAFACTORY_DATASET
-        opts.output_dir.mkdir(parents=True, exist_ok=True)
         (opts.output_dir / DATASET_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        args["dataset_dir"] = str(opts.output_dir)
-    return args
 
 
 def fetch_dataset(opts: argparse.Namespace) -> Path:
@@ -169,6 +173,7 @@ def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
         emit({"event": "warning", "message": warning})
     opts.output_dir.mkdir(parents=True, exist_ok=True)
     to_llamafactory(opts.dataset, report.key, opts.root or opts.dataset.parent, opts.output_dir / LLAMAFACTORY_DATASET)
+    _register_dataset(opts)
     checkpoint = latest_checkpoint(opts.output_dir)
     if checkpoint is not None:
         args["resume_from_checkpoint"] = str(checkpoint)
