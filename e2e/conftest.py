@@ -6,6 +6,7 @@ On a failed test the CRs, Jobs and Pods of its namespace are dumped to the repor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,11 @@ import pytest
 import yaml
 
 from e2e.helpers import wait_for, write_token_kubeconfig
+from kimi_operator.devcluster import podprocess
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.devcluster.paths import repo_root
+from kimi_operator.devcluster.podplan import Image, RunnerConfig
+from kimi_operator.devcluster.runner import PodRunner, base_env
 
 E2E_DIR = repo_root() / ".cluster-e2e"
 DATASET = (
@@ -292,3 +296,33 @@ def train_python() -> str:
     if not python or not Path(python).exists():
         pytest.fail("KIMI_TRAIN_PYTHON is not set to the training environment's python: run the tests with `make e2e`")
     return python
+
+
+@pytest.fixture(scope="session")
+def oracle_python() -> str:
+    """compressed-tensors' environment (`make oracle-env`), which packs the tiny model's experts."""
+    python = os.environ.get("KIMI_ORACLE_PYTHON")
+    if not python or not Path(python).exists():
+        pytest.fail("KIMI_ORACLE_PYTHON is not set to the oracle environment's python: run the tests with `make e2e`")
+    return python
+
+
+@contextlib.contextmanager
+def pod_runner(cluster: Cluster, api: kubernetes.client.ApiClient, images: Mapping[str, Image]) -> Iterator[PodRunner]:
+    """The local pod runner on this session's cluster, for the pods that opt in; when it stops,
+    every process it started has ended, its children included."""
+    config = RunnerConfig(
+        cluster_dir=cluster.layout.root,
+        images=images,
+        server=cluster.server(),
+        ca_file=cluster.layout.pki / "ca.crt",
+        base_env=base_env(),
+    )
+    podprocess.stop_leftovers(config.cluster_dir)  # of an earlier run that was killed
+    handle = PodRunner(config, kubernetes.client.CoreV1Api(api))
+    handle.start()
+    try:
+        yield handle
+    finally:
+        handle.stop(grace=5)
+    assert podprocess.leftovers(config.cluster_dir) == []

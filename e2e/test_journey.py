@@ -31,28 +31,18 @@ import kubernetes
 import openai
 import pytest
 
-from e2e.conftest import OperatorProcess
+from e2e.conftest import OperatorProcess, pod_runner
 from e2e.manifests import GROUP, VERSION
-from kimi_operator.devcluster import demo, podprocess
+from kimi_operator.devcluster import demo
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.devcluster.hub import FakeHub
 from kimi_operator.devcluster.paths import repo_root
-from kimi_operator.devcluster.podplan import RunnerConfig
-from kimi_operator.devcluster.runner import PodRunner, base_env, default_images
+from kimi_operator.devcluster.runner import PodRunner, default_images
 from kimi_operator.workloads import manifest
 
 pytestmark = pytest.mark.e2e
 
 OVERLAY = repo_root() / demo.MANIFESTS
-
-
-@pytest.fixture(scope="module")
-def oracle_python() -> str:
-    """compressed-tensors' environment (`make oracle-env`), which packs the tiny model's experts."""
-    python = os.environ.get("KIMI_ORACLE_PYTHON")
-    if not python or not Path(python).exists():
-        pytest.fail("KIMI_ORACLE_PYTHON is not set to the oracle environment's python: run the tests with `make e2e`")
-    return python
 
 
 @pytest.fixture(scope="module")
@@ -69,20 +59,10 @@ def hub(
 @pytest.fixture(scope="module")
 def runner(cluster: Cluster, api: kubernetes.client.ApiClient, train_python: str) -> Iterator[PodRunner]:
     llamacpp = os.environ.get("KIMI_LLAMACPP")
-    config = RunnerConfig(
-        cluster_dir=cluster.layout.root,
-        images=default_images(repo_root(), train_python=train_python, llamacpp=Path(llamacpp) if llamacpp else None),
-        server=cluster.server(),
-        ca_file=cluster.layout.pki / "ca.crt",
-        base_env=base_env(),
-    )
-    podprocess.stop_leftovers(config.cluster_dir)  # of an earlier run that was killed
-    handle = PodRunner(config, kubernetes.client.CoreV1Api(api))
-    handle.start()
-    yield handle
-    handle.stop(grace=5)
-    assert podprocess.leftovers(config.cluster_dir) == []
-    shutil.rmtree(config.cluster_dir / "nodes", ignore_errors=True)
+    images = default_images(repo_root(), train_python=train_python, llamacpp=Path(llamacpp) if llamacpp else None)
+    with pod_runner(cluster, api, images) as handle:
+        yield handle
+    shutil.rmtree(cluster.layout.root / "nodes", ignore_errors=True)
 
 
 def get(api: kubernetes.client.ApiClient, namespace: str, kind: str, name: str) -> dict[str, Any]:

@@ -18,12 +18,13 @@ from typing import Any
 import kubernetes
 import pytest
 
+from e2e.conftest import pod_runner
 from e2e.helpers import wait_for
-from kimi_operator.devcluster import podplan, podprocess, podprotocol
+from kimi_operator.devcluster import podplan, podprotocol
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.devcluster.paths import repo_root
-from kimi_operator.devcluster.podplan import Image, RunnerConfig
-from kimi_operator.devcluster.runner import PodRunner, base_env
+from kimi_operator.devcluster.podplan import Image
+from kimi_operator.devcluster.runner import PodRunner
 
 pytestmark = pytest.mark.e2e
 
@@ -80,20 +81,8 @@ server.serve_forever()
 @pytest.fixture(scope="module")
 def runner(cluster: Cluster, api: kubernetes.client.ApiClient) -> Iterator[PodRunner]:
     python = Image(programs={("python",): (sys.executable,)}, env={"PYTHONPATH": str(repo_root() / "operator")})
-    config = RunnerConfig(
-        cluster_dir=cluster.layout.root,
-        images={"example.test/python": python},
-        server=cluster.server(),
-        ca_file=cluster.layout.pki / "ca.crt",
-        base_env=base_env(),
-    )
-    podprocess.stop_leftovers(config.cluster_dir)  # of an earlier run that was killed
-    handle = PodRunner(config, kubernetes.client.CoreV1Api(api))
-    handle.start()
-    yield handle
-    handle.stop(grace=5)
-    # Every process it started has ended, its children included.
-    assert podprocess.leftovers(config.cluster_dir) == []
+    with pod_runner(cluster, api, {"example.test/python": python}) as handle:
+        yield handle
 
 
 def env(extra: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:

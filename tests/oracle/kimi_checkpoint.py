@@ -95,6 +95,21 @@ def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     return dict(PackedQuantizationCompressor.compress(state, scheme()))
 
 
+def write_shards(tensors: dict[str, torch.Tensor], directory: Path, shards: int) -> None:
+    """``tensors`` spread over ``shards`` safetensors files, and their index."""
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        chunk = names[i::shards]
+        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in chunk}, str(directory / shard), metadata={"format": "pt"})
+        weight_map.update({n: shard for n in chunk})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+
+
 def make(out: Path, layers: int, experts: int, hidden: int, inter: int, shards: int, seed: int) -> None:
     torch.manual_seed(seed)
     model_dir = out / "model"
@@ -141,17 +156,7 @@ def make(out: Path, layers: int, experts: int, hidden: int, inter: int, shards: 
                     tensors[f"{base}.{key}"] = packed[key].contiguous()
                 decompressed = PackedQuantizationCompressor.decompress(dict(packed), scheme())
                 reference[f"{base}.weight"] = decompressed["weight"].contiguous()
-    names = sorted(tensors)
-    weight_map = {}
-    for i in range(shards):
-        chunk = names[i::shards]
-        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({n: tensors[n] for n in chunk}, str(model_dir / shard), metadata={"format": "pt"})
-        weight_map.update({n: shard for n in chunk})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (model_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    )
+    write_shards(tensors, model_dir, shards)
     (model_dir / "config.json").write_text(json.dumps(config(layers, experts, hidden, inter), indent=2))
     (model_dir / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}))
     save_file(reference, str(out / "reference.safetensors"))
@@ -177,17 +182,7 @@ def quantize_model(src: Path, out: Path, shards: int) -> None:
             tensors[name] = tensor.float()  # F32, as shipped
         else:
             tensors[name] = tensor.to(torch.bfloat16).contiguous()
-    names = sorted(tensors)
-    weight_map = {}
-    for i in range(shards):
-        chunk = names[i::shards]
-        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({n: tensors[n] for n in chunk}, str(out / shard), metadata={"format": "pt"})
-        weight_map.update({n: shard for n in chunk})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    )
+    write_shards(tensors, out, shards)
     config = json.loads((src / "config.json").read_text())
     config.update(torch_dtype="bfloat16", dtype="bfloat16", quantization_config=quantization_config())
     (out / "config.json").write_text(json.dumps(config, indent=2))
