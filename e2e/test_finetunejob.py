@@ -19,14 +19,15 @@ from typing import Any
 import kubernetes
 import pytest
 
-from e2e.conftest import DATASET, OperatorProcess, PrometheusProcess
-from e2e.helpers import wait_for, write_token_kubeconfig
+from e2e.conftest import DATASET, OperatorProcess, PrometheusProcess, pod_runner
+from e2e.helpers import wait_for
 from e2e.manifests import FINE_TUNE_JOB, GROUP, KIMI_MODEL, VERSION
 from e2e.test_kimimodel import _token_kubeconfig, condition
 from kimi_operator.api.finetunejob import KIND, PLURAL
 from kimi_operator.devcluster import build
 from kimi_operator.devcluster.cluster import Cluster
-from kimi_operator.render.finetunejob import config_map_name
+from kimi_operator.devcluster.paths import repo_root
+from kimi_operator.devcluster.runner import default_images
 from kimi_operator.render.kimimodel import model_label
 from kimi_operator.workloads.report import OwnStatus
 from kimi_operator.workloads.train.progress import Reporter
@@ -331,8 +332,9 @@ def test_training_progress_reaches_prometheus(
 
 
 TINY = Path(__file__).parents[1] / "tests" / "oracle" / "tiny_deepseek.py"
-OPERATOR = Path(__file__).parents[1] / "operator"
-CPU = ["use_cpu=true", "bf16=false", "use_kt=false", "trust_remote_code=false", "preprocessing_num_workers=1"]
+# The pods the local pod runner runs for real (a Job's pod also held Running by KWOK meanwhile).
+RUN = {"annotations": {"sim.kimi-operator.io/run": "true", "sim.kimi-operator.io/hold": "true"}}
+EPOCHS = 24
 
 
 def llamacpp_build() -> Path:
@@ -343,97 +345,65 @@ def llamacpp_build() -> Path:
     return Path(found)
 
 
-def pod_command(args: list[str], config: Path, data: Path, out: Path, node: str) -> list[str]:
-    """The training Job's own arguments, with the node's paths replaced by this machine's."""
-    local = {"--config-dir": str(config), "--dataset": str(data), "--output-dir": str(out), "--node": node}
-    command = []
-    for arg in args:
-        key, sep, _ = arg.partition("=")
-        command.append(f"{key}={local[key]}" if sep and key in local else arg)
-    return command
-
-
+@pytest.mark.timeout(900)
 def test_a_real_training_run_reports_through_the_api(
     api: kubernetes.client.ApiClient,
     namespace: str,
     operator: OperatorProcess,
     cluster: Cluster,
     train_python: str,
-    tmp_path: Path,
 ) -> None:
-    """The training Job's command, run for real on this machine's CPU with the Job's ServiceAccount
-    token: LLaMA-Factory trains on the operator's rendered configuration, ``kubectl get ftj -w``
-    shows the steps go by, and the exported adapter lands in status."""
-    ready_model(api, namespace)
-    spec = {"podMetadata": HOLD, "resources": SMALL, "lora": {"rank": 8, "alpha": 16, "dropout": 0.05}}
-    spec["training"] = {
-        "epochs": 1,
-        "learningRate": 1e-3,
-        "perDeviceBatchSize": 4,
-        "gradientAccumulationSteps": 1,
-        "cutoffLen": 256,
-        "loggingSteps": 1,
-        "saveSteps": 5,
-    }
-    custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "finetunejobs", ftj("real", **spec))
-    wait_phase(api, namespace, "real", "Running")
-    # What the operator rendered: the pod's arguments and its ConfigMap.
-    args = job(api, namespace, "real").spec.template.spec.containers[0].args
-    files = kubernetes.client.CoreV1Api(api).read_namespaced_config_map(config_map_name("real"), namespace).data
-    model, data, config, out = tmp_path / "model", tmp_path / "train.jsonl", tmp_path / "config", tmp_path / "out"
-    config.mkdir()
-    (config / "train.yaml").write_text(files["train.yaml"])
-    info = json.loads(files["dataset_info.json"])
-    info["kimi_sft"]["file_name"] = str(out / "dataset.jsonl")
-    (config / "dataset_info.json").write_text(json.dumps(info))
-    env = {**os.environ, "PYTHONPATH": str(OPERATOR), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    # The trainer image's llama.cpp converter (its KIMI_LLAMACPP_SRC) is `make llamacpp`'s here.
-    env["KIMI_LLAMACPP_SRC"] = str(llamacpp_build() / "src")
-    for script in ([str(TINY), str(model), "small"], [str(TINY), "dataset", str(tmp_path / "records.jsonl"), "48"]):
-        subprocess.run([train_python, *script], check=True, capture_output=True, env=env, timeout=600)
-    # The dataset the spec names (a ConfigMap), as the kubelet would mount it into the pod.
-    # In the public guide's shape ({"conversations": ...}, no messagesKey in the spec): the key is
-    # detected and LLaMA-Factory itself trains on what the pod makes of it.
-    guide = [
-        json.dumps({"conversations": json.loads(line)["messages"]})
-        for line in (tmp_path / "records.jsonl").read_text().splitlines()
-    ]
-    records = {"train.jsonl": "\n".join(guide) + "\n"}
-    core = kubernetes.client.CoreV1Api(api)
-    core.replace_namespaced_config_map("data", namespace, {"metadata": {"name": "data"}, "data": records})
-    data.write_text(core.read_namespaced_config_map("data", namespace).data["train.jsonl"])
-    token = (
-        kubernetes.client.CoreV1Api(api)
-        .create_namespaced_service_account_token("real-train", namespace, {"spec": {"expirationSeconds": 600}})
-        .status.token
-    )
-    env["KUBECONFIG"] = str(
-        write_token_kubeconfig(tmp_path / "pod.kubeconfig", cluster.server(), cluster.layout.pki / "ca.crt", token)
-    )
-    command = [train_python, "-m", "kimi_operator", *pod_command(args, config, data, out, "gpu-h200-a")]
-    command += [f"--set={pair}" for pair in CPU]
-    command += [f"--set=model_name_or_path={json.dumps(str(model))}", f"--set=output_dir={json.dumps(str(out))}"]
-    command += [f"--set=dataset_dir={json.dumps(str(config))}", "--set=max_steps=10", "--report-interval=0.2"]
-    with kubectl_watch(cluster, "get", "ftj", "real", "-n", namespace, "-o", "wide", "--no-headers") as lines:
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        rows = rows_until(lines, "real", "Running", "100", "10")
+    """The training Job's pod, run for real by the local pod runner on this machine's CPU with the
+    Job's own ServiceAccount token: LLaMA-Factory trains on the operator's rendered configuration,
+    ``kubectl get ftj -w`` shows the steps go by, and the exported adapter lands in status."""
+    images = default_images(repo_root(), train_python=train_python, llamacpp=llamacpp_build())
+    with pod_runner(cluster, api, images) as runner:
+        ready_model(api, namespace)  # its prepare pod simulated: the weights are put on the node here
+        storage = runner.config.node_dir("gpu-h200-a") / KIMI_MODEL["spec"]["storage"]["hostPath"].lstrip("/")
+        model_dir = storage / namespace / "kimi"
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        records = model_dir / "records.jsonl"
+        for script in ([str(TINY), str(model_dir / "bf16"), "tiny"], [str(TINY), "dataset", str(records), "48"]):
+            subprocess.run([train_python, *script], check=True, capture_output=True, env=env, timeout=600)
+        # In the public guide's shape ({"conversations": ...}, no messagesKey in the spec): the key is
+        # detected and LLaMA-Factory itself trains on what the pod makes of it.
+        guide = [
+            json.dumps({"conversations": json.loads(line)["messages"]}) for line in records.read_text().splitlines()
+        ]
+        kubernetes.client.CoreV1Api(api).replace_namespaced_config_map(
+            "data", namespace, {"metadata": {"name": "data"}, "data": {"train.jsonl": "\n".join(guide) + "\n"}}
+        )
+        spec = {"podMetadata": RUN, "resources": SMALL, "lora": {"rank": 8, "alpha": 16, "dropout": 0.05}}
+        # 12 steps an epoch: long enough for the pod's reports (every 5 s) to show several steps.
+        spec["training"] = {
+            "epochs": EPOCHS,
+            "learningRate": 1e-3,
+            "perDeviceBatchSize": 4,
+            "gradientAccumulationSteps": 1,
+            "cutoffLen": 256,
+            "loggingSteps": 1,
+            "saveSteps": 96,
+        }
+        with kubectl_watch(cluster, "get", "ftj", "real", "-n", namespace, "-o", "wide", "--no-headers") as lines:
+            custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "finetunejobs", ftj("real", **spec))
+            rows = rows_until(lines, "real", "Succeeded")
+        done = wait_phase(api, namespace, "real", "Succeeded")
+    steps = 12 * EPOCHS
     # Columns of -o wide: name, phase, progress, loss, step, tokens/s, ETA, model, age.
-    watched = [int(row.split()[4]) for row in rows if len(row.split()) == 9]
+    watched = [int(row.split()[4]) for row in rows if len(row.split()) == 9 and row.split()[4].isdigit()]
     # The user saw the run move: several steps, in order, up to the last.
     assert len(set(watched)) >= 3, rows
     assert watched == sorted(watched)
-    assert watched[-1] == 10
-    obj = get(api, namespace, "finetunejobs", "real")
-    status = obj["status"]
-    assert status["progress"]["step"] == 10
+    assert watched[-1] == steps
+    status = done["status"]
+    assert status["progress"]["step"] == steps
     assert status["progress"]["tokensPerSecond"] > 0
-    assert status["latestCheckpoint"] == str(out / "checkpoint-10")
+    assert status["latestCheckpoint"].endswith(f"/checkpoint-{steps}")
     adapter = status["adapter"]
-    weights = (out / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert adapter["sha256"] == hashlib.sha256(weights).hexdigest()
+    out = model_dir / "finetune" / "real" / "adapter"
+    assert adapter["sha256"] == hashlib.sha256((out / "adapter_model.safetensors").read_bytes()).hexdigest()
     # Converted for llama.cpp at export, without the MLA projections LLaMA-Factory's "all" trained.
-    assert adapter["ggufSha256"] == hashlib.sha256((out / "adapter" / "adapter.gguf").read_bytes()).hexdigest()
+    assert adapter["ggufSha256"] == hashlib.sha256((out / "adapter.gguf").read_bytes()).hexdigest()
     assert adapter["llamacppDroppedModules"] == ["kv_a_proj_with_mqa", "kv_b_proj", "q_a_proj", "q_b_proj"]
     assert (adapter["name"], adapter["node"], adapter["rank"], adapter["expertLora"]) == (
         "real",
@@ -441,11 +411,6 @@ def test_a_real_training_run_reports_through_the_api(
         8,
         False,
     )
-    (pod,) = kubernetes.client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector="job-name=real-train").items
-    kubernetes.client.CoreV1Api(api).patch_namespaced_pod(
-        pod.metadata.name, namespace, {"metadata": {"annotations": {"sim.kimi-operator.io/hold": None}}}
-    )
-    done = wait_phase(api, namespace, "real", "Succeeded")
     assert condition(done, "Ready")["status"] == "True"  # type: ignore[index]
 
 
