@@ -24,13 +24,14 @@ from typing import Any
 import kubernetes
 import pytest
 import yaml
+from tests.processes import built
 
 from e2e.helpers import wait_for, write_token_kubeconfig
 from kimi_operator.devcluster import podprocess
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.devcluster.paths import repo_root
-from kimi_operator.devcluster.podplan import Image, RunnerConfig
-from kimi_operator.devcluster.runner import PodRunner, base_env
+from kimi_operator.devcluster.podplan import Image
+from kimi_operator.devcluster.runner import PodRunner, config_for, running
 
 E2E_DIR = repo_root() / ".cluster-e2e"
 DATASET = (
@@ -211,9 +212,7 @@ class PrometheusProcess:
 
 @pytest.fixture(scope="session")
 def prometheus(cluster: Cluster, operator: OperatorProcess) -> Iterator[PrometheusProcess]:
-    binary = os.environ.get("KIMI_PROMETHEUS")
-    if not binary or not Path(binary).exists():
-        pytest.fail("KIMI_PROMETHEUS is not set to a prometheus binary: run the tests with `make e2e`")
+    binary = built("KIMI_PROMETHEUS", "a prometheus binary", "e2e")
     root = cluster.layout.root / "prometheus"
     root.mkdir(exist_ok=True)
     target = urllib.parse.urlsplit(operator.metrics_url).netloc
@@ -292,37 +291,20 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 @pytest.fixture(scope="session")
 def train_python() -> str:
     """The training environment (LLaMA-Factory 0.9.5, torch), built by `make train-env`."""
-    python = os.environ.get("KIMI_TRAIN_PYTHON")
-    if not python or not Path(python).exists():
-        pytest.fail("KIMI_TRAIN_PYTHON is not set to the training environment's python: run the tests with `make e2e`")
-    return python
+    return built("KIMI_TRAIN_PYTHON", "the training environment's python", "e2e")
 
 
 @pytest.fixture(scope="session")
 def oracle_python() -> str:
     """compressed-tensors' environment (`make oracle-env`), which packs the tiny model's experts."""
-    python = os.environ.get("KIMI_ORACLE_PYTHON")
-    if not python or not Path(python).exists():
-        pytest.fail("KIMI_ORACLE_PYTHON is not set to the oracle environment's python: run the tests with `make e2e`")
-    return python
+    return built("KIMI_ORACLE_PYTHON", "the oracle environment's python", "e2e")
 
 
 @contextlib.contextmanager
 def pod_runner(cluster: Cluster, api: kubernetes.client.ApiClient, images: Mapping[str, Image]) -> Iterator[PodRunner]:
     """The local pod runner on this session's cluster, for the pods that opt in; when it stops,
     every process it started has ended, its children included."""
-    config = RunnerConfig(
-        cluster_dir=cluster.layout.root,
-        images=images,
-        server=cluster.server(),
-        ca_file=cluster.layout.pki / "ca.crt",
-        base_env=base_env(),
-    )
-    podprocess.stop_leftovers(config.cluster_dir)  # of an earlier run that was killed
-    handle = PodRunner(config, kubernetes.client.CoreV1Api(api))
-    handle.start()
-    try:
+    config = config_for(cluster.layout.root, images)
+    with running(config, kubernetes.client.CoreV1Api(api), grace=5) as handle:
         yield handle
-    finally:
-        handle.stop(grace=5)
     assert podprocess.leftovers(config.cluster_dir) == []

@@ -24,7 +24,7 @@ from e2e.helpers import wait_for
 from e2e.manifests import FINE_TUNE_JOB, GROUP, KIMI_MODEL, VERSION
 from e2e.test_kimimodel import _token_kubeconfig, condition
 from kimi_operator.api.finetunejob import KIND, PLURAL
-from kimi_operator.devcluster import build
+from kimi_operator.devcluster import build, podprotocol
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.devcluster.paths import repo_root
 from kimi_operator.devcluster.runner import default_images
@@ -333,7 +333,7 @@ def test_training_progress_reaches_prometheus(
 
 TINY = Path(__file__).parents[1] / "tests" / "oracle" / "tiny_deepseek.py"
 # The pods the local pod runner runs for real (a Job's pod also held Running by KWOK meanwhile).
-RUN = {"annotations": {"sim.kimi-operator.io/run": "true", "sim.kimi-operator.io/hold": "true"}}
+RUN = {"annotations": {podprotocol.RUN_ANNOTATION: "true", podprotocol.HOLD_ANNOTATION: "true"}}
 EPOCHS = 24
 
 

@@ -19,12 +19,10 @@ exit codes and reports of those programs.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import kubernetes
@@ -37,7 +35,7 @@ from kimi_operator.devcluster import demo
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.devcluster.hub import FakeHub
 from kimi_operator.devcluster.paths import repo_root
-from kimi_operator.devcluster.runner import PodRunner, default_images
+from kimi_operator.devcluster.runner import PodRunner, images_from_env
 from kimi_operator.workloads import manifest
 
 pytestmark = pytest.mark.e2e
@@ -58,9 +56,7 @@ def hub(
 
 @pytest.fixture(scope="module")
 def runner(cluster: Cluster, api: kubernetes.client.ApiClient, train_python: str) -> Iterator[PodRunner]:
-    llamacpp = os.environ.get("KIMI_LLAMACPP")
-    images = default_images(repo_root(), train_python=train_python, llamacpp=Path(llamacpp) if llamacpp else None)
-    with pod_runner(cluster, api, images) as handle:
+    with pod_runner(cluster, api, images_from_env(repo_root())) as handle:
         yield handle
     shutil.rmtree(cluster.layout.root / "nodes", ignore_errors=True)
 

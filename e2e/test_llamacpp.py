@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -23,6 +22,7 @@ from typing import Any
 import openai
 import pytest
 import yaml
+from tests.processes import free_port
 
 from e2e.conftest import stop
 from e2e.helpers import wait_for
@@ -38,12 +38,6 @@ OPERATOR = repo_root() / "operator"
 SERVED = "kimi-k2.5"
 PROMPT = "hello world"
 ADAPTERS = ("a0", "a1", "a2")
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def get(url: str) -> tuple[int, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from tests import llamacpp_tools
+from tests.processes import free_port
 
 from kimi_operator.api.serving import GGUF_ADAPTER_FILE, AdapterFiles, PlannedAdapter, ReplicaPlan, ServingPlan
 from kimi_operator.controller.loraserver_status import Replica, Wanted, adapter_status
@@ -93,7 +94,7 @@ def states(models: Path, report: dict[str, Any], names: list[str]) -> dict[str, 
 def test_the_agent_reports_what_a_real_llama_server_has(llamacpp: Path, models: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     host = "127.0.0.73"
-    port = llamacpp_tools.free_port(host)
+    port = free_port(host)
     url = f"http://{host}:{port}"
     current: list[ServingPlan | None] = [plan_of(models, ["a0", "a1", NO_GGUF])]
 

@@ -20,7 +20,7 @@ import pytest
 
 from e2e.conftest import pod_runner
 from e2e.helpers import wait_for
-from kimi_operator.devcluster import podplan, podprotocol
+from kimi_operator.devcluster import podplan, podprocess, podprotocol
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.devcluster.paths import repo_root
 from kimi_operator.devcluster.podplan import Image
@@ -192,11 +192,7 @@ def test_failing_jobs_report_exit_code_and_message(
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
+    return podprocess.start_time(pid) is not None
 
 
 def _serving(url: str) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,15 +10,13 @@ import pytest
 from huggingface_hub import close_session, constants
 
 from tests.checkpoints import run_oracle
+from tests.processes import built
 
 
 @pytest.fixture(scope="session")
 def oracle_python() -> str:
     """The oracle environment (torch + compressed-tensors), built by `make oracle-env`."""
-    python = os.environ.get("KIMI_ORACLE_PYTHON")
-    if not python or not Path(python).exists():
-        pytest.fail("KIMI_ORACLE_PYTHON is not set to the oracle environment's python: run the tests with `make unit`")
-    return python
+    return built("KIMI_ORACLE_PYTHON", "the oracle environment's python", "unit")
 
 
 @pytest.fixture(scope="session")
@@ -68,18 +65,10 @@ def isolated_hub_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
 @pytest.fixture(scope="session")
 def train_python() -> str:
     """The training environment (LLaMA-Factory 0.9.5, torch), built by `make train-env`."""
-    python = os.environ.get("KIMI_TRAIN_PYTHON")
-    if not python or not Path(python).exists():
-        pytest.fail("KIMI_TRAIN_PYTHON is not set to the training environment's python: run the tests with `make unit`")
-    return python
+    return built("KIMI_TRAIN_PYTHON", "the training environment's python", "unit")
 
 
 @pytest.fixture(scope="session")
 def kt_python() -> str:
     """The KTransformers training environment (kt-kernel, transformers-kt, accelerate-kt), `make kt-env`."""
-    python = os.environ.get("KIMI_KT_PYTHON")
-    if not python or not Path(python).exists():
-        pytest.fail(
-            "KIMI_KT_PYTHON is not set to the KTransformers environment's python: run the tests with `make unit`"
-        )
-    return python
+    return built("KIMI_KT_PYTHON", "the KTransformers environment's python", "unit")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.request
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.processes import stop
+from tests.processes import free_port, stop
 
 ROOT = Path(__file__).parents[1]
 GGUF_CONVERT = ROOT / "e2e" / "engines" / "gguf_convert.py"
@@ -85,12 +84,6 @@ def http_json(url: str, body: dict[str, Any] | None = None) -> Any:
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})  # noqa: S310
     with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310 (loopback)
         return json.load(resp)
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

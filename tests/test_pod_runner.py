@@ -28,6 +28,7 @@ from kimi_operator.devcluster.podenv import MissingReference, PlanError, Referen
 from kimi_operator.devcluster.podplan import ContainerPlan, Image, RunnerConfig
 from kimi_operator.devcluster.podprocess import Process
 from kimi_operator.devcluster.runner import PodRunner
+from tests.processes import wait_until
 
 CLUSTER = Path("/c")
 TRAINER = Image(
@@ -760,10 +761,7 @@ def _alive(pid: int) -> bool:
 
 
 def _wait(check: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"timed out: {what}"
-        time.sleep(0.02)
+    wait_until(check, seconds, what, interval=0.02)
 
 
 def _plan(tmp_path: Path, argv: Sequence[str], *, fallback: bool = False) -> ContainerPlan:

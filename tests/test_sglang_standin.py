@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -633,6 +633,24 @@ def stream_and_leave(engine: Engine, body: dict[str, Any], events: int) -> None:
     conn.close()
 
 
+def plan_of(*adapters: PlannedAdapter) -> ServingPlan:
+    """A serving plan placing ``adapters`` on the one replica r0."""
+    return ServingPlan(
+        served_model_name=SERVED, generation=1, replicas=[ReplicaPlan(replica="r0", adapters=list(adapters))]
+    )
+
+
+def agent_for(engine: Engine, plan: Callable[[], ServingPlan], tiny: Path, tmp_path: Path) -> Agent:
+    """Replica r0's adapter agent in front of ``engine``, its node adapters those of ``tiny``."""
+    return Agent(
+        replica="r0",
+        engine=serve_engine.Engine(f"http://127.0.0.1:{engine.port}"),
+        plan=plan,
+        models_dir=tiny / "adapters",
+        cache_dir=tmp_path / "cache",
+    )
+
+
 def test_an_abandoned_non_streamed_request_keeps_its_adapter_from_ever_unloading(
     engines: dict[str, Engine], tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -682,15 +700,8 @@ def test_an_abandoned_non_streamed_request_keeps_its_adapter_from_ever_unloading
     # The adapter agent in front of such an engine: its first unload gets no answer within its bound,
     # it sends nothing more, and every adapter planned here and not listed is reported stuck.
     monkeypatch.setattr(serve_engine, "UNLOAD_TIMEOUT", 2.0)
-    planned = PlannedAdapter(name="later", files=AdapterFiles(kind="node", path="a1"))
-    plan = ServingPlan(served_model_name=SERVED, generation=1, replicas=[ReplicaPlan(replica="r0", adapters=[planned])])
-    agent = Agent(
-        replica="r0",
-        engine=serve_engine.Engine(f"http://127.0.0.1:{wedge.port}"),
-        plan=lambda: plan,
-        models_dir=tiny / "adapters",
-        cache_dir=tmp_path / "cache",
-    )
+    plan = plan_of(PlannedAdapter(name="later", files=AdapterFiles(kind="node", path="a1")))
+    agent = agent_for(wedge, lambda: plan, tiny, tmp_path)
     report = agent.step()
     assert report["engineUp"] is True
     (error,) = report["errors"]
@@ -734,19 +745,8 @@ def test_the_agent_freezes_the_engines_heap_once_it_is_warm(
     def freezes() -> int:
         return engine.log.read_text(errors="replace").count("Freezing GC in Tokenizer Manager process")
 
-    def plan_of(*adapters: PlannedAdapter) -> ServingPlan:
-        return ServingPlan(
-            served_model_name=SERVED, generation=1, replicas=[ReplicaPlan(replica="r0", adapters=list(adapters))]
-        )
-
     plan = plan_of()
-    agent = Agent(
-        replica="r0",
-        engine=serve_engine.Engine(f"http://127.0.0.1:{engine.port}"),
-        plan=lambda: plan,
-        models_dir=tiny / "adapters",
-        cache_dir=tmp_path / "cache",
-    )
+    agent = agent_for(engine, lambda: plan, tiny, tmp_path)
     assert freezes() == 0
     assert agent.step()["engineUp"] is True
     assert freezes() == 1

@@ -38,8 +38,7 @@ import yaml
 from kimi_operator.api.base import GROUP
 from kimi_operator.devcluster.hub import FakeHub
 from kimi_operator.devcluster.paths import cache_root, repo_root, state_root
-from kimi_operator.devcluster.podprocess import stop_leftovers
-from kimi_operator.devcluster.runner import PodRunner, config_for, default_images
+from kimi_operator.devcluster.runner import config_for, images_from_env, running
 from kimi_operator.render.router import HTTP_PORT, METRICS_PORT
 from kimi_operator.render.router import labels as router_labels
 
@@ -81,13 +80,19 @@ def build_model(cache: Path, train_python: str, oracle_python: str) -> Path:
     return final
 
 
-def manifests(path: Path, endpoint: str) -> list[dict[str, Any]]:
-    """The overlay's objects, each KimiModel's hub source pointed at ``endpoint``."""
+def manifests(path: Path, endpoint: str | None = None) -> list[dict[str, Any]]:
+    """The overlay's objects; with ``endpoint``, each KimiModel's hub source pointed at it."""
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    if endpoint is not None:
+        point_at(docs, endpoint)
+    return docs
+
+
+def point_at(docs: Sequence[dict[str, Any]], endpoint: str) -> None:
+    """Each KimiModel of ``docs`` takes its weights from the hub at ``endpoint``."""
     for doc in docs:
         if doc["kind"] == "KimiModel":
             doc["spec"]["source"]["huggingFace"]["endpoint"] = endpoint
-    return docs
 
 
 def repo_of(docs: Sequence[Mapping[str, Any]]) -> str:
@@ -246,7 +251,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "demo: KIMI_TRAIN_PYTHON and KIMI_ORACLE_PYTHON must name the training and oracle environments", flush=True
         )
         return 2
-    llamacpp = os.environ.get("KIMI_LLAMACPP")
     root = Path(args.dir) if args.dir else state_root()
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -258,42 +262,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     began = time.monotonic()
     say("building the tiny model (once; cached)")
     model = build_model(cache_root() / "demo", train_python, oracle_python)
-    config = config_for(
-        root,
-        default_images(repo_root(), train_python=train_python, llamacpp=Path(llamacpp) if llamacpp else None),
-    )
+    config = config_for(root, images_from_env(repo_root()))
     api = kubernetes.config.new_client_from_config(config_file=str(root / "kubeconfig"))  # type: ignore[no-untyped-call]
-    stop_leftovers(config.cluster_dir)  # of a demo that was killed
-    docs = manifests(Path(args.manifests), "")
-    with published(model, repo_of(docs)) as (hub, _):
-        docs = manifests(Path(args.manifests), hub.endpoint)
-        runner = PodRunner(config, kubernetes.client.CoreV1Api(api))
-        runner.start()
-        try:
-            apply(api, docs)
-            say(f"applied {args.manifests} (the model from the hub at {hub.endpoint}); following it:")
-            (lsrv,) = [d for d in docs if d["kind"] == "LoraServer"]
-            namespace, server = lsrv["metadata"].get("namespace") or "default", lsrv["metadata"]["name"]
-            served, adapter = lsrv["spec"]["servedModelName"], lsrv["spec"]["adapters"][0]["name"]
-            question, _ = lesson(docs)
+    docs = manifests(Path(args.manifests))
+    with published(model, repo_of(docs)) as (hub, _), running(config, kubernetes.client.CoreV1Api(api), grace=5):
+        point_at(docs, hub.endpoint)
+        apply(api, docs)
+        say(f"applied {args.manifests} (the model from the hub at {hub.endpoint}); following it:")
+        (lsrv,) = [d for d in docs if d["kind"] == "LoraServer"]
+        namespace, server = lsrv["metadata"].get("namespace") or "default", lsrv["metadata"]["name"]
+        served, adapter = lsrv["spec"]["servedModelName"], lsrv["spec"]["adapters"][0]["name"]
+        question, _ = lesson(docs)
 
-            def answers() -> bool:
-                return answering(api, namespace, server, adapter, question)
+        def answers() -> bool:
+            return answering(api, namespace, server, adapter, question)
 
-            if follow(api, docs, answers, say, stop=stop):
-                url = router_url(api, namespace, server) or ""
-                say(f"first answer {time.monotonic() - began:.0f} s after start; ask it yourself:\n")
-                print(snippets(url, adapter, question), flush=True)
-                print(f"\n  with the adapter ({adapter}): {ask(url, adapter, question)!r}", flush=True)
-                print(f"  the base model ({served}):   {ask(url, served, question)!r}\n", flush=True)
-                say(
-                    f"metrics: the router's at {url.rsplit(':', 1)[0]}:{METRICS_PORT}/metrics, the operator's at "
-                    "http://127.0.0.1:8080/metrics; the Grafana dashboard to import: "
-                    "charts/kimi-operator/dashboards/kimi-operator.json. Ctrl-C stops everything."
-                )
-            stop.wait()
-        finally:
-            runner.stop(grace=5)
+        if follow(api, docs, answers, say, stop=stop):
+            url = router_url(api, namespace, server) or ""
+            say(f"first answer {time.monotonic() - began:.0f} s after start; ask it yourself:\n")
+            print(snippets(url, adapter, question), flush=True)
+            print(f"\n  with the adapter ({adapter}): {ask(url, adapter, question)!r}", flush=True)
+            print(f"  the base model ({served}):   {ask(url, served, question)!r}\n", flush=True)
+            say(
+                f"metrics: the router's at {url.rsplit(':', 1)[0]}:{METRICS_PORT}/metrics, the operator's at "
+                "http://127.0.0.1:8080/metrics; the Grafana dashboard to import: "
+                "charts/kimi-operator/dashboards/kimi-operator.json. Ctrl-C stops everything."
+            )
+        stop.wait()
     return 0
 
 

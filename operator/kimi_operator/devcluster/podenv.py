@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any
 
+from kimi_operator.render.quantity import parse_quantity
+
 
 class PlanError(ValueError):
     """The pod cannot be run here; the message says why (the pod fails with it)."""
@@ -39,37 +41,14 @@ class References:
 
 # -- quantities, field and resource references ------------------------------------------------------
 
-_SUFFIXES: dict[str, Fraction] = {
-    "n": Fraction(1, 10**9),
-    "u": Fraction(1, 10**6),
-    "m": Fraction(1, 1000),
-    "": Fraction(1),
-    "k": Fraction(10**3),
-    "M": Fraction(10**6),
-    "G": Fraction(10**9),
-    "T": Fraction(10**12),
-    "P": Fraction(10**15),
-    "E": Fraction(10**18),
-    "Ki": Fraction(2**10),
-    "Mi": Fraction(2**20),
-    "Gi": Fraction(2**30),
-    "Ti": Fraction(2**40),
-    "Pi": Fraction(2**50),
-    "Ei": Fraction(2**60),
-}
-_QUANTITY = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))(?:[eE]([+-]?\d+)|(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E))?")
-
 
 def quantity(text: str | int | float) -> Fraction:
-    """A Kubernetes quantity ("500m", "16Gi", "1e3", 2) as an exact number."""
-    match = _QUANTITY.fullmatch(str(text).strip())
-    if not match:
-        raise PlanError(f"not a quantity: {text!r}")
-    number, exponent, suffix = match.groups()
-    value = Fraction(number)
-    if exponent is not None:
-        return value * Fraction(10) ** int(exponent)
-    return value * _SUFFIXES[suffix or ""]
+    """A Kubernetes quantity ("500m", "16Gi", "1e3", 2) as an exact number (the operator's own
+    parser, in Decimal, which converts exactly)."""
+    try:
+        return Fraction(parse_quantity(str(text)))
+    except ValueError as exc:
+        raise PlanError(f"not a quantity: {text!r}") from exc
 
 
 def resource_value(resource: str, quantity_text: str | None, divisor: str | None) -> str:

@@ -74,11 +74,10 @@ class RunnerConfig:
     images: Mapping[str, Image]  # by repository, without tag or digest
     server: str = ""  # the API server for the pods' kubeconfigs
     ca_file: Path | None = None
-    node_dirs: Mapping[str, Path] = dataclasses.field(default_factory=dict)  # default <cluster>/nodes/<node>
     base_env: Mapping[str, str] = dataclasses.field(default_factory=dict)  # PATH, HOME, ... of every process
 
     def node_dir(self, node: str) -> Path:
-        return self.node_dirs.get(node) or self.cluster_dir / "nodes" / node
+        return self.cluster_dir / "nodes" / node
 
     def pod_dir(self, uid: str) -> Path:
         return self.cluster_dir / "pods" / uid
@@ -125,10 +124,6 @@ class Plan:
     init_containers: tuple[ContainerPlan, ...]
     containers: tuple[ContainerPlan, ...]
 
-    @property
-    def all_containers(self) -> tuple[ContainerPlan, ...]:
-        return (*self.init_containers, *self.containers)
-
 
 # -- what the pod refers to ----------------------------------------------------------------------
 
@@ -142,10 +137,7 @@ class Needs:
 
 def _volume_sources(volume: Mapping[str, Any]) -> Iterable[tuple[str, Mapping[str, Any]]]:
     """(kind, source) of a volume, a projected volume's sources one by one."""
-    for kind in ("secret", "configMap", "downwardAPI", "serviceAccountToken"):
-        if kind in volume:
-            yield kind, volume[kind] or {}
-    for source in (volume.get("projected") or {}).get("sources") or []:
+    for source in (volume, *((volume.get("projected") or {}).get("sources") or [])):
         for kind in ("secret", "configMap", "downwardAPI", "serviceAccountToken"):
             if kind in source:
                 yield kind, source[kind] or {}

@@ -60,11 +60,8 @@ def skip_reason(pod: Mapping[str, Any], nodes: Collection[str]) -> str | None:
 
 def grace_seconds(pod: Mapping[str, Any]) -> int:
     """The deletion's grace period, else the pod's terminationGracePeriodSeconds."""
-    meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
-    value = meta.get("deletionGracePeriodSeconds")
-    if value is None:
-        value = spec.get("terminationGracePeriodSeconds")
-    return DEFAULT_GRACE_SECONDS if value is None else int(value)
+    value = (pod.get("metadata") or {}).get("deletionGracePeriodSeconds")
+    return spec_grace_seconds(pod) if value is None else int(value)
 
 
 def spec_grace_seconds(pod: Mapping[str, Any]) -> int:

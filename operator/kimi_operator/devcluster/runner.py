@@ -35,7 +35,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,15 @@ def default_images(repo: Path, *, train_python: str | None, llamacpp: Path | Non
     }
 
 
+def images_from_env(repo: Path) -> dict[str, Image]:
+    """The project's images with the environments the Makefile names: KIMI_TRAIN_PYTHON (the
+    trainer and the SGLang stand-in) and KIMI_LLAMACPP (llama-server, the GGUF converter)."""
+    llamacpp = os.environ.get("KIMI_LLAMACPP")
+    return default_images(
+        repo, train_python=os.environ.get("KIMI_TRAIN_PYTHON"), llamacpp=Path(llamacpp) if llamacpp else None
+    )
+
+
 def images_from_file(path: Path) -> dict[str, Image]:
     """Images from YAML: ``{repo: {programs: [{image: [argv...], local: [argv...]}], entrypoint: [...],
     cmd: [...], env: {...}}}``."""
@@ -152,7 +161,6 @@ class _Container:
 
     process: Process
     backoff: float
-    sidecar: bool = False
     due: float | None = None  # when it starts again
     result: Result | None = None  # once it is done (exited, not to be restarted)
 
@@ -282,7 +290,7 @@ class PodWorker(threading.Thread):
             self._check()
             self.running.append(process)
         process.start()
-        return _Container(process, self.runner.backoff[0], sidecar=container.sidecar)
+        return _Container(process, self.runner.backoff[0])
 
     def _until_done(self, containers: Sequence[_Container], policy: str) -> list[Result]:
         """Supervise ``containers`` (and the sidecars) until each is done: exited, and not to be
@@ -301,7 +309,9 @@ class PodWorker(threading.Thread):
                 if c.process.poll() is None:
                     continue
                 result = c.process.result()
-                if not (c.sidecar or policy == "Always" or (policy == "OnFailure" and result[0] != 0)):
+                if not (
+                    c.process.container.sidecar or policy == "Always" or (policy == "OnFailure" and result[0] != 0)
+                ):
                     c.result = result
                     continue
                 initial, most = self.runner.backoff
@@ -555,6 +565,19 @@ def config_for(root: Path, images: Mapping[str, Image]) -> RunnerConfig:
     )
 
 
+@contextlib.contextmanager
+def running(config: RunnerConfig, core: kubernetes.client.CoreV1Api, grace: float = 10.0) -> Iterator[PodRunner]:
+    """A runner started for ``config``'s cluster (the processes a killed runner left stopped first),
+    stopped on the way out with its pods' processes (SIGKILL ``grace`` seconds after SIGTERM)."""
+    stop_leftovers(config.cluster_dir)
+    runner = PodRunner(config, core)
+    runner.start()
+    try:
+        yield runner
+    finally:
+        runner.stop(grace)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from kimi_operator.devcluster.paths import repo_root, state_root  # noqa: PLC0415
 
@@ -563,25 +586,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--images", help="YAML file mapping images to local programs (default: the project's)")
     args = parser.parse_args(argv)
     root = Path(args.dir) if args.dir else state_root()
-    if args.images:
-        images = images_from_file(Path(args.images))
-    else:
-        llamacpp = os.environ.get("KIMI_LLAMACPP")
-        images = default_images(
-            repo_root(), train_python=os.environ.get("KIMI_TRAIN_PYTHON"), llamacpp=Path(llamacpp) if llamacpp else None
-        )
+    images = images_from_file(Path(args.images)) if args.images else images_from_env(repo_root())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = config_for(root, images)
     api = kubernetes.config.new_client_from_config(config_file=str(root / "kubeconfig"))  # type: ignore[no-untyped-call]
-    stop_leftovers(config.cluster_dir)  # of a runner that was killed
-    runner = PodRunner(config, kubernetes.client.CoreV1Api(api))
     done = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: done.set())
-    runner.start()
-    log.info("running pods annotated %s=true on the nodes of %s", podprotocol.RUN_ANNOTATION, root)
-    done.wait()
-    runner.stop()
+    with running(config, kubernetes.client.CoreV1Api(api)):
+        log.info("running pods annotated %s=true on the nodes of %s", podprotocol.RUN_ANNOTATION, root)
+        done.wait()
     return 0
 
 

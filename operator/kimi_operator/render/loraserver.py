@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from kimi_operator.api.base import GROUP
+from kimi_operator.api.base import GROUP, PodMetadata
 from kimi_operator.api.loraserver import KIND, PLURAL, LoraServerSpec
 from kimi_operator.api.serving import GGUF_ADAPTER_FILE, PLAN_KEY, ServingPlan
 from kimi_operator.render import llamacpp, sglang
@@ -288,7 +288,7 @@ def _stateful_set(
             "podManagementPolicy": "Parallel",
             "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
             "selector": {"matchLabels": {k: labels[k] for k in sorted(labels)}},
-            "template": {"metadata": _pod_metadata(owner, spec, labels), "spec": pod_spec},
+            "template": {"metadata": pod_metadata(owner, spec.pod_metadata, labels), "spec": pod_spec},
         },
     }
 
@@ -437,8 +437,9 @@ def llamacpp_set(
     return _stateful_set(owner, spec, name=name, replicas=replicas, labels=labels, pod_spec=pod_spec)
 
 
-def _pod_metadata(owner: Owner, spec: LoraServerSpec, labels: Mapping[str, str]) -> dict[str, Any]:
-    meta = template_metadata(spec.pod_metadata, labels)
+def pod_metadata(owner: Owner, user: PodMetadata, labels: Mapping[str, str]) -> dict[str, Any]:
+    """A pod of this LoraServer: the user's labels and annotations, ours taking precedence."""
+    meta = template_metadata(user, labels)
     # Label values are bounded (a long name is hashed): the owner's full name rides in an annotation,
     # so a pod event finds its LoraServer.
     meta["annotations"] = {**meta["annotations"], OWNER_ANNOTATION: owner.name}

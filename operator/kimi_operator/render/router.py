@@ -12,9 +12,8 @@ from typing import Any
 
 from kimi_operator.api.base import GROUP
 from kimi_operator.api.loraserver import KIND, LoraServerSpec
-from kimi_operator.render.jobs import template_metadata
 from kimi_operator.render.labels import bounded, common
-from kimi_operator.render.loraserver import OWNER_ANNOTATION, engine_selector
+from kimi_operator.render.loraserver import engine_selector, pod_metadata
 from kimi_operator.render.owner import Owner, account
 
 ROUTER = "router"
@@ -82,13 +81,6 @@ def _key_volumes(spec: LoraServerSpec) -> tuple[list[dict[str, Any]], list[dict[
     return volumes, mounts
 
 
-def _pod_metadata(owner: Owner, spec: LoraServerSpec, pod_labels: dict[str, str]) -> dict[str, Any]:
-    """The user's labels and annotations for the router pods, ours taking precedence."""
-    meta = template_metadata(spec.router.pod_metadata, pod_labels)
-    meta["annotations"][OWNER_ANNOTATION] = owner.name
-    return meta
-
-
 def deployment(owner: Owner, spec: LoraServerSpec, *, image: str) -> dict[str, Any]:
     name = router_name(owner.name)
     pod_labels = labels(owner.name)
@@ -138,7 +130,7 @@ def deployment(owner: Owner, spec: LoraServerSpec, *, image: str) -> dict[str, A
                 # spec.podMetadata is for the engine pods (GPU scheduling, ...); the router's are
                 # spec.router.podMetadata. The owner's full name rides in an annotation (labels are
                 # bounded), so a router pod's change runs a pass of its LoraServer.
-                "metadata": _pod_metadata(owner, spec, pod_labels),
+                "metadata": pod_metadata(owner, spec.router.pod_metadata, pod_labels),
                 "spec": {
                     "serviceAccountName": name,
                     "securityContext": {

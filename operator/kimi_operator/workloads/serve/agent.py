@@ -60,6 +60,8 @@ NEEDS: dict[EngineApi, dict[str, str]] = {"sglang": {}, "llamacpp": {GGUF_ADAPTE
 
 
 MAX_MESSAGE = 2000
+# /freeze_gc's answers: done, and the engine has no such endpoint (an older SGLang).
+FROZEN, NO_FREEZE = 200, (404, 405)
 
 
 def _short(message: str) -> str:
@@ -113,11 +115,9 @@ class Agent:
         # Set when the engine took an adapter update and never answered: no other is sent until
         # the engine restarts, each would only wait as long.
         self.stuck: str | None = None
-        # Whether the engine's heap is still to be frozen (engine.freeze_gc), once per engine start;
-        # None once the engine showed it has no way to.
-        self.freeze_due: bool | None = True
-        # The engine's last refusal of a freeze, logged once.
-        self.freeze_refused: int | None = None
+        # The engine's last answer to /freeze_gc since it started: None not asked yet, 0 no answer.
+        # Asked until it says 200 (frozen) or that it has no such endpoint.
+        self.freeze_answer: int | None = None
 
     def _fetch(self, adapter: PlannedAdapter) -> Callable[[Path], None]:
         files = adapter.files
@@ -309,9 +309,8 @@ class Agent:
         if not self.engine_was_up:
             self.refused.clear()  # a (re)started engine gets another chance at everything
             self.stuck = None
-            if self.freeze_due is not None:
-                self.freeze_due = True
-                self.freeze_refused = None
+            if self.freeze_answer not in NO_FREEZE:
+                self.freeze_answer = None  # a new process: its heap is frozen again
         self.engine_was_up = True
         # An adapter the engine serves whose source failed this time (a hub hiccup) stays loaded
         # from the files the engine has; the failure is logged, not turned into an unload.
@@ -344,19 +343,17 @@ class Agent:
         alive then (imports, the weights' bookkeeping, the start-up adapters) lives as long as the
         engine, and each full collection would walk it again. Once only: gc.freeze() keeps whatever
         garbage exists at that moment for good, so freezing at every later load could leak."""
-        if not self.freeze_due or not self.engine.healthy():
+        if self.freeze_answer == FROZEN or self.freeze_answer in NO_FREEZE or not self.engine.healthy():
             return
-        status = self.engine.freeze_gc()
-        if status == 200:
+        status = self.engine.freeze_gc() or 0
+        if status == FROZEN:
             log.info("engine heap frozen (/freeze_gc)")
-            self.freeze_due = False
-        elif status in (404, 405):
+        elif status in NO_FREEZE:
             log.warning("the engine has no /freeze_gc: its garbage collector may pause it under load")
-            self.freeze_due = None
-        elif status != self.freeze_refused:
+        elif status != self.freeze_answer:
             # Tried again at the next step; said once per kind of answer.
-            log.warning("/freeze_gc answered %s; trying again", status if status is not None else "nothing")
-            self.freeze_refused = status
+            log.warning("/freeze_gc answered %s; trying again", status or "nothing")
+        self.freeze_answer = status
 
     def _apply(self, action: Load | Unload) -> bool:
         """Send one change; False when it got no answer in time: the next ones would wait behind it."""
