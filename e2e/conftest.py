@@ -31,7 +31,7 @@ from kimi_operator.devcluster import podprocess
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.devcluster.paths import repo_root
 from kimi_operator.devcluster.podplan import Image
-from kimi_operator.devcluster.runner import PodRunner, config_for, running
+from kimi_operator.devcluster.runner import BACKOFF, PodRunner, config_for, running
 
 E2E_DIR = repo_root() / ".cluster-e2e"
 DATASET = (
@@ -301,10 +301,15 @@ def oracle_python() -> str:
 
 
 @contextlib.contextmanager
-def pod_runner(cluster: Cluster, api: kubernetes.client.ApiClient, images: Mapping[str, Image]) -> Iterator[PodRunner]:
+def pod_runner(
+    cluster: Cluster,
+    api: kubernetes.client.ApiClient,
+    images: Mapping[str, Image],
+    backoff: tuple[float, float] = BACKOFF,
+) -> Iterator[PodRunner]:
     """The local pod runner on this session's cluster, for the pods that opt in; when it stops,
     every process it started has ended, its children included."""
     config = config_for(cluster.layout.root, images)
-    with running(config, kubernetes.client.CoreV1Api(api), grace=5) as handle:
+    with running(config, kubernetes.client.CoreV1Api(api), grace=5, backoff=backoff) as handle:
         yield handle
     assert podprocess.leftovers(config.cluster_dir) == []

@@ -1,22 +1,25 @@
-"""LoraServer against the real apiserver, with each engine pod's programs run on this machine.
+"""LoraServer against the real apiserver, with each engine pod's programs run by the local pod runner.
 
-KWOK runs the engine pods' phases; the test runs what each pod would run, as that pod: the SGLang
-stand-in (a tiny model with real PEFT adapters) bound to the pod's 127.x IP with the engine
-container's own arguments, and the adapter agent with the pod's ServiceAccount token and the agent
-container's own arguments. Node paths are swapped for a directory per simulated node.
+KWOK runs the engine pods' phases; the local pod runner (``devcluster/runner.py``) runs what each
+pod runs, as that pod: the SGLang stand-in (a tiny model with real PEFT adapters) bound to the pod's
+127.x IP with the engine container's own arguments, the adapter agent with the pod's
+ServiceAccount token, the router, and the cleanup Jobs. A simulated node's storage is a directory
+of the cluster (``<cluster>/nodes/<node>``), which the tests fill with what the KimiModel's and
+FineTuneJobs' pods would have left there.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
+import signal
 import subprocess
-import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -26,23 +29,31 @@ from typing import Any
 import kubernetes
 import pytest
 
-from e2e.conftest import OperatorProcess, stop
-from e2e.helpers import wait_earlier_namespaces_gone, wait_for, write_token_kubeconfig
+from e2e.conftest import OperatorProcess, pod_runner
+from e2e.helpers import wait_earlier_namespaces_gone, wait_for
 from e2e.manifests import GROUP, KIMI_MODEL, VERSION
 from e2e.test_finetunejob import ftj, release_training, training_pod_status, wait_phase
 from e2e.test_kimimodel import condition
+from kimi_operator.devcluster import podprotocol
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.devcluster.paths import repo_root
+from kimi_operator.devcluster.podplan import Image
+from kimi_operator.devcluster.podprocess import Process
+from kimi_operator.devcluster.runner import PodRunner, default_images
 from kimi_operator.render.kimimodel import model_label
 from kimi_operator.workloads.train.adapter import publish
 
 pytestmark = pytest.mark.e2e
 
 ENGINES = repo_root() / "e2e" / "engines"
-OPERATOR = repo_root() / "operator"
 STORAGE = "/mnt/nvme/kimi"
 NODES = ["gpu-4090-a", "gpu-4090-b"]
 SMALL = {"gpus": 1, "cpu": "4", "memory": "16Gi", "sharedMemory": "1Gi"}
+# The pods the runner runs (a Job's pod is held Running by KWOK until its programs end).
+RUN = {"annotations": {podprotocol.RUN_ANNOTATION: "true", podprotocol.HOLD_ANNOTATION: "true"}}
+# A crashed engine comes back after this (the kubelet's back-off, made longer): long enough for the
+# agents and the operator to report it down meanwhile.
+RESTART_AFTER = 20.0
 
 
 def custom(api: kubernetes.client.ApiClient) -> kubernetes.client.CustomObjectsApi:
@@ -69,6 +80,29 @@ def tiny(train_python: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def quick_images(train_python: str, *, llamacpp: Path | None = None, standin: tuple[str, ...] = ()) -> dict[str, Image]:
+    """The project's images on this machine, with the agents and routers checking every 0.5 s (the
+    tests wait on what they learn) and ``standin`` added to the SGLang stand-in's arguments."""
+    operator = ("kimi-operator",)
+    images = default_images(repo_root(), train_python=train_python, llamacpp=llamacpp)
+    sglang = ("python", "-m", "sglang.launch_server")
+    quick = {}
+    for repo, image in images.items():
+        programs = dict(image.programs)
+        programs[(*operator, "serve-agent")] = (*programs[operator], "serve-agent", "--interval=0.5")
+        programs[(*operator, "router")] = (*programs[operator], "router", "--period=0.5")
+        if sglang in programs:
+            programs[sglang] = (*programs[sglang], *standin)
+        quick[repo] = dataclasses.replace(image, programs=programs)
+    return quick
+
+
+@pytest.fixture
+def runner(cluster: Cluster, api: kubernetes.client.ApiClient, train_python: str) -> Iterator[PodRunner]:
+    with pod_runner(cluster, api, quick_images(train_python), backoff=(RESTART_AFTER, 300.0)) as handle:
+        yield handle
+
+
 def exported_adapter(namespace: str, name: str, node: str, source: Path) -> dict[str, Any]:
     """``status.adapter`` as a training pod reports the adapter it exported on ``node``."""
     return {
@@ -88,16 +122,20 @@ def sha256(path: Path) -> str:
 
 
 class Node:
-    """A simulated node's storage, as a directory of this machine."""
+    """A simulated node's storage: the runner's directory for that node, emptied for each test."""
 
-    def __init__(self, root: Path, namespace: str, tiny: Path) -> None:
-        self.storage = root / STORAGE.lstrip("/")
-        # A ReadWriteMany volume: the same directory on every node.
-        self.store = root.parent / "shared-store"
-        checkpoint = self.storage / namespace / "kimi" / "int4"
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.symlink_to(tiny / "model")
-        (self.storage / "adapter-cache").mkdir(parents=True, exist_ok=True)
+    def __init__(self, cluster: Cluster, name: str, namespace: str) -> None:
+        self.storage = cluster.layout.root / "nodes" / name / STORAGE.lstrip("/")
+        # The ReadWriteMany claim "adapters": one directory every node sees.
+        self.store = cluster.layout.root / "claims" / namespace / "adapters"
+        shutil.rmtree(self.storage, ignore_errors=True)
+        (self.storage / "adapter-cache").mkdir(parents=True)
+
+    def holds(self, namespace: str, variant: str, files: Path) -> None:
+        """The KimiModel's variant as its prepare pod would have left it (a link to ``files``)."""
+        target = self.storage / namespace / "kimi" / variant
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(files)
 
     def put_adapter(self, source: Path, name: str) -> str:
         """Copy an adapter directory under the storage; its path as the node sees it."""
@@ -105,100 +143,46 @@ class Node:
         shutil.copytree(source, target, dirs_exist_ok=True)
         return f"{STORAGE}/adapters/{name}"
 
-    def local(self, arg: str) -> str:
-        """A container argument with the pod's mounts replaced by this node's directories (and the
-        shared adapter store by the one directory every node sees)."""
-        # At the start, after '=', or in a comma-separated list (llama-server's --lora-scaled).
-        arg = re.sub(r"(^|[=,])/adapter-cache(?=/|$)", lambda m: f"{m[1]}{self.storage / 'adapter-cache'}", arg)
-        arg = re.sub(r"(^|[=,])/adapter-store(?=/|$)", lambda m: f"{m[1]}{self.store}", arg)
-        return re.sub(r"(^|[=,])/models(?=/|$)", lambda m: f"{m[1]}{self.storage}", arg)
+
+def http(url: str, body: dict[str, Any] | None = None) -> tuple[int, str]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})  # noqa: S310 (loopback)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310 (loopback)
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
 
 
 class EnginePod:
-    """What one engine pod runs: the engine (the SGLang stand-in, or the real llama-server when the
-    container runs llama-server) and its adapter agent."""
+    """One engine pod as the runner runs it: its address, and its engine container's process."""
 
-    def __init__(self, pod: Any, node: Node, python: str, kubeconfig: Path, logs: Path) -> None:
+    def __init__(self, pod: Any, node: Node, runner: PodRunner) -> None:
         self.name, self.ip, self.uid = pod.metadata.name, pod.status.pod_ip, pod.metadata.uid
-        self.node, self.python, self.kubeconfig, self.logs = node, python, kubeconfig, logs
-        containers = {c.name: c for c in pod.spec.containers}
-        self.engine_command = list(containers["engine"].command or [])
-        self.engine_args = [self._subst(a) for a in containers["engine"].args]
-        self.engine_env = containers["engine"].env or []
-        self.agent_args = [self._subst(a) for a in containers["adapter-agent"].args]
-        self.init_args = (
-            [self._subst(a) for a in (pod.spec.init_containers or [])[0].args] if pod.spec.init_containers else None
-        )
-        self.engine: subprocess.Popen[bytes] | None = None
-        self.agent: subprocess.Popen[bytes] | None = None
-
-    def _subst(self, arg: str) -> str:
-        for var, value in (("$(POD_IP)", self.ip), ("$(POD_NAME)", self.name), ("$(POD_UID)", self.uid)):
-            arg = arg.replace(var, value)
-        return self.node.local(arg)
+        self.node, self.runner = node, runner
+        self.spec = {c.name: c for c in pod.spec.containers}
 
     @property
     def url(self) -> str:
         return f"http://{self.ip}:30000"
 
-    def _agent_env(self) -> dict[str, str]:
-        return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONPATH": str(OPERATOR)}
+    def engine(self) -> Process:
+        process = self.runner.process(self.uid, "engine")
+        assert process is not None, f"{self.name}: no engine process"
+        return process
 
-    def init(self) -> None:
-        if self.init_args is not None:
-            subprocess.run(
-                [sys.executable, "-m", "kimi_operator", *self.init_args],
-                check=True,
-                capture_output=True,
-                env=self._agent_env(),
-                timeout=120,
-            )
+    def crash(self) -> float:
+        """The engine dies (SIGKILL); the runner starts it again after its back-off. When it died."""
+        self.engine().signal(signal.SIGKILL)
+        return time.monotonic()
 
-    def start_engine(self) -> None:
-        log = (self.logs / f"{self.name}.engine.log").open("ab")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-        # The engine container's own environment (the probe's /health generates nothing).
-        env.update({e.name: e.value for e in self.engine_env if e.value is not None})
-        if self.engine_command == ["llama-server"]:
-            program = [str(Path(os.environ["KIMI_LLAMACPP"]) / "bin" / "llama-server")]
-        else:
-            program = [self.python, str(ENGINES / "sglang_standin.py")]
-        self.engine = subprocess.Popen(
-            [*program, *self.engine_args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        log.close()
-        wait_for(
-            lambda: (
-                self.engine is not None and (self.engine.poll() is not None or http(f"{self.url}/health")[0] == 200)
-            ),
-            180,
-            f"{self.name} engine",
-        )
-        assert self.engine.poll() is None, (self.logs / f"{self.name}.engine.log").read_text()[-3000:]
+    def restarted_since(self, moment: float) -> bool:
+        return self.engine().started_at > moment
 
-    def start_agent(self) -> None:
-        log = (self.logs / f"{self.name}.agent.log").open("ab")
-        self.agent = subprocess.Popen(
-            [sys.executable, "-m", "kimi_operator", *self.agent_args, "--interval", "0.5"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self._agent_env(),
-        )
-        log.close()
-
-    def stop_engine(self) -> None:
-        if self.engine is not None:
-            stop(self.engine)
-            self.engine = None
-
-    def stop(self) -> None:
-        self.stop_engine()
-        if self.agent is not None:
-            stop(self.agent)
-            self.agent = None
+    def answering(self) -> bool:
+        return http(f"{self.url}/health")[0] == 200
 
     def listed(self) -> list[str]:
         code, body = http(f"{self.url}/v1/models")
@@ -219,42 +203,14 @@ class EnginePod:
         return str(json.loads(body)["choices"][0]["message"]["content"])
 
 
-def http(url: str, body: dict[str, Any] | None = None) -> tuple[int, str]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})  # noqa: S310 (loopback)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310 (loopback)
-            return int(resp.status), resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError as exc:
-        return 0, str(exc)
-
-
 class Serving:
-    """One LoraServer's engine pods, run here."""
+    """One LoraServer's engine pods, as the runner runs them."""
 
     def __init__(
-        self,
-        cluster: Cluster,
-        api: kubernetes.client.ApiClient,
-        namespace: str,
-        name: str,
-        nodes: dict[str, Node],
-        python: str,
-        tmp: Path,
+        self, api: kubernetes.client.ApiClient, namespace: str, name: str, nodes: dict[str, Node], runner: PodRunner
     ) -> None:
-        self.cluster, self.api, self.namespace, self.name = cluster, api, namespace, name
-        self.nodes, self.python, self.tmp = nodes, python, tmp
+        self.api, self.namespace, self.name, self.nodes, self.runner = api, namespace, name, nodes, runner
         self.pods: dict[str, EnginePod] = {}
-
-    def kubeconfig(self) -> Path:
-        core = kubernetes.client.CoreV1Api(self.api)
-        token = core.create_namespaced_service_account_token(
-            f"{self.name}-engine", self.namespace, {"spec": {"expirationSeconds": 3600}}
-        ).status.token
-        path = self.tmp / f"{self.name}-engine.kubeconfig"
-        return write_token_kubeconfig(path, self.cluster.server(), self.cluster.layout.pki / "ca.crt", token)
 
     def live_pods(self) -> list[Any]:
         core = kubernetes.client.CoreV1Api(self.api)
@@ -262,7 +218,7 @@ class Serving:
         return list(core.list_namespaced_pod(self.namespace, label_selector=selector).items)
 
     def start(self, count: int) -> None:
-        """Wait for ``count`` running engine pods and start what each runs."""
+        """Wait for ``count`` running engine pods whose engines answer."""
         pods = wait_for(
             lambda: (
                 (found := [p for p in self.live_pods() if p.status.phase == "Running" and p.status.pod_ip])
@@ -272,31 +228,15 @@ class Serving:
             90,
             f"{count} running engine pods of {self.name}",
         )
-        kubeconfig = self.kubeconfig()
-        logs = self.cluster.layout.logs
-        started = []
         for pod in pods:
-            if pod.metadata.name in self.pods:
-                continue
-            engine = EnginePod(pod, self.nodes[pod.spec.node_name], self.python, kubeconfig, logs)
-            self.pods[engine.name] = engine
-            started.append(engine)
-        for engine in started:
-            engine.init()
-        threads = [threading.Thread(target=e.start_engine) for e in started]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for engine in started:
-            engine.start_agent()
-
-    def stop(self) -> None:
-        for pod in self.pods.values():
-            pod.stop()
+            if pod.metadata.name not in self.pods:
+                self.pods[pod.metadata.name] = EnginePod(pod, self.nodes[pod.spec.node_name], self.runner)
+        wait_for(lambda: all(p.answering() for p in self.pods.values()), 180, f"the engines of {self.name}")
 
 
 def lsrv(name: str, **spec: Any) -> dict[str, Any]:
+    """A LoraServer whose engine, router and cleanup pods the runner runs."""
+    router = {"podMetadata": RUN, **spec.pop("router", {})}
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "LoraServer",
@@ -305,6 +245,8 @@ def lsrv(name: str, **spec: Any) -> dict[str, Any]:
             "model": {"name": "kimi"},
             "resources": SMALL,
             "engine": {"maxLoraRank": 16, "loraTargetModules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+            "podMetadata": RUN,
+            "router": router,
             **spec,
         },
     }
@@ -341,24 +283,17 @@ def shared_and_expert_adapters(tiny: Path, nodes: dict[str, Node]) -> list[dict[
 
 
 @pytest.fixture
-def nodes(tmp_path: Path, namespace: str, tiny: Path) -> dict[str, Node]:
-    return {n: Node(tmp_path / "nodes" / n, namespace, tiny) for n in NODES}
+def nodes(cluster: Cluster, namespace: str, tiny: Path) -> dict[str, Node]:
+    """Both nodes holding the tiny model where the engines read the KimiModel's INT4 checkpoint."""
+    found = {n: Node(cluster, n, namespace) for n in NODES}
+    for node in found.values():
+        node.holds(namespace, "int4", tiny / "model")
+    return found
 
 
 @pytest.fixture
-def serving(
-    cluster: Cluster,
-    api: kubernetes.client.ApiClient,
-    namespace: str,
-    nodes: dict[str, Node],
-    train_python: str,
-    tmp_path: Path,
-) -> Iterator[Serving]:
-    handle = Serving(cluster, api, namespace, "serve", nodes, train_python, tmp_path)
-    try:
-        yield handle
-    finally:
-        handle.stop()
+def serving(api: kubernetes.client.ApiClient, namespace: str, nodes: dict[str, Node], runner: PodRunner) -> Serving:
+    return Serving(api, namespace, "serve", nodes, runner)
 
 
 @pytest.mark.timeout(900)
@@ -408,11 +343,11 @@ def test_shared_and_expert_adapters_are_served_where_the_engines_list_them(
     base = engine.chat("kimi-k2.5")
     assert len({engine.chat(f"kimi-k2.5:a{i}") for i in range(4)} | {base}) == 5
 
-    # One engine dies and comes back empty: the status never shows adapters on it meanwhile, and
-    # its agent loads them again.
+    # One engine dies and comes back empty (the runner restarts it after its back-off): the status
+    # never shows adapters on it meanwhile, and its agent loads them again.
     victim = serving.pods[shared[1]]
     uids = {p.metadata.name: p.metadata.uid for p in serving.live_pods()}
-    victim.stop_engine()
+    killed = victim.crash()
     seen_down = threading.Event()
     violations: list[str] = []
     done = threading.Event()
@@ -420,30 +355,32 @@ def test_shared_and_expert_adapters_are_served_where_the_engines_list_them(
     def watch_status() -> None:
         while not done.is_set():
             status = get(api, namespace, "loraservers", "serve").get("status") or {}
+            # Read after the status: if the engine was still down then, the status was computed
+            # while it was down.
+            up = victim.restarted_since(killed)
             report = next((e for e in status.get("engines") or [] if e["name"] == victim.name), {})
             # From the first status the operator computed after the agent reported the engine down
             # (fewer replicas serving), until the engine is started again, nothing may be on it.
             if report.get("engineUp") is False and status.get("readyReplicas", 3) < 3:
                 seen_down.set()
-            if seen_down.is_set() and not victim_up.is_set():
+            if seen_down.is_set() and not up:
                 for a in status.get("adapters") or []:
                     if victim.name in a.get("replicas", []):
                         violations.append(f"{a['name']} on {victim.name} while its engine is down")
             done.wait(0.1)
 
-    victim_up = threading.Event()
     watcher = threading.Thread(target=watch_status)
     watcher.start()
     try:
         wait_for(seen_down.is_set, 30, "the agent to report its engine down and the operator to see it")
+        assert not victim.restarted_since(killed), "restarted before the operator saw it down"
         wait_for(
             lambda: (c := condition(get(api, namespace, "loraservers", "serve"), "Ready")) and c["status"] == "False",
             30,
             "Ready False while an engine is down",
         )
-        victim_up.set()
-        victim.start_engine()
-        wait_for(all_loaded, 120, "adapters loaded again on the restarted engine")
+        wait_for(lambda: victim.restarted_since(killed), RESTART_AFTER + 30, "the engine restarted by the runner")
+        wait_for(all_loaded, 180, "adapters loaded again on the restarted engine")
     finally:
         done.set()
         watcher.join()
@@ -706,14 +643,12 @@ def test_an_adapter_reaches_another_node_through_the_shared_store(
 
 @pytest.mark.timeout(600)
 def test_deletion_removes_the_pods_and_only_the_cache_entries_no_other_server_uses(
-    cluster: Cluster,
     api: kubernetes.client.ApiClient,
     namespace: str,
     operator: OperatorProcess,
     tiny: Path,
     nodes: dict[str, Node],
-    train_python: str,
-    tmp_path: Path,
+    runner: PodRunner,
 ) -> None:
     node_name = "gpu-4090-a"
     model_on(api, namespace, [node_name])
@@ -727,60 +662,51 @@ def test_deletion_removes_the_pods_and_only_the_cache_entries_no_other_server_us
         "drop": lsrv("drop", adapters=[paths["a0"], paths["a1"]], adapterCache={"reclaimPolicy": "Delete"}),
         "keep": lsrv("keep", adapters=[paths["a1"]]),
     }
-    handles = {n: Serving(cluster, api, namespace, n, nodes, train_python, tmp_path) for n in servers}
-    try:
-        for name, obj in servers.items():
-            custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "loraservers", obj)
-            handles[name].start(1)
-        for name, want in (("drop", {"a0", "a1"}), ("keep", {"a1"})):
+    handles = {n: Serving(api, namespace, n, nodes, runner) for n in servers}
+    for name, obj in servers.items():
+        custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "loraservers", obj)
+        handles[name].start(1)
+    for name, want in (("drop", {"a0", "a1"}), ("keep", {"a1"})):
 
-            def loaded(name: str = name, want: set[str] = want) -> bool:
-                found = adapters_by_name(get(api, namespace, "loraservers", name))
-                return set(found) == want and all(s["state"] == "Loaded" for s in found.values())
+        def loaded(name: str = name, want: set[str] = want) -> bool:
+            found = adapters_by_name(get(api, namespace, "loraservers", name))
+            return set(found) == want and all(s["state"] == "Loaded" for s in found.values())
 
-            wait_for(loaded, 120, f"{name}'s adapters Loaded")
-        cache = node.storage / "adapter-cache"
-        assert {p.name for p in cache.iterdir() if not p.name.startswith(".")} == {
-            paths["a0"]["sha256"],
-            paths["a1"]["sha256"],
-        }
+        wait_for(loaded, 120, f"{name}'s adapters Loaded")
+    cache = node.storage / "adapter-cache"
 
-        for name in ("drop", "keep"):
-            custom(api).delete_namespaced_custom_object(GROUP, VERSION, namespace, "loraservers", name)
-            # The engine pods go first ("drop": its finalizer deletes them before any cleanup, or
-            # the agents would copy the files back; "keep": the garbage collector, after it), and
-            # their processes end with them (the kubelet's part).
-            wait_for(lambda name=name: not handles[name].live_pods(), 90, f"{name}'s engine pods deleted")
-            handles[name].stop()
+    def cached() -> set[str]:
+        return {p.name for p in cache.iterdir() if not p.name.startswith(".")}
 
-            def gone(name: str = name) -> bool:
-                try:
-                    get(api, namespace, "loraservers", name)
-                except kubernetes.client.ApiException as exc:
-                    return exc.status == 404
-                return False
+    assert cached() == {paths["a0"]["sha256"], paths["a1"]["sha256"]}
 
-            wait_for(gone, 90, f"LoraServer {name} deleted (its finalizer done)")
-    finally:
-        for handle in handles.values():
-            handle.stop()
+    for name in ("drop", "keep"):
+        custom(api).delete_namespaced_custom_object(GROUP, VERSION, namespace, "loraservers", name)
+        # The engine pods go first ("drop": its finalizer deletes them before any cleanup, or the
+        # agents would copy the files back; "keep": the garbage collector, after it).
+        wait_for(lambda name=name: not handles[name].live_pods(), 90, f"{name}'s engine pods deleted")
 
-    # One cleanup Job, for "drop", on the node of the model, removing a0's copy only: a1 was still
-    # served by "keep" when "drop" went.
+        def gone(name: str = name) -> bool:
+            try:
+                get(api, namespace, "loraservers", name)
+            except kubernetes.client.ApiException as exc:
+                return exc.status == 404
+            return False
+
+        # "drop"'s finalizer waits for its cleanup Job, which the runner runs on the node.
+        wait_for(gone, 120, f"LoraServer {name} deleted (its finalizer done)")
+        if name == "drop":
+            # a0's copy is gone; a1 stays: "keep" still served it when "drop" went.
+            assert cached() == {paths["a1"]["sha256"]}
+
+    # One cleanup Job, for "drop", on the node of the model, that ran to its end.
     batch = kubernetes.client.BatchV1Api(api)
     jobs = batch.list_namespaced_job(namespace, label_selector="app.kubernetes.io/component=cleanup").items
     (job,) = jobs
     assert job.metadata.labels["kimi-operator.io/loraserver"] == "drop"
+    assert job.status.succeeded == 1
     (container,) = job.spec.template.spec.containers
     assert container.args == ["remove-model", f"--root=/models/adapter-cache/{paths['a0']['sha256']}"]
     terms = job.spec.template.spec.affinity.node_affinity.required_during_scheduling_ignored_during_execution
     assert terms.node_selector_terms[0].match_expressions[0].values == [node_name]
-    # The Job's program on that node, as its pod would run it.
-    subprocess.run(
-        [sys.executable, "-m", "kimi_operator", *(node.local(a) for a in container.args)],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "PYTHONPATH": str(OPERATOR)},
-        timeout=60,
-    )
-    assert {p.name for p in cache.iterdir() if not p.name.startswith(".")} == {paths["a1"]["sha256"]}
+    assert cached() == {paths["a1"]["sha256"]}

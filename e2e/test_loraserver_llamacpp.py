@@ -1,9 +1,9 @@
 """A LoraServer with ``engine.type: llamacpp`` against the real apiserver, end to end.
 
-The operator renders the llama-server replicas from the spec; the test runs what each pod would
-run, as that pod (e2e/test_loraserver.py's harness): the adapter agent's init container, the real
-llama-server (built by ``make llamacpp``) with the engine container's own arguments on the pod's
-127.x IP, the agent beside it, and the router pod's program. Through the router, the official
+The operator renders the llama-server replicas from the spec; the local pod runner runs what each
+pod runs, as that pod (e2e/test_loraserver.py's harness): the adapter agent's init container, the
+real llama-server (built by ``make llamacpp``) with the engine container's own arguments on the
+pod's 127.x IP, the agent beside it, and the router. Through the router, the official
 ``openai`` client gets transformers + PEFT's own greedy tokens for the base model and each adapter,
 also for a base request right after an adapter's on the same slot. An adapter whose export says
 llama.cpp would drop trained modules is refused, naming them, until the user accepts the loss.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,26 @@ import kubernetes
 import openai
 import pytest
 
-from e2e.conftest import OperatorProcess
+from e2e.conftest import OperatorProcess, pod_runner
 from e2e.helpers import wait_earlier_namespaces_gone, wait_for
 from e2e.manifests import GROUP, KIMI_MODEL, VERSION
 from e2e.test_finetunejob import ftj, release_training, training_pod_status, wait_phase
 from e2e.test_kimimodel import _token_kubeconfig, condition
 from e2e.test_llamacpp import PROMPT, SERVED, llamacpp, served  # noqa: F401 (fixtures)
-from e2e.test_loraserver import Node, Serving, adapters_by_name, custom, exported_adapter, get, lsrv
-from e2e.test_router import router_pod, start_router  # noqa: F401 (a fixture)
+from e2e.test_loraserver import (
+    RESTART_AFTER,
+    Node,
+    Serving,
+    adapters_by_name,
+    custom,
+    exported_adapter,
+    get,
+    lsrv,
+    quick_images,
+)
+from e2e.test_router import start_router
 from kimi_operator.devcluster.cluster import Cluster
+from kimi_operator.devcluster.runner import PodRunner
 from kimi_operator.render import llamacpp as llamacpp_facts
 from kimi_operator.workloads.report import StatusWriter, progress
 
@@ -45,18 +57,27 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-class GgufNode(Node):
-    """A simulated node's storage holding the model's gguf variant, as a directory of this machine
-    (what the KimiModel's prepare pod would have downloaded)."""
+@pytest.fixture
+def runner(
+    cluster: Cluster,
+    api: kubernetes.client.ApiClient,
+    train_python: str,
+    llamacpp: Path,  # noqa: F811
+) -> Iterator[PodRunner]:
+    images = quick_images(train_python, llamacpp=llamacpp)
+    with pod_runner(cluster, api, images, backoff=(RESTART_AFTER, 300.0)) as handle:
+        yield handle
 
-    def __init__(self, root: Path, namespace: str, base: Path) -> None:
-        # Not Node.__init__: this node holds the gguf variant, not the INT4 checkpoint.
-        self.storage = root / STORAGE.lstrip("/")
-        self.store = root.parent / "shared-store"
+
+class GgufNode(Node):
+    """A simulated node's storage holding the model's gguf variant (what the KimiModel's prepare pod
+    would have downloaded)."""
+
+    def __init__(self, cluster: Cluster, name: str, namespace: str, base: Path) -> None:
+        super().__init__(cluster, name, namespace)
         quantization = self.storage / namespace / "kimi" / "gguf" / QUANT
         quantization.mkdir(parents=True)
         (quantization / ENTRY).symlink_to(base)
-        (self.storage / "adapter-cache").mkdir(parents=True)
 
     def put(self, relative: str, peft: Path, gguf: Path | None) -> Path:
         """An adapter directory as an export leaves it: the PEFT files, and adapter.gguf."""
@@ -118,13 +139,11 @@ def test_a_llamacpp_loraserver_serves_the_exported_gguf_adapters_through_the_rou
     namespace: str,
     operator: OperatorProcess,
     served: dict[str, Any],  # noqa: F811 (the fixture)
-    router_pod: dict[str, Any],  # noqa: F811 (the fixture)
-    train_python: str,
-    tmp_path: Path,
+    runner: PodRunner,
 ) -> None:
     work = served["work"]
     tiny = work / "tiny"
-    node = GgufNode(tmp_path / "nodes" / NODE, namespace, work / "base.gguf")
+    node = GgufNode(cluster, NODE, namespace, work / "base.gguf")
     gguf_model(api, cluster, namespace)
     # Two exports: one llama.cpp applies whole (a1's files), one it would cut short (the export
     # names the MLA projections it would drop: what render/llamacpp.py reads of such an adapter).
@@ -160,71 +179,68 @@ def test_a_llamacpp_loraserver_serves_the_exported_gguf_adapters_through_the_rou
         ],
     }
     custom(api).create_namespaced_custom_object(GROUP, VERSION, namespace, "loraservers", lsrv("serve", **spec))
-    serving = Serving(cluster, api, namespace, "serve", {NODE: node}, train_python, tmp_path)
-    try:
-        serving.start(1)
-        (engine,) = serving.pods.values()
-        # llama-server was started with the command line the operator rendered: the model's gguf
-        # entry, each served adapter's file at scale 0 (a0's, then the export's), on the pod's address.
-        assert engine.engine_command == ["llama-server"]
-        args = engine.engine_args
-        assert args[args.index("-m") + 1] == str(node.storage / namespace / "kimi" / "gguf" / QUANT / ENTRY)
-        cache = node.storage / "adapter-cache"
-        support = digest(tiny / "adapters" / "a1" / "adapter_model.safetensors")
-        a0_sha = digest(a0 / "adapter_model.safetensors")
-        assert (
-            args[args.index("--lora-scaled") + 1] == f"{cache}/{a0_sha}/adapter.gguf:0,{cache}/{support}/adapter.gguf:0"
-        )
-        assert args[args.index("--host") + 1] == engine.ip
+    serving = Serving(api, namespace, "serve", {NODE: node}, runner)
+    serving.start(1)
+    (engine,) = serving.pods.values()
+    # llama-server runs with the command line the operator rendered: the model's gguf entry, each
+    # served adapter's file at scale 0 (a0's, then the export's), on the pod's address.
+    container = engine.spec["engine"]
+    assert container.command == ["llama-server"]
+    args = container.args
+    assert args[args.index("-m") + 1] == f"/models/{namespace}/kimi/gguf/{QUANT}/{ENTRY}"
+    support = digest(tiny / "adapters" / "a1" / "adapter_model.safetensors")
+    a0_sha = digest(a0 / "adapter_model.safetensors")
+    assert args[args.index("--lora-scaled") + 1] == (
+        f"/adapter-cache/{a0_sha}/adapter.gguf:0,/adapter-cache/{support}/adapter.gguf:0"
+    )
+    assert args[args.index("--host") + 1] == "$(POD_IP)"
 
-        def settled() -> dict[str, dict[str, Any]] | None:
-            states = adapters_by_name(get(api, namespace, "loraservers", "serve"))
-            wanted = {"a0": "Loaded", "support": "Loaded", "mla": "Failed"}
-            return states if {n: s.get("state") for n, s in states.items()} == wanted else None
+    def settled() -> dict[str, dict[str, Any]] | None:
+        states = adapters_by_name(get(api, namespace, "loraservers", "serve"))
+        wanted = {"a0": "Loaded", "support": "Loaded", "mla": "Failed"}
+        return states if {n: s.get("state") for n, s in states.items()} == wanted else None
 
-        states = wait_for(settled, 120, "a0 and support Loaded, mla Failed")
-        for words in ("q_a_proj", "kv_b_proj", "cannot convert it", "acceptDroppedModules: true"):
-            assert words in states["mla"]["message"], states["mla"]
-        verdict = condition(get(api, namespace, "loraservers", "serve"), "Stalled")
-        assert verdict is not None
-        assert (verdict["status"], verdict["reason"]) == ("True", "AdapterFailed")
+    states = wait_for(settled, 120, "a0 and support Loaded, mla Failed")
+    for words in ("q_a_proj", "kv_b_proj", "cannot convert it", "acceptDroppedModules: true"):
+        assert words in states["mla"]["message"], states["mla"]
+    verdict = condition(get(api, namespace, "loraservers", "serve"), "Stalled")
+    assert verdict is not None
+    assert (verdict["status"], verdict["reason"]) == ("True", "AdapterFailed")
 
-        router = start_router(cluster, api, namespace, "serve", tmp_path / "keys", tmp_path, router_pod)
-        client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0, timeout=60)
-        wait_for(lambda: {m.id for m in client.models.list()} == {SERVED, "a0", "support"}, 30, "a0 and support listed")
-        expected = served["references"]["completion"]
+    router = start_router(api, namespace, "serve", runner)
+    client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    wait_for(lambda: {m.id for m in client.models.list()} == {SERVED, "a0", "support"}, 30, "a0 and support listed")
+    expected = served["references"]["completion"]
 
-        def complete(model: str, *, stream: bool = False) -> str:
-            if stream:
-                chunks = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, stream=True)
-                return "".join(c.choices[0].text for c in chunks if c.choices)
-            return client.completions.create(model=model, prompt=PROMPT, max_tokens=8).choices[0].text
+    def complete(model: str, *, stream: bool = False) -> str:
+        if stream:
+            chunks = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, stream=True)
+            return "".join(c.choices[0].text for c in chunks if c.choices)
+        return client.completions.create(model=model, prompt=PROMPT, max_tokens=8).choices[0].text
 
-        # The LoraServer's sampling (greedy) fills what the requests leave out.
-        for model, source in (("a0", "a0"), (f"{SERVED}:support", "a1"), ("support", "a1")):
-            assert complete(model) == expected[source]["text"], model
-            assert complete(SERVED) == expected["base"]["text"], f"base right after {model}"
-        assert expected["a1"]["text"].startswith(complete("support", stream=True))
-        # The router knows it from the spec, and says why no replica serves it.
-        with pytest.raises(openai.InternalServerError, match="acceptDroppedModules: true"):
-            complete("mla")
+    # The LoraServer's sampling (greedy) fills what the requests leave out.
+    for model, source in (("a0", "a0"), (f"{SERVED}:support", "a1"), ("support", "a1")):
+        assert complete(model) == expected[source]["text"], model
+        assert complete(SERVED) == expected["base"]["text"], f"base right after {model}"
+    assert expected["a1"]["text"].startswith(complete("support", stream=True))
+    # The router knows it from the spec, and says why no replica serves it.
+    with pytest.raises(openai.InternalServerError, match="acceptDroppedModules: true"):
+        complete("mla")
 
-        # Accepting the loss: the adapter is now planned, and waits for replicas that start with it.
-        patch = {"spec": {"adapters": [*spec["adapters"][:2], {**spec["adapters"][2], "acceptDroppedModules": True}]}}
-        custom(api).patch_namespaced_custom_object(GROUP, VERSION, namespace, "loraservers", "serve", patch)
-        waiting = wait_for(
-            lambda: (
-                (s := adapters_by_name(get(api, namespace, "loraservers", "serve")).get("mla"))
-                and s.get("state") == "Pending"
-                and s
-            ),
-            60,
-            "mla Pending",
-        )
-        assert waiting["llamacppDroppedModules"] == mla
-        assert "llama.cpp loads adapters only at start" in waiting["message"]
-        sets = kubernetes.client.AppsV1Api(api).read_namespaced_stateful_set("serve-shared", namespace)
-        lora = next(a for a in sets.spec.template.spec.containers[0].args if a.endswith(".gguf:0"))
-        assert lora.count("adapter.gguf:0") == 3
-    finally:
-        serving.stop()
+    # Accepting the loss: the adapter is now planned, and waits for replicas that start with it.
+    patch = {"spec": {"adapters": [*spec["adapters"][:2], {**spec["adapters"][2], "acceptDroppedModules": True}]}}
+    custom(api).patch_namespaced_custom_object(GROUP, VERSION, namespace, "loraservers", "serve", patch)
+    waiting = wait_for(
+        lambda: (
+            (s := adapters_by_name(get(api, namespace, "loraservers", "serve")).get("mla"))
+            and s.get("state") == "Pending"
+            and s
+        ),
+        60,
+        "mla Pending",
+    )
+    assert waiting["llamacppDroppedModules"] == mla
+    assert "llama.cpp loads adapters only at start" in waiting["message"]
+    sets = kubernetes.client.AppsV1Api(api).read_namespaced_stateful_set("serve-shared", namespace)
+    lora = next(a for a in sets.spec.template.spec.containers[0].args if a.endswith(".gguf:0"))
+    assert lora.count("adapter.gguf:0") == 3

@@ -1,21 +1,17 @@
 """The router against the real apiserver, in front of engine stand-ins, called with the official
 ``openai`` client.
 
-KWOK runs the pods' phases; the test runs what each pod would run, as that pod: the engines and
-their agents (as e2e/test_loraserver.py does), and the router with its container's own arguments,
+KWOK runs the pods' phases; the local pod runner runs what each pod runs, as that pod: the engines
+and their agents (as in e2e/test_loraserver.py), and the router with its container's own arguments,
 bound to its pod's 127.x IP, with its ServiceAccount's token (its Role is the one the operator
-rendered). The kubelet's part for the router is done here too: the key Secret's data is written
-into the directory the router reads its mounted keys from, and written again when it changes.
+rendered) and its key Secret's files, written again when the Secret changes.
 """
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import re
-import subprocess
-import sys
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -26,13 +22,13 @@ import kubernetes
 import openai
 import pytest
 
-from e2e.conftest import OperatorProcess, PrometheusProcess, stop
-from e2e.helpers import wait_for, write_token_kubeconfig
+from e2e.conftest import OperatorProcess, PrometheusProcess, pod_runner
+from e2e.helpers import wait_for
 from e2e.manifests import GROUP, VERSION
 from e2e.test_kimimodel import condition
 from e2e.test_loraserver import (
     NODES,
-    OPERATOR,
+    RESTART_AFTER,
     EnginePod,
     Node,
     Serving,
@@ -43,71 +39,81 @@ from e2e.test_loraserver import (
     lsrv,
     model_on,
     nodes,  # noqa: F401 (a fixture)
+    quick_images,
     serving,  # noqa: F401 (a fixture)
     shared_and_expert_adapters,
     tiny,  # noqa: F401 (a fixture)
 )
 from kimi_operator.devcluster.cluster import Cluster
+from kimi_operator.devcluster.podprocess import Process
+from kimi_operator.devcluster.runner import PodRunner
 
 pytestmark = pytest.mark.e2e
 
 SERVED = "kimi-k2.5"
 ADMIN, TEAM, TEAM_ROTATED = "sk-admin-7f3a", "sk-team-19c2", "sk-team-rotated-55d0"
 QUESTION = [{"role": "user", "content": "hello world"}]
+# Every generated token takes at least this long: a long stream is surely in its middle when its
+# engine dies.
+TOKEN_DELAY = 0.02
+
+
+@pytest.fixture
+def runner(cluster: Cluster, api: kubernetes.client.ApiClient, train_python: str) -> Iterator[PodRunner]:
+    images = quick_images(train_python, standin=(f"--standin-token-delay={TOKEN_DELAY}",))
+    with pod_runner(cluster, api, images, backoff=(RESTART_AFTER, 300.0)) as handle:
+        yield handle
 
 
 class RouterPod:
-    """What the router pod runs, run here as that pod."""
+    """The router pod as the runner runs it."""
 
-    def __init__(self, pod: Any, kubeconfig: Path, keys: Path, log: Path) -> None:
-        self.name, self.ip = pod.metadata.name, pod.status.pod_ip
+    def __init__(self, pod: Any, runner: PodRunner) -> None:
+        self.name, self.ip, self.uid, self.runner = pod.metadata.name, pod.status.pod_ip, pod.metadata.uid, runner
         (container,) = pod.spec.containers
-        args = [a.replace("$(POD_IP)", self.ip) for a in container.args]
-        self.args = [f"--keys-dir={keys}" if a.startswith("--keys-dir=") else a for a in args]
         self.port = next(p.container_port for p in container.ports if p.name == "http")
         self.metrics_port = next(p.container_port for p in container.ports if p.name == "metrics")
-        self.kubeconfig, self.log = kubeconfig, log
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.ip}:{self.port}"
 
-    def start(self) -> None:
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONPATH": str(OPERATOR)}
-        with self.log.open("ab") as log:
-            # A shorter period than the default: the test waits on what the router learns.
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kimi_operator", *self.args, "--period", "0.5"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        wait_for(
-            lambda: self.proc is not None and (self.proc.poll() is not None or http(f"{self.url}/ready")[0] == 200),
-            60,
-            "the router ready",
-        )
-        assert self.proc.poll() is None, self.log.read_text()[-3000:]
+    def process(self) -> Process:
+        process = self.runner.process(self.uid, "router")
+        assert process is not None, f"{self.name}: no router process"
+        return process
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc)
-            self.proc = None
+    def ready(self) -> bool:
+        return http(f"{self.url}/ready")[0] == 200
+
+    def restart(self) -> None:
+        """The router stopped (SIGTERM, as on a rollout) and started again by the runner."""
+        stopped = time.monotonic()
+        self.process().signal(signal.SIGTERM)
+        wait_for(
+            lambda: self.process().started_at > stopped and self.ready(), RESTART_AFTER + 60, "the router restarted"
+        )
 
     def client(self, key: str) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
 
 
-def project_keys(api: kubernetes.client.ApiClient, namespace: str, secret: str, root: Path) -> None:
-    """The kubelet's part: the Secret's data as files of its mount, each replaced whole."""
-    data = kubernetes.client.CoreV1Api(api).read_namespaced_secret(secret, namespace).data or {}
-    target = root / secret
-    target.mkdir(parents=True, exist_ok=True)
-    for key, value in data.items():
-        partial = target / f".{key}.partial"
-        partial.write_bytes(base64.b64decode(value))
-        partial.rename(target / key)
+def start_router(api: kubernetes.client.ApiClient, namespace: str, name: str, runner: PodRunner) -> RouterPod:
+    """The LoraServer's router pod, once the runner has it answering /ready."""
+    core = kubernetes.client.CoreV1Api(api)
+    selector = f"kimi-operator.io/loraserver={name},app.kubernetes.io/component=router"
+    (pod,) = wait_for(
+        lambda: (
+            (found := [p for p in core.list_namespaced_pod(namespace, label_selector=selector).items])
+            and all(p.status.phase == "Running" and p.status.pod_ip for p in found)
+            and found
+        ),
+        60,
+        "the router pod running",
+    )
+    router = RouterPod(pod, runner)
+    wait_for(router.ready, 60, "the router ready")
+    return router
 
 
 def engine_requests(url: str) -> float:
@@ -138,54 +144,8 @@ def answer(client: openai.OpenAI, model: str, *, stream: bool = False) -> str:
     return "".join(parts)
 
 
-@pytest.fixture
-def router_pod(
-    cluster: Cluster, api: kubernetes.client.ApiClient, namespace: str, tmp_path: Path
-) -> Iterator[dict[str, Any]]:
-    """Starts nothing itself: holds the router processes a test starts, and stops them after it."""
-    holder: dict[str, Any] = {"pods": []}
-    try:
-        yield holder
-    finally:
-        for pod in holder["pods"]:
-            pod.stop()
-
-
-def start_router(
-    cluster: Cluster,
-    api: kubernetes.client.ApiClient,
-    namespace: str,
-    name: str,
-    keys: Path,
-    tmp: Path,
-    holder: dict[str, Any],
-) -> RouterPod:
-    core = kubernetes.client.CoreV1Api(api)
-    selector = f"kimi-operator.io/loraserver={name},app.kubernetes.io/component=router"
-    (pod,) = wait_for(
-        lambda: (
-            (found := [p for p in core.list_namespaced_pod(namespace, label_selector=selector).items])
-            and all(p.status.phase == "Running" and p.status.pod_ip for p in found)
-            and found
-        ),
-        60,
-        "the router pod running",
-    )
-    token = core.create_namespaced_service_account_token(
-        f"{name}-router", namespace, {"spec": {"expirationSeconds": 3600}}
-    ).status.token
-    kubeconfig = write_token_kubeconfig(
-        tmp / f"{name}-router.kubeconfig", cluster.server(), cluster.layout.pki / "ca.crt", token
-    )
-    router = RouterPod(pod, kubeconfig, keys, cluster.layout.logs / f"{pod.metadata.name}.router.log")
-    holder["pods"].append(router)
-    router.start()
-    return router
-
-
 @pytest.mark.timeout(900)
 def test_the_openai_client_reaches_each_adapter_where_an_engine_holds_it(
-    cluster: Cluster,
     api: kubernetes.client.ApiClient,
     namespace: str,
     operator: OperatorProcess,
@@ -193,8 +153,7 @@ def test_the_openai_client_reaches_each_adapter_where_an_engine_holds_it(
     tiny: Path,  # noqa: F811
     nodes: dict[str, Node],  # noqa: F811
     serving: Serving,  # noqa: F811
-    router_pod: dict[str, Any],
-    tmp_path: Path,
+    runner: PodRunner,
 ) -> None:
     model_on(api, namespace, NODES)
     core = kubernetes.client.CoreV1Api(api)
@@ -240,9 +199,7 @@ def test_the_openai_client_reaches_each_adapter_where_an_engine_holds_it(
     (dedicated,) = holders["legal"]
     shared = sorted(n for n in serving.pods if n != dedicated)
 
-    keys_dir = tmp_path / "router-keys"
-    project_keys(api, namespace, "api-keys", keys_dir)
-    router = start_router(cluster, api, namespace, "serve", keys_dir, tmp_path, router_pod)
+    router = start_router(api, namespace, "serve", runner)
     prometheus.add_target("serve-router", f"{router.ip}:{router.metrics_port}", {"namespace": namespace})
     admin = router.client(ADMIN)
 
@@ -294,8 +251,8 @@ def test_the_openai_client_reaches_each_adapter_where_an_engine_holds_it(
         team.chat.completions.create(model="a1", messages=QUESTION)  # type: ignore[arg-type]
     assert answer(team, "a0") == expected["a0"]
     assert {m.id for m in team.models.list()} == {SERVED, "a0"}
+    # The runner writes the Secret's new data into the router's mounted files, as a kubelet does.
     core.patch_namespaced_secret("api-keys", namespace, {"stringData": {"team": TEAM_ROTATED}})
-    project_keys(api, namespace, "api-keys", keys_dir)
 
     def rotated() -> bool:
         try:
@@ -304,7 +261,7 @@ def test_the_openai_client_reaches_each_adapter_where_an_engine_holds_it(
             return False
         return True
 
-    wait_for(rotated, 10, "the rotated key accepted")
+    wait_for(rotated, 60, "the rotated key accepted")
     with pytest.raises(openai.AuthenticationError):
         team.models.list()
 
@@ -356,8 +313,7 @@ def test_the_openai_client_reaches_each_adapter_where_an_engine_holds_it(
     assert not any(k in keys_seen for k in (ADMIN, TEAM, TEAM_ROTATED))
 
     # A router restart rebuilds everything from the engines and the API.
-    router.stop()
-    router.start()
+    router.restart()
     assert answer(admin, "a1") == expected["a1"]
 
     # An engine dies under load: requests that start after it died all succeed elsewhere; then
@@ -387,8 +343,7 @@ def requests_survive_an_engine_killed_under_load(admin: openai.OpenAI, victim: E
         w.start()
     try:
         wait_for(lambda: len(results) >= 6, 60, "load running")
-        victim.stop_engine()
-        killed = time.monotonic()
+        killed = victim.crash()
         wait_for(lambda: sum(1 for b, _, _ in results if b > killed) >= 20, 60, "requests after the kill")
     finally:
         done.set()
@@ -399,10 +354,10 @@ def requests_survive_an_engine_killed_under_load(admin: openai.OpenAI, victim: E
 
 
 def a_stream_cut_by_its_engine_ends_in_an_error(admin: openai.OpenAI, victim: EnginePod, adapter: str) -> None:
-    # Slow tokens, so the stream is surely in its middle when the engine dies.
-    victim.engine_args = [*victim.engine_args, "--standin-token-delay", "0.2"]
-    victim.start_engine()
-    wait_for(lambda: adapter in {m.id for m in admin.models.list()}, 30, f"{adapter} back on {victim.name}")
+    # The runner starts the engine again after its back-off, and the agent loads the adapter.
+    wait_for(
+        lambda: adapter in {m.id for m in admin.models.list()}, RESTART_AFTER + 60, f"{adapter} back on {victim.name}"
+    )
     stream = admin.chat.completions.create(
         model=adapter,
         messages=QUESTION,  # type: ignore[arg-type]
@@ -425,8 +380,7 @@ def a_stream_cut_by_its_engine_ends_in_an_error(admin: openai.OpenAI, victim: En
     reader = threading.Thread(target=consume)
     reader.start()
     wait_for(lambda: outcome, 30, "the first event of the stream")
-    assert victim.engine is not None
-    victim.engine.kill()
+    victim.crash()
     reader.join(timeout=30)
     assert not reader.is_alive(), "the stream hangs after its engine died"
     assert outcome[-1].startswith("error:"), outcome

@@ -82,11 +82,15 @@ MODEL = {
 }
 
 
+POD_METADATA = {"labels": {"team": "ml"}, "annotations": {"sidecar.istio.io/inject": "false"}}
+
+
 def deleting(*, reclaim: str = "Delete", adapters: Sequence[str] = (A, B)) -> tuple[dict[str, Any], LoraServerSpec]:
     spec = {
         "model": {"name": "kimi"},
         "adapters": [{"name": f"a{i}", "path": f"/mnt/nvme/a{i}", "sha256": d} for i, d in enumerate(adapters)],
         "adapterCache": {"reclaimPolicy": reclaim},
+        "podMetadata": POD_METADATA,
     }
     body = {"metadata": {"name": "serve", "namespace": "ml", "uid": "u1"}, "spec": spec, "status": {}}
     return body, LoraServerSpec.model_validate(spec)
@@ -121,6 +125,10 @@ def test_the_engines_end_before_their_cache_is_cleaned_and_a_failed_cleanup_does
         f"--root=/models/adapter-cache/{A}",
     ]
     assert job["spec"]["activeDeadlineSeconds"] > 0
+    # The LoraServer's pod metadata (a mesh's sidecar opt-out, a team label) reaches its cleanup pod.
+    metadata = job["spec"]["template"]["metadata"]
+    assert metadata["labels"]["team"] == "ml"
+    assert metadata["annotations"] == POD_METADATA["annotations"]
     # A cleanup that failed (node gone, deadline passed) lets the object go.
     failing = FakeKube({**kube.objects}, job_outcome="Failed")
     assert finalize(failing, SETTINGS, body, spec) == []  # type: ignore[arg-type]

@@ -740,6 +740,66 @@ def test_subpath_directories_and_file_or_create_are_planned() -> None:
     assert plan.pod_dir == CLUSTER / "pods" / "u-1"
 
 
+def _keys_pod(**mount: Any) -> dict[str, Any]:
+    """A router-like container: two Secret volumes under /keys, which it is told as --keys-dir."""
+    return pod(
+        containers=[
+            container(
+                command=["python", "--keys-dir=/keys", "/keys/key/api-key", "/keysX"],
+                volumeMounts=[
+                    {"name": "key", "mountPath": "/keys/key", **mount},
+                    {"name": "hub", "mountPath": "/keys/hub"},
+                ],
+            )
+        ],
+        volumes=[{"name": "key", "secret": {"secretName": "key"}}, {"name": "hub", "secret": {"secretName": "hub"}}],
+    )
+
+
+def test_a_directory_holding_mounts_is_a_directory_of_links() -> None:
+    assert podplan.mount_parents(["/keys/a", "/keys/b/", "/models", "/var/run/sa", "/var/run/sa/x"]) == [
+        "/keys",
+        "/var",
+        "/var/run",
+    ]
+    plan = podplan.plan(_keys_pod(), CONFIG, REFS)
+    (c,) = plan.containers
+    rootfs = CLUSTER / "pods" / "u-1" / "rootfs" / "c"
+    volumes = CLUSTER / "pods" / "u-1" / "volumes"
+    # Exactly the directory: its local copy; a mount inside it: the mount; a longer name: untouched.
+    assert c.argv[1:] == (f"--keys-dir={rootfs}/keys", f"{volumes}/key/api-key", "/keysX")
+    assert (rootfs / "keys" / "key", volumes / "key") in plan.links
+    assert (rootfs / "keys" / "hub", volumes / "hub") in plan.links
+
+
+def test_materialized_links_show_the_mounts(tmp_path: Path) -> None:
+    config = dataclasses.replace(CONFIG, cluster_dir=tmp_path)
+    plan = podplan.plan(_keys_pod(), config, REFS)
+    runner.materialize(plan)
+    runner.materialize(plan)  # again (a restart): the links stay
+    keys = tmp_path / "pods" / "u-1" / "rootfs" / "c" / "keys"
+    assert (keys / "key" / "api-key").read_bytes() == b"k1"
+    assert sorted(p.name for p in keys.iterdir()) == ["hub", "key"]
+
+
+def test_changed_secrets_rewrite_their_volume_files_but_not_subpath_mounts() -> None:
+    old = podplan.plan(_keys_pod(), CONFIG, REFS)
+    rotated = dataclasses.replace(REFS, secrets={**REFS.secrets, "key": {"api-key": b"k2", "other": b"o"}})
+    volumes = CLUSTER / "pods" / "u-1" / "volumes"
+    assert podplan.refreshed(old, podplan.plan(_keys_pod(), CONFIG, REFS)) == []
+    assert podplan.refreshed(old, podplan.plan(_keys_pod(), CONFIG, rotated)) == [
+        podplan.File(volumes / "key" / "api-key", b"k2")
+    ]
+    # A key added to a Secret appears; a container that mounts one file by subPath keeps its start.
+    added = dataclasses.replace(REFS, secrets={**REFS.secrets, "hub": {"token": b"hf_secret", "new": b"n"}})
+    assert [f.path.name for f in podplan.refreshed(old, podplan.plan(_keys_pod(), CONFIG, added))] == ["new"]
+    by_subpath = _keys_pod(subPath="api-key")
+    assert podplan.refreshed(podplan.plan(by_subpath, CONFIG, REFS), podplan.plan(by_subpath, CONFIG, rotated)) == []
+    assert podplan.updatable(_keys_pod())
+    assert podplan.updatable(pod())  # the ServiceAccount volume's kube-root-ca.crt
+    assert not podplan.updatable(pod(volumes=[{"name": "models", "hostPath": {"path": "/mnt/nvme/kimi"}}]))
+
+
 # -- the runner, with real short-lived processes and a fake API --------------------------------------
 
 LOCAL = Image(programs={("python",): (sys.executable,)})
@@ -966,6 +1026,28 @@ def test_other_errors_building_the_plan_are_reported(tmp_path: Path, make_runner
     annotations = core.reports[0][0]["metadata"]["annotations"]
     assert annotations[podprotocol.REASON_ANNOTATION] == "StartError"
     assert "not JSON" in annotations[podprotocol.MESSAGE_ANNOTATION]
+
+
+def test_a_rotated_secret_reaches_the_running_pods_volume(tmp_path: Path, make_runner: Any) -> None:
+    core = FakeCore({"key": {"api-key": b"k1"}})
+    handle = make_runner(core)
+    handle.refresh = 0.1
+    seen = tmp_path / "seen"
+    # Waits until the mounted file says k2, then exits 0 (the pod completes).
+    watch = (
+        "import sys, time\nfrom pathlib import Path\n"
+        "while Path(sys.argv[1]).read_text() != 'k2': time.sleep(0.05)\n"
+        "Path(sys.argv[2]).write_text('rotated')"
+    )
+    mounts = [{"name": "key", "mountPath": "/keys/key"}]
+    c = py("c", watch, "/keys/key/api-key", str(seen), volumeMounts=mounts)
+    handle.handle("ADDED", local_pod([c], volumes=[{"name": "key", "secret": {"secretName": "key"}}]))
+    wait_until((tmp_path / "pods" / "u-9" / "volumes" / "key" / "api-key").exists, 10, "the volume written")
+    assert not core.reported.is_set()
+    core.secrets["key"] = {"api-key": b"k2"}
+    assert core.reported.wait(30)
+    assert core.reports[0][0] == podprotocol.outcome_patch("u-9", 0, "Completed", "")
+    assert seen.read_text() == "rotated"
 
 
 SIDECAR = """

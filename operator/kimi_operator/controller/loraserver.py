@@ -460,7 +460,14 @@ def finalize(kube: Kube, settings: Settings, body: Mapping[str, Any], spec: Lora
     roots = [f"{MOUNT}/{render.CACHE_DIR}/{d}" for d in digests]
     waiting = []
     for node in holding:
-        job = cleanup.cleanup_job(owner, node=str(node), storage_path=storage, root=roots, image=settings.engine_image)
+        job = cleanup.cleanup_job(
+            owner,
+            node=str(node),
+            storage_path=storage,
+            root=roots,
+            image=settings.engine_image,
+            pod_metadata=spec.pod_metadata,
+        )
         waiting += cleanup_waiting(job, kube.create(job))
     return waiting
 

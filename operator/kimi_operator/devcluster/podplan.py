@@ -19,7 +19,11 @@ Kubernetes rules followed (kubelet ``kuberuntime`` / ``envvars``, ``third_party/
   emptyDir, configMap, secret, downwardAPI and projected -> a directory of the pod. A process cannot
   mount, so each mount path (and the termination-message path) is rewritten to its local path in
   args, env values and the working directory, at the start of a value, after ``=`` or after ``,``.
-  A missing subPath directory is created, and a hostPath ``FileOrCreate`` file.
+  A missing subPath directory is created, and a hostPath ``FileOrCreate`` file. A directory that
+  holds mounts without being one (``/keys`` above ``/keys/<secret>``) becomes a directory of the
+  container with a link for each mount in it; a value naming exactly that directory is rewritten.
+- volume updates: the files of configMap, secret and projected volumes are written again when their
+  source changes (``refreshed``), as a kubelet does, except where a container mounts them by subPath.
 - binding: an argument or env value that would bind every interface (``0.0.0.0``, ``::``, alone or
   as a ``--host=`` value) is refused: all test traffic stays on 127.0.0.0/8.
 - file modes: a volume's files take the item's mode, else the volume's ``defaultMode``, else 0644
@@ -121,6 +125,7 @@ class Plan:
     files: tuple[File, ...]
     subpaths: tuple[Path, ...]  # directories made after the files, unless the path exists
     touch: tuple[Path, ...]  # files made empty unless they exist (hostPath FileOrCreate)
+    links: tuple[tuple[Path, Path], ...]  # (link, target): mounts inside a directory that holds them
     init_containers: tuple[ContainerPlan, ...]
     containers: tuple[ContainerPlan, ...]
 
@@ -170,6 +175,28 @@ def needs(pod: Mapping[str, Any]) -> Needs:
             elif kind == "serviceAccountToken":
                 audiences.add(source.get("audience") or "")
     return Needs(frozenset(secrets - {""}), frozenset(config_maps - {""}), frozenset(audiences))
+
+
+def updatable(pod: Mapping[str, Any]) -> bool:
+    """Whether a volume of the pod has files from a Secret or ConfigMap (which a kubelet updates)."""
+    volumes = (pod.get("spec") or {}).get("volumes") or []
+    return any(kind in ("secret", "configMap") for v in volumes for kind, _ in _volume_sources(v))
+
+
+def refreshed(old: Plan, new: Plan) -> list[File]:
+    """The volume files of ``new`` that differ from ``old``'s (a Secret or ConfigMap changed), as
+    a kubelet writes them again; not those a container mounts by subPath, which keep their start."""
+
+    def under(path: Path, roots: Iterable[Path]) -> bool:
+        return any(path == r or r in path.parents for r in roots)
+
+    volumes = new.pod_dir / "volumes"
+    before = {f.path: f for f in old.files}
+    return [
+        f
+        for f in new.files
+        if volumes in f.path.parents and not under(f.path, new.subpaths) and before.get(f.path) != f
+    ]
 
 
 # -- volumes ---------------------------------------------------------------------------------------
@@ -297,6 +324,27 @@ def localize(text: str, mounts: Mapping[str, Path]) -> str:
     return pattern.sub(lambda m: m[1] + table[m[2]], text)
 
 
+def mount_parents(mount_paths: Iterable[str]) -> list[str]:
+    """The directories above mount paths that are neither a mount nor inside one (``/keys`` for
+    ``/keys/a`` and ``/keys/b``), the root excluded."""
+    paths = {p.rstrip("/") for p in mount_paths if p.rstrip("/")}
+    parents = set()
+    for path in paths:
+        for parent in PurePosixPath(path).parents:
+            text = str(parent)
+            if text != "/" and not any(text == m or text.startswith(f"{m}/") for m in paths):
+                parents.add(text)
+    return sorted(parents)
+
+
+def localize_parent(text: str, parents: Mapping[str, Path]) -> str:
+    """``text`` rewritten when it names exactly one of ``parents`` (alone or after '='), whose
+    contents, other than its mounts, are the image's and so not here."""
+    head, sep, value = text.rpartition("=")
+    local = parents.get(value.rstrip("/") if value != "/" else value)
+    return f"{head}{sep}{local}" if local is not None else text
+
+
 def repository(image: str) -> str:
     """``ghcr.io/x/trainer:0.1.0`` or ``...@sha256:...`` -> ``ghcr.io/x/trainer``."""
     name = image.split("@", 1)[0]
@@ -351,8 +399,9 @@ def _container(
     *,
     kubeconfig: Path | None,
     sidecar: bool = False,
-) -> tuple[ContainerPlan, list[Path]]:
-    """The container's plan and the subPath directories its mounts need."""
+) -> tuple[ContainerPlan, list[Path], list[tuple[Path, Path]]]:
+    """The container's plan, the subPath directories its mounts need and the links of the
+    directories that hold mounts."""
     meta = pod["metadata"]
     name = container["name"]
     what = f"container {name}"
@@ -374,9 +423,17 @@ def _container(
         if sub:
             subpaths.append(mounts[mount["mountPath"]])
     mounts[container.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH] = termination
+    rootfs = pod_dir / "rootfs" / name
+    parents = {p: rootfs / p.lstrip("/") for p in mount_parents(mounts)}
+    links = [
+        (rootfs / m.strip("/"), target) for m, target in mounts.items() if any(m.startswith(f"{p}/") for p in parents)
+    ]
+
+    def local(text: str) -> str:
+        return localize_parent(localize(text, mounts), parents)
 
     env = {**config.base_env, **image.env, "HOSTNAME": (pod["spec"].get("hostname") or meta["name"])}
-    env.update({k: localize(v, mounts) for k, v in own.items()})
+    env.update({k: local(v) for k, v in own.items()})
     if kubeconfig is not None and SERVICE_ACCOUNT_DIR in mounts:
         env["KUBECONFIG"] = str(kubeconfig)
 
@@ -385,11 +442,11 @@ def _container(
     # command replaces ENTRYPOINT (and drops CMD); args alone replace CMD.
     argv = [*command, *args] if command else [*image.entrypoint, *(args if container.get("args") else image.cmd)]
     program, rest = local_program(image, argv, what)
-    local_argv = (*program, *(localize(a, mounts) for a in rest))
+    local_argv = (*program, *(local(a) for a in rest))
 
     cwd = pod_dir
     if container.get("workingDir"):
-        wanted = localize(container["workingDir"], mounts)
+        wanted = local(container["workingDir"])
         if wanted != container["workingDir"]:
             cwd = Path(wanted)
     refuse_wildcards(what, [*local_argv[len(program) :], *env.values()])
@@ -403,7 +460,7 @@ def _container(
         fallback_to_logs=container.get("terminationMessagePolicy") == "FallbackToLogsOnError",
         sidecar=sidecar,
     )
-    return plan, subpaths
+    return plan, subpaths, links
 
 
 def refuse_wildcards(what: str, values: Iterable[str]) -> None:
@@ -439,15 +496,20 @@ def plan(pod: Mapping[str, Any], config: RunnerConfig, refs: References) -> Plan
     init: list[ContainerPlan] = []
     main: list[ContainerPlan] = []
     subpaths: list[Path] = []
+    links: list[tuple[Path, Path]] = []
     for container in spec.get("initContainers") or []:
         sidecar = container.get("restartPolicy") == "Always"
-        planned, needed = _container(pod, container, config, refs, volumes, kubeconfig=kubeconfig, sidecar=sidecar)
+        planned, needed, linked = _container(
+            pod, container, config, refs, volumes, kubeconfig=kubeconfig, sidecar=sidecar
+        )
         init.append(planned)
         subpaths.extend(needed)
+        links.extend(linked)
     for container in spec["containers"]:
-        planned, needed = _container(pod, container, config, refs, volumes, kubeconfig=kubeconfig)
+        planned, needed, linked = _container(pod, container, config, refs, volumes, kubeconfig=kubeconfig)
         main.append(planned)
         subpaths.extend(needed)
+        links.extend(linked)
     files.extend(File(c.termination_file, b"") for c in (*init, *main))
     return Plan(
         namespace=meta["namespace"],
@@ -461,6 +523,7 @@ def plan(pod: Mapping[str, Any], config: RunnerConfig, refs: References) -> Plan
         files=tuple(files),
         subpaths=tuple(dict.fromkeys(subpaths)),
         touch=volumes.touch,
+        links=tuple(links),
         init_containers=tuple(init),
         containers=tuple(main),
     )

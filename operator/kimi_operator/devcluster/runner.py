@@ -15,7 +15,8 @@ the pod's status (``podprotocol``):
 
 Pods with restartPolicy Always or OnFailure get their containers restarted, and sidecars always
 are, with the kubelet's back-off: 10 s, doubling to 300 s, forgotten once a container has run for
-10 minutes. A deleted pod's processes get SIGTERM, then SIGKILL after its grace period.
+10 minutes. A deleted pod's processes get SIGTERM, then SIGKILL after its grace period. The files
+of Secret and ConfigMap volumes are written again when their source changes (checked every 5 s).
 
     python -m kimi_operator.devcluster.runner --dir .cluster [--images images.yaml]
 """
@@ -58,6 +59,7 @@ TOKEN_SECONDS = 3607  # what the ServiceAccount admission plugin asks for (the a
 POLL = 0.1
 BACKOFF = (10.0, 300.0)  # the kubelet's: a restart's first delay, doubling up to the second
 WATCH_SECONDS = 5
+REFRESH = 5.0  # seconds between reads of the Secrets and ConfigMaps a running pod's volumes show
 
 
 # LLaMA-Factory's arguments that make a training pod's run fit this machine (no GPU, no kt-kernel).
@@ -179,6 +181,9 @@ class PodWorker(threading.Thread):
         self.kill_at = math.inf  # time.monotonic() of the SIGKILL, once stopping
         self.running: list[Process] = []  # every process started, until all are stopped
         self.sidecars: list[_Container] = []
+        self.plan: Plan | None = None
+        self.refs: References | None = None
+        self.refreshed_at = 0.0
         self._lock = threading.Lock()
         self._finished = False
         self._gone = False
@@ -196,6 +201,11 @@ class PodWorker(threading.Thread):
             kill_at, running = self.kill_at, list(self.running)
         for process in running:
             process.hurry(kill_at)
+
+    def process(self, container: str) -> Process | None:
+        with self._lock:
+            found = [p for p in self.running if p.container.name == container]
+        return found[-1] if found else None
 
     def forget(self) -> None:
         """The pod is gone from the API: its directory goes once its processes have ended."""
@@ -253,7 +263,10 @@ class PodWorker(threading.Thread):
         while True:
             self._check()
             try:
-                return podplan.plan(self.pod, self.runner.config, self.runner.references(self.pod, needs))
+                self.refs = self.runner.references(self.pod, needs)
+                self.plan = podplan.plan(self.pod, self.runner.config, self.refs)
+                self.refreshed_at = time.monotonic()
+                return self.plan
             except MissingReference as exc:
                 log.info("%s: waiting: %s", self.key, exc)
             except TRANSIENT as exc:
@@ -324,7 +337,26 @@ class PodWorker(threading.Thread):
             results = [c.result for c in containers]
             if all(r is not None for r in results):
                 return [r for r in results if r is not None]
+            if now - self.refreshed_at >= self.runner.refresh:
+                self._refresh()
             self.stopping.wait(POLL)
+
+    def _refresh(self) -> None:
+        """Write again the volume files whose Secret or ConfigMap changed (the tokens are kept)."""
+        self.refreshed_at = time.monotonic()
+        if self.plan is None or self.refs is None or not podplan.updatable(self.pod):
+            return
+        needs = dataclasses.replace(podplan.needs(self.pod), audiences=frozenset())
+        try:
+            refs = dataclasses.replace(self.runner.references(self.pod, needs), tokens=self.refs.tokens)
+            plan = podplan.plan(self.pod, self.runner.config, refs)
+        except (PlanError, *TRANSIENT) as exc:  # a Secret deleted meanwhile: the files stay as they are
+            log.debug("%s: volumes not refreshed: %s", self.key, exc)
+            return
+        for file in podplan.refreshed(self.plan, plan):
+            log.info("%s: %s changed", self.key, file.path.name)
+            _write(file.path, file.data, file.mode)
+        self.plan = plan
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
@@ -356,6 +388,10 @@ def materialize(plan: Plan) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    for link, target in plan.links:
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(target)
 
 
 # -- the runner ----------------------------------------------------------------------------------
@@ -365,11 +401,17 @@ class PodRunner:
     """Watches every pod; runs the ones ``podprotocol.skip_reason`` lets through."""
 
     def __init__(
-        self, config: RunnerConfig, core: kubernetes.client.CoreV1Api, *, backoff: tuple[float, float] = BACKOFF
+        self,
+        config: RunnerConfig,
+        core: kubernetes.client.CoreV1Api,
+        *,
+        backoff: tuple[float, float] = BACKOFF,
+        refresh: float = REFRESH,
     ) -> None:
         self.config = config
         self.core = core
         self.backoff = backoff  # a restart's first delay and the most it doubles to
+        self.refresh = refresh  # seconds between checks of a running pod's Secret and ConfigMap volumes
         self.workers: dict[str, PodWorker] = {}  # by pod uid, kept until the pod is gone
         self.nodes: set[str] = set()
         self._live: set[PodWorker] = set()  # workers whose thread has not ended, forgotten or not
@@ -485,6 +527,11 @@ class PodRunner:
             self._live.add(worker)
         worker.start()
 
+    def process(self, uid: str, container: str) -> Process | None:
+        """The running process of a pod's container (to crash it, as a test does to an engine)."""
+        worker = self.workers.get(uid)
+        return None if worker is None else worker.process(container)
+
     def retire(self, worker: PodWorker) -> None:
         """A worker's thread is ending."""
         with self._live_lock:
@@ -566,11 +613,16 @@ def config_for(root: Path, images: Mapping[str, Image]) -> RunnerConfig:
 
 
 @contextlib.contextmanager
-def running(config: RunnerConfig, core: kubernetes.client.CoreV1Api, grace: float = 10.0) -> Iterator[PodRunner]:
+def running(
+    config: RunnerConfig,
+    core: kubernetes.client.CoreV1Api,
+    grace: float = 10.0,
+    backoff: tuple[float, float] = BACKOFF,
+) -> Iterator[PodRunner]:
     """A runner started for ``config``'s cluster (the processes a killed runner left stopped first),
     stopped on the way out with its pods' processes (SIGKILL ``grace`` seconds after SIGTERM)."""
     stop_leftovers(config.cluster_dir)
-    runner = PodRunner(config, core)
+    runner = PodRunner(config, core, backoff=backoff)
     runner.start()
     try:
         yield runner
