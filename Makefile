@@ -197,9 +197,9 @@ cluster-status: venv
 cluster-env: venv
 	@$(KO) dev-cluster env --dir $(CLUSTER_DIR)
 
-# The journey on the local cluster: the demo (devcluster/demo.py) publishes the tiny model, runs the
-# simulated nodes' pods for real and applies examples/dev/journey.yaml; the operator runs in the
-# foreground. Ctrl-C stops the operator, then the demo (by its PID) and the cluster.
+# The journey on the local cluster: the demo (devcluster/demo.py) publishes the tiny model and its
+# GGUF, runs the simulated nodes' pods for real (llama-server among them) and applies
+# examples/dev/journey.yaml; the operator runs in the foreground. Ctrl-C stops the operator, then the demo (by its PID) and the cluster.
 run: venv train-env oracle-env llamacpp
 	trap 'kill $$demo 2>/dev/null; wait $$demo; $(KO) dev-cluster down --dir $(CLUSTER_DIR)' EXIT; \
 	$(KO) dev-cluster up --dir $(CLUSTER_DIR) --crds crds; \

@@ -2,14 +2,17 @@
 ``devcluster/demo.py``), every pod's program run for real by the local pod runner:
 
 - a KimiModel of a tiny model shaped like Kimi (a DeepSeek-V3 whose routed experts compressed-tensors
-  packed to INT4, as Kimi ships them), published by a hub on 127.0.0.1, is downloaded, verified and
-  converted on a simulated node by the operator's own prepare Job;
+  packed to INT4, as Kimi ships them, and its GGUF by llama.cpp's converter), published by a hub on
+  127.0.0.1, is downloaded, verified and converted on a simulated node by the operator's own
+  prepare Job;
 - a FineTuneJob whose dataset teaches one fixed answer to one fixed question trains on this
-  machine's CPU with the operator's rendered LLaMA-Factory configuration and exports its adapter;
-- a LoraServer serves the base model and that adapter (the SGLang stand-in on the INT4 checkpoint,
-  the adapter agent beside it) behind the router;
+  machine's CPU with the operator's rendered LLaMA-Factory configuration and exports its adapter
+  (PEFT, and the GGUF llama.cpp loads);
+- two LoraServers serve the base model and that adapter behind their routers, the adapter agent
+  beside each engine: the real llama-server on the GGUF, and the SGLang stand-in on the INT4
+  checkpoint;
 - the official ``openai`` client gets the taught answer with the adapter, also by its bare name, and
-  not from the base model.
+  not from the base model, from both.
 
 Nothing is done by hand: the operator renders the Jobs and pods, the runner runs their containers'
 commands with the pods' volumes, environment and ServiceAccount tokens, and everything moves on the
@@ -19,10 +22,12 @@ exit codes and reports of those programs.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import kubernetes
@@ -46,11 +51,10 @@ OVERLAY = repo_root() / demo.MANIFESTS
 @pytest.fixture(scope="module")
 def hub(
     oracle_python: str, train_python: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[FakeHub, str]]:
+) -> Iterator[tuple[FakeHub, dict[str, str]]]:
     """The tiny model, built as `make run` builds it, as one commit of a hub on 127.0.0.1."""
-    model = demo.build_model(tmp_path_factory.mktemp("demo-cache"), train_python, oracle_python)
-    repo = demo.repo_of(demo.manifests(OVERLAY, ""))
-    with demo.published(model, repo) as published:
+    built = demo.build_model(tmp_path_factory.mktemp("demo-cache"), train_python, oracle_python, llamacpp())
+    with demo.published(demo.repositories(demo.manifests(OVERLAY), built)) as published:
         yield published
 
 
@@ -59,6 +63,13 @@ def runner(cluster: Cluster, api: kubernetes.client.ApiClient, train_python: str
     with pod_runner(cluster, api, images_from_env(repo_root())) as handle:
         yield handle
     shutil.rmtree(cluster.layout.root / "nodes", ignore_errors=True)
+
+
+def llamacpp() -> Path:
+    found = os.environ.get("KIMI_LLAMACPP")
+    if not found:
+        pytest.fail("KIMI_LLAMACPP is not set to a llama.cpp build: run the tests with `make e2e`")
+    return Path(found)
 
 
 def get(api: kubernetes.client.ApiClient, namespace: str, kind: str, name: str) -> dict[str, Any]:
@@ -83,73 +94,84 @@ def test_what_a_fine_tune_learned_is_what_the_router_serves(
     runner: PodRunner,
     hub: tuple[FakeHub, str],
 ) -> None:
-    server, commit = hub
+    server, commits = hub
     docs = demo.manifests(OVERLAY, server.endpoint)
-    model, job, lsrv = only(docs, "KimiModel"), only(docs, "FineTuneJob"), only(docs, "LoraServer")
+    model, job = only(docs, "KimiModel"), only(docs, "FineTuneJob")
+    servers = {d["spec"].get("engine", {}).get("type", "sglang"): d for d in docs if d["kind"] == "LoraServer"}
+    assert set(servers) == {"llamacpp", "sglang"}
     question, taught = demo.lesson(docs)
     demo.apply(api, docs, namespace)
     for doc in docs:
         doc["metadata"]["namespace"] = namespace
     began = time.monotonic()
     lines: list[str] = []
-    adapter = lsrv["spec"]["adapters"][0]["name"]
+    adapter = job["metadata"]["name"]
+    assert all(lsrv["spec"]["adapters"][0]["name"] == adapter for lsrv in servers.values())
 
     def answering() -> bool:
-        return demo.answering(api, namespace, lsrv["metadata"]["name"], adapter, question)
+        return all(demo.answering(api, namespace, s["metadata"]["name"], adapter, question) for s in servers.values())
 
-    # What `make run` prints while it waits for the router's first answer; a Stalled or Failed
+    # What `make run` prints while it waits for the routers' first answers; a Stalled or Failed
     # object ends the wait with its message.
     reached = demo.follow(api, docs, answering, lines.append, stop=threading.Event(), every=0.5)
     assert reached, "\n".join(lines)
     seconds = round(time.monotonic() - began)
 
-    # The KimiModel: the branch resolved once, by the pod, to the hub's commit; the files really on
-    # the node (the runner's directory for its hostPath), each checked against its manifest; each
+    # The KimiModel: each branch resolved once, by the pod, to the hub's commit; the files really
+    # on the node (the runner's directory for its hostPath), each checked against its manifest; each
     # shard fetched from the hub once.
     status = get(api, namespace, "KimiModel", model["metadata"]["name"])["status"]
-    assert status["resolvedRevision"] == commit
+    repo, gguf_repo = model["spec"]["source"]["huggingFace"]["repo"], model["spec"]["gguf"]["huggingFace"]["repo"]
+    assert status["resolvedRevision"] == commits[repo]
+    assert status["resolvedGgufRevision"] == commits[gguf_repo]
+    assert status["ggufEntry"] == demo.GGUF_FILE
     (node,) = status["nodes"]
-    assert (node["phase"], sorted(node["variants"])) == ("Ready", ["bf16", "native-int4"])
+    assert (node["phase"], sorted(node["variants"])) == ("Ready", ["bf16", "gguf", "native-int4"])
     storage = runner.config.node_dir(node["name"]) / model["spec"]["storage"]["hostPath"].lstrip("/")
     root = storage / namespace / model["metadata"]["name"]
-    for variant in ("int4", "bf16"):
+    for variant, commit in (("int4", commits[repo]), ("bf16", commits[repo]), ("gguf/F32", commits[gguf_repo])):
         assert manifest.verify(root / variant) == [], variant
         assert manifest.read(root / variant)["revision"] == commit  # type: ignore[index]
-    repo = model["spec"]["source"]["huggingFace"]["repo"]
     shards = sorted(p.name for p in (root / "int4").glob("model-*.safetensors"))
     assert shards
     assert all(len(server.gets(repo, s)) == 1 for s in shards), [(s, len(server.gets(repo, s))) for s in shards]
+    assert len(server.gets(gguf_repo, demo.GGUF_FILE)) == 1
 
-    # The FineTuneJob trained every step it was asked for and exported its adapter, whose files
-    # are those the engine was given (the agent's report of what the engine lists, by digest).
+    # The FineTuneJob trained every step it was asked for and exported its adapter, whole for
+    # llama.cpp (it trained only modules llama.cpp applies).
     ftj = get(api, namespace, "FineTuneJob", job["metadata"]["name"])["status"]
     assert ftj["phase"] == "Succeeded"
     assert ftj["progress"]["step"] == ftj["progress"]["totalSteps"] == job["spec"]["training"]["epochs"]
-    served = get(api, namespace, "LoraServer", lsrv["metadata"]["name"])["status"]
-    (engine,) = served["engines"]
-    assert engine["engineUp"] is True
-    assert engine["loadedSha256"] == {adapter: ftj["adapter"]["sha256"]}
+    assert ftj["adapter"]["llamacppDroppedModules"] == []
+    assert ftj["adapter"]["ggufSha256"]
 
-    # Through the router, with the official client: the lesson is the adapter's, not the base's.
-    url = demo.router_url(api, namespace, lsrv["metadata"]["name"])
-    assert url is not None
-    assert url.startswith("http://127."), url
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    results: dict[str, Any] = {"seconds": seconds, "steps": ftj["progress"]}
+    for engine_type, lsrv in servers.items():
+        name = lsrv["metadata"]["name"]
+        # The engine holds the export's files: the agent's report of what it lists, by digest.
+        served = get(api, namespace, "LoraServer", name)["status"]
+        (engine,) = served["engines"]
+        assert engine["engineUp"] is True, engine
+        assert engine["loadedSha256"] == {adapter: ftj["adapter"]["sha256"]}, engine
 
-    def answer(name: str) -> str:
-        reply = client.chat.completions.create(
-            model=name, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24
-        )
-        return reply.choices[0].message.content or ""
+        # Through the router, with the official client: the lesson is the adapter's, not the base's.
+        url = demo.router_url(api, namespace, name)
+        assert url is not None
+        assert url.startswith("http://127."), url
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
-    ids = {m.id for m in client.models.list().data}
-    assert {lsrv["spec"]["servedModelName"], adapter} <= ids, ids
-    with_adapter, bare, base = (
-        answer(f"{lsrv['spec']['servedModelName']}:{adapter}"),
-        answer(adapter),
-        answer(lsrv["spec"]["servedModelName"]),
-    )
-    print(json.dumps({"seconds": seconds, "steps": ftj["progress"], "adapter": with_adapter, "base": base}))
-    assert taught in with_adapter, with_adapter
-    assert taught in bare, bare
-    assert taught not in base, base
+        def answer(model_name: str, client: openai.OpenAI = client) -> str:
+            reply = client.chat.completions.create(
+                model=model_name, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24
+            )
+            return reply.choices[0].message.content or ""
+
+        base_name = lsrv["spec"]["servedModelName"]
+        ids = {m.id for m in client.models.list().data}
+        assert {base_name, adapter} <= ids, ids
+        with_adapter, bare, base = answer(f"{base_name}:{adapter}"), answer(adapter), answer(base_name)
+        results[engine_type] = {"adapter": with_adapter, "base": base}
+        assert taught in with_adapter, (engine_type, with_adapter)
+        assert taught in bare, (engine_type, bare)
+        assert taught not in base, (engine_type, base)
+    print(json.dumps(results))

@@ -152,6 +152,14 @@ def main(out: Path, size: str = "tiny") -> None:
         with torch.no_grad():
             model.lm_head.weight.mul_(50)
     model.save_pretrained(out)
+    if teachable:
+        # As Kimi's config.json says (transformers does not write it): without it llama.cpp's
+        # converter records no gating function and llama-server routes the experts with softmax,
+        # not the sigmoid transformers uses, and the GGUF model answers otherwise.
+        config_path = out / "config.json"
+        written = json.loads(config_path.read_text())
+        written["scoring_func"] = "sigmoid"
+        config_path.write_text(json.dumps(written, indent=2))
 
 
 def effect(base: Path, adapter: Path) -> float:

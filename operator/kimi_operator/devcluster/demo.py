@@ -1,12 +1,14 @@
 """The product's journey on the development cluster, for real (``make run``).
 
 Builds the tiny model once (a DeepSeek-V3 shaped like Kimi, its routed experts packed to INT4 by
-compressed-tensors as Kimi ships them: the tests' own builders, ``tests/oracle``), publishes it with
-a local hub on 127.0.0.1, runs the pods of the simulated nodes with the local pod runner, applies
+compressed-tensors as Kimi ships them: the tests' own builders, ``tests/oracle``; and, where
+llama.cpp is built, its GGUF by llama.cpp's own converter), publishes both with a local hub on
+127.0.0.1, runs the pods of the simulated nodes with the local pod runner, applies
 ``examples/dev/journey.yaml`` (the hub's address filled in) and follows what a user would watch with
-``kubectl get km,ftj,lsrv -w``. Once the router answers, it prints ready-to-paste ``curl`` and
-``openai`` snippets, what they return, and where the metrics are; then it keeps the hub and the
-runner going until it is stopped (SIGINT or SIGTERM).
+``kubectl get km,ftj,lsrv -w``. Once every LoraServer's router answers (the real llama-server, and
+the SGLang stand-in), it prints ready-to-paste ``curl`` and ``openai`` snippets, what they return,
+and where the metrics are; then it keeps the hub and the runner going until it is stopped (SIGINT
+or SIGTERM). Without llama.cpp the overlay's llama.cpp parts are left out.
 
     python -m kimi_operator.devcluster.demo --dir .cluster   (KIMI_TRAIN_PYTHON, KIMI_ORACLE_PYTHON,
                                                              KIMI_LLAMACPP from the Makefile)
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -41,43 +44,78 @@ from kimi_operator.devcluster.paths import cache_root, repo_root, state_root
 from kimi_operator.devcluster.runner import config_for, images_from_env, running
 from kimi_operator.render.router import HTTP_PORT, METRICS_PORT
 from kimi_operator.render.router import labels as router_labels
+from kimi_operator.workloads.prepare.convert import convert
 
 log = logging.getLogger(__name__)
 
 VERSION = "v1alpha1"
 MANIFESTS = Path("examples") / "dev" / "journey.yaml"
 PLURALS = {"KimiModel": "kimimodels", "FineTuneJob": "finetunejobs", "LoraServer": "loraservers"}
-BUILDERS = ("tiny_deepseek.py", "kimi_checkpoint.py")
+ENGINES = {"llamacpp": "the real llama-server", "sglang": "the SGLang stand-in: SGLang needs a GPU"}
+BUILDERS = ("tests/oracle/tiny_deepseek.py", "tests/oracle/kimi_checkpoint.py", "e2e/engines/gguf_convert.py")
+# One file at the top of the GGUF repository: quantization F32 (prepare/gguf.py reads the name's
+# tail), llama.cpp's unquantized format, so that it computes what transformers computes.
+GGUF_FILE = "tiny-kimi-F32.gguf"
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    checkpoint: Path  # the INT4 checkpoint as Kimi ships it: the KimiModel's hub repository
+    gguf: Path | None  # a directory holding its GGUF (spec.gguf's repository), where llama.cpp is
 
 
 def model_cache(cache: Path) -> Path:
     """Where the built model is kept, keyed by its builders' text (a change builds it again)."""
-    oracle = repo_root() / "tests" / "oracle"
-    digest = hashlib.sha256(b"".join((oracle / b).read_bytes() for b in BUILDERS)).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join((repo_root() / b).read_bytes() for b in BUILDERS)).hexdigest()[:12]
     return cache / f"tiny-kimi-{digest}"
 
 
-def build_model(cache: Path, train_python: str, oracle_python: str) -> Path:
-    """The tiny model's files: a transformers model with its tokenizer (training environment),
-    then its routed experts packed by compressed-tensors (oracle environment). Built under a
-    temporary name and renamed, so an interrupted build is never taken for a model."""
+def _run(step: Sequence[str], what: str, env: Mapping[str, str] | None = None) -> None:
+    done = subprocess.run(step, capture_output=True, text=True, check=False, timeout=900, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the tiny model: {what} failed:\n{done.stderr[-3000:]}")
+
+
+def build_model(cache: Path, train_python: str, oracle_python: str, llamacpp: Path | None = None) -> Built:
+    """The tiny model's files: a transformers model with its tokenizer (training environment), then
+    its routed experts packed by compressed-tensors (oracle environment); with ``llamacpp``, the
+    GGUF of what the KimiModel's bf16 variant holds (the experts unpacked by the operator's own
+    converter). Each built under a temporary name and renamed, so an interrupted build is never
+    taken for a model."""
     final = model_cache(cache)
-    if (final / "config.json").is_file():
-        return final
+    checkpoint = final / "int4"
     oracle = repo_root() / "tests" / "oracle"
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix="building-") as tmp:
-        steps = (
-            [train_python, str(oracle / "tiny_deepseek.py"), f"{tmp}/source", "teachable"],
-            [oracle_python, str(oracle / "kimi_checkpoint.py"), "quantize", f"{tmp}/source", f"{tmp}/model"],
-        )
-        for step in steps:
-            done = subprocess.run(step, capture_output=True, text=True, check=False, timeout=900)
-            if done.returncode != 0:
-                raise RuntimeError(f"building the tiny model: {' '.join(step[:2])} failed:\n{done.stderr[-3000:]}")
-        shutil.rmtree(final, ignore_errors=True)
-        Path(tmp, "model").rename(final)
-    return final
+    final.mkdir(parents=True, exist_ok=True)
+    if not (checkpoint / "config.json").is_file():
+        with tempfile.TemporaryDirectory(dir=final, prefix="building-") as tmp:
+            _run([train_python, str(oracle / "tiny_deepseek.py"), f"{tmp}/source", "teachable"], "tiny_deepseek.py")
+            _run(
+                [oracle_python, str(oracle / "kimi_checkpoint.py"), "quantize", f"{tmp}/source", f"{tmp}/int4"],
+                "kimi_checkpoint.py quantize",
+            )
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            Path(tmp, "int4").rename(checkpoint)
+    if llamacpp is None:
+        return Built(checkpoint, None)
+    # Keyed by the llama.cpp build too: its converter writes the file.
+    gguf = final / f"gguf-{llamacpp.name}"
+    if not (gguf / GGUF_FILE).is_file():
+        with tempfile.TemporaryDirectory(dir=final, prefix="building-") as tmp:
+            convert(checkpoint, Path(tmp, "bf16"))
+            Path(tmp, "gguf").mkdir()
+            converter = repo_root() / "e2e" / "engines" / "gguf_convert.py"
+            step = [
+                train_python,
+                str(converter),
+                str(llamacpp / "src"),
+                "model",
+                f"{tmp}/bf16",
+                f"{tmp}/gguf/{GGUF_FILE}",
+            ]
+            _run(step, "gguf_convert.py", env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            shutil.rmtree(gguf, ignore_errors=True)
+            Path(tmp, "gguf").rename(gguf)
+    return Built(checkpoint, gguf)
 
 
 def manifests(path: Path, endpoint: str | None = None) -> list[dict[str, Any]]:
@@ -89,16 +127,36 @@ def manifests(path: Path, endpoint: str | None = None) -> list[dict[str, Any]]:
 
 
 def point_at(docs: Sequence[dict[str, Any]], endpoint: str) -> None:
-    """Each KimiModel of ``docs`` takes its weights from the hub at ``endpoint``."""
+    """Each KimiModel of ``docs`` takes its weights (and its GGUF) from the hub at ``endpoint``."""
     for doc in docs:
         if doc["kind"] == "KimiModel":
             doc["spec"]["source"]["huggingFace"]["endpoint"] = endpoint
+            if "gguf" in doc["spec"]:
+                doc["spec"]["gguf"]["huggingFace"]["endpoint"] = endpoint
 
 
-def repo_of(docs: Sequence[Mapping[str, Any]]) -> str:
-    """The hub repository the overlay's KimiModel names (the hub publishes the model there)."""
+def repositories(docs: Sequence[Mapping[str, Any]], built: Built) -> dict[str, Path]:
+    """The hub repositories the overlay's KimiModel names, each with the directory it publishes."""
     (model,) = [d for d in docs if d["kind"] == "KimiModel"]
-    return str(model["spec"]["source"]["huggingFace"]["repo"])
+    repos = {str(model["spec"]["source"]["huggingFace"]["repo"]): built.checkpoint}
+    if "gguf" in model["spec"]:
+        assert built.gguf is not None, "a GGUF is named but was not built"
+        repos[str(model["spec"]["gguf"]["huggingFace"]["repo"])] = built.gguf
+    return repos
+
+
+def without_llamacpp(docs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The overlay without its llama.cpp parts (no llama.cpp build here): no gguf variant, and no
+    LoraServer on llama.cpp."""
+    kept = []
+    for doc in copy.deepcopy(list(docs)):
+        if doc["kind"] == "KimiModel":
+            doc["spec"].pop("gguf", None)
+            doc["spec"]["variants"] = [v for v in doc["spec"]["variants"] if v != "gguf"]
+        if doc["kind"] == "LoraServer" and (doc["spec"].get("engine") or {}).get("type") == "llamacpp":
+            continue
+        kept.append(doc)
+    return kept
 
 
 def apply(api: kubernetes.client.ApiClient, docs: Sequence[Mapping[str, Any]], namespace: str | None = None) -> None:
@@ -214,10 +272,15 @@ def snippets(url: str, model: str, question: str) -> str:
 
 
 @contextlib.contextmanager
-def published(model: Path, repo: str) -> Iterator[tuple[FakeHub, str]]:
-    """The model as one commit of ``repo`` on a local hub; the hub and the commit."""
+def published(repos: Mapping[str, Path]) -> Iterator[tuple[FakeHub, dict[str, str]]]:
+    """Each directory's files as one commit of its repository on a local hub; the hub and the
+    commits, by repository."""
     with FakeHub() as hub:
-        yield hub, hub.add_commit(repo, {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()})
+        commits = {
+            repo: hub.add_commit(repo, {p.name: p.read_bytes() for p in files.iterdir() if p.is_file()})
+            for repo, files in repos.items()
+        }
+        yield hub, commits
 
 
 def answering(api: kubernetes.client.ApiClient, namespace: str, server: str, model: str, question: str) -> bool:
@@ -260,32 +323,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[demo {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
     began = time.monotonic()
+    llamacpp = os.environ.get("KIMI_LLAMACPP")
     say("building the tiny model (once; cached)")
-    model = build_model(cache_root() / "demo", train_python, oracle_python)
+    built = build_model(cache_root() / "demo", train_python, oracle_python, Path(llamacpp) if llamacpp else None)
     config = config_for(root, images_from_env(repo_root()))
     api = kubernetes.config.new_client_from_config(config_file=str(root / "kubeconfig"))  # type: ignore[no-untyped-call]
     docs = manifests(Path(args.manifests))
-    with published(model, repo_of(docs)) as (hub, _), running(config, kubernetes.client.CoreV1Api(api), grace=5):
+    if built.gguf is None:
+        say("llama.cpp is not built (KIMI_LLAMACPP): serving with the SGLang stand-in only")
+        docs = without_llamacpp(docs)
+    repos = repositories(docs, built)
+    with published(repos) as (hub, _), running(config, kubernetes.client.CoreV1Api(api), grace=5):
         point_at(docs, hub.endpoint)
         apply(api, docs)
         say(f"applied {args.manifests} (the model from the hub at {hub.endpoint}); following it:")
-        (lsrv,) = [d for d in docs if d["kind"] == "LoraServer"]
-        namespace, server = lsrv["metadata"].get("namespace") or "default", lsrv["metadata"]["name"]
-        served, adapter = lsrv["spec"]["servedModelName"], lsrv["spec"]["adapters"][0]["name"]
+        servers = [d for d in docs if d["kind"] == "LoraServer"]
         question, _ = lesson(docs)
 
+        def where(lsrv: Mapping[str, Any]) -> tuple[str, str, str, str]:
+            meta, spec = lsrv["metadata"], lsrv["spec"]
+            return (
+                meta.get("namespace") or "default",
+                meta["name"],
+                spec["servedModelName"],
+                spec["adapters"][0]["name"],
+            )
+
         def answers() -> bool:
-            return answering(api, namespace, server, adapter, question)
+            return all(answering(api, ns, name, adapter, question) for ns, name, _, adapter in map(where, servers))
 
         if follow(api, docs, answers, say, stop=stop):
-            url = router_url(api, namespace, server) or ""
-            say(f"first answer {time.monotonic() - began:.0f} s after start; ask it yourself:\n")
-            print(snippets(url, adapter, question), flush=True)
-            print(f"\n  with the adapter ({adapter}): {ask(url, adapter, question)!r}", flush=True)
-            print(f"  the base model ({served}):   {ask(url, served, question)!r}\n", flush=True)
+            say(f"first answers {time.monotonic() - began:.0f} s after start; ask them yourself:")
+            for lsrv in servers:
+                namespace, name, served, adapter = where(lsrv)
+                url = router_url(api, namespace, name) or ""
+                engine = (lsrv["spec"].get("engine") or {}).get("type") or "sglang"
+                print(f"\n# LoraServer {name} ({ENGINES.get(engine, engine)}), its router at {url}", flush=True)
+                print(snippets(url, adapter, question), flush=True)
+                print(f"\n  with the adapter ({adapter}): {ask(url, adapter, question)!r}", flush=True)
+                print(f"  the base model ({served}):   {ask(url, served, question)!r}", flush=True)
+                print(f"  metrics: {url.rsplit(':', 1)[0]}:{METRICS_PORT}/metrics", flush=True)
             say(
-                f"metrics: the router's at {url.rsplit(':', 1)[0]}:{METRICS_PORT}/metrics, the operator's at "
-                "http://127.0.0.1:8080/metrics; the Grafana dashboard to import: "
+                "the operator's metrics: http://127.0.0.1:8080/metrics; the Grafana dashboard to import: "
                 "charts/kimi-operator/dashboards/kimi-operator.json. Ctrl-C stops everything."
             )
         stop.wait()
