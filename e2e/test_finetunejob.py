@@ -334,7 +334,7 @@ def test_training_progress_reaches_prometheus(
 TINY = Path(__file__).parents[1] / "tests" / "oracle" / "tiny_deepseek.py"
 # The pods the local pod runner runs for real (a Job's pod also held Running by KWOK meanwhile).
 RUN = {"annotations": {podprotocol.RUN_ANNOTATION: "true", podprotocol.HOLD_ANNOTATION: "true"}}
-EPOCHS = 24
+EPOCHS = 8
 
 
 def llamacpp_build() -> Path:
@@ -374,7 +374,7 @@ def test_a_real_training_run_reports_through_the_api(
             "data", namespace, {"metadata": {"name": "data"}, "data": {"train.jsonl": "\n".join(guide) + "\n"}}
         )
         spec = {"podMetadata": RUN, "resources": SMALL, "lora": {"rank": 8, "alpha": 16, "dropout": 0.05}}
-        # 12 steps an epoch: long enough for the pod's reports (every 5 s) to show several steps.
+        # 12 steps an epoch: long enough for the pod's reports (every second on this cluster) to show several.
         spec["training"] = {
             "epochs": EPOCHS,
             "learningRate": 1e-3,

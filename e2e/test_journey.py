@@ -92,7 +92,7 @@ def test_what_a_fine_tune_learned_is_what_the_router_serves(
     operator: OperatorProcess,
     cluster: Cluster,
     runner: PodRunner,
-    hub: tuple[FakeHub, str],
+    hub: tuple[FakeHub, dict[str, str]],
 ) -> None:
     server, commits = hub
     docs = demo.manifests(OVERLAY, server.endpoint)

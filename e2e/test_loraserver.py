@@ -5,11 +5,14 @@ pod runs, as that pod: the SGLang stand-in (a tiny model with real PEFT adapters
 127.x IP with the engine container's own arguments, the adapter agent with the pod's
 ServiceAccount token, the router, and the cleanup Jobs. A simulated node's storage is a directory
 of the cluster (``<cluster>/nodes/<node>``), which the tests fill with what the KimiModel's and
-FineTuneJobs' pods would have left there.
+FineTuneJobs' pods would have left there. (The rolling-update test needs no programs: no runner.)
+The runner restarts a container that dies: each test ends by checking that only the containers
+it killed on purpose were restarted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -51,8 +54,8 @@ NODES = ["gpu-4090-a", "gpu-4090-b"]
 SMALL = {"gpus": 1, "cpu": "4", "memory": "16Gi", "sharedMemory": "1Gi"}
 # The pods the runner runs (a Job's pod is held Running by KWOK until its programs end).
 RUN = {"annotations": {podprotocol.RUN_ANNOTATION: "true", podprotocol.HOLD_ANNOTATION: "true"}}
-# A crashed engine comes back after this (the kubelet's back-off, made longer): long enough for the
-# agents and the operator to report it down meanwhile.
+# A crashed container's first restart comes this long after (the kubelet's back-off, made longer,
+# doubling for the next ones): long enough for the agents and the operator to report it down.
 RESTART_AFTER = 20.0
 
 
@@ -99,8 +102,21 @@ def quick_images(train_python: str, *, llamacpp: Path | None = None, standin: tu
 
 @pytest.fixture
 def runner(cluster: Cluster, api: kubernetes.client.ApiClient, train_python: str) -> Iterator[PodRunner]:
-    with pod_runner(cluster, api, quick_images(train_python), backoff=(RESTART_AFTER, 300.0)) as handle:
+    with started_runner(cluster, api, quick_images(train_python)) as handle:
         yield handle
+
+
+@contextlib.contextmanager
+def started_runner(cluster: Cluster, api: kubernetes.client.ApiClient, images: dict[str, Image]) -> Iterator[PodRunner]:
+    """The runner, once the earlier tests' namespaces are gone (it must not run their pods again)."""
+    wait_earlier_namespaces_gone(api)
+    with pod_runner(cluster, api, images, backoff=(RESTART_AFTER, 300.0)) as handle:
+        yield handle
+
+
+def restarted(runner: PodRunner) -> dict[str, int]:
+    """The containers the runner started again, by ``namespace/pod/container``."""
+    return {k: v for k, v in runner.restarts().items() if v}
 
 
 def exported_adapter(namespace: str, name: str, node: str, source: Path) -> dict[str, Any]:
@@ -283,8 +299,9 @@ def shared_and_expert_adapters(tiny: Path, nodes: dict[str, Node]) -> list[dict[
 
 
 @pytest.fixture
-def nodes(cluster: Cluster, namespace: str, tiny: Path) -> dict[str, Node]:
-    """Both nodes holding the tiny model where the engines read the KimiModel's INT4 checkpoint."""
+def nodes(cluster: Cluster, namespace: str, tiny: Path, runner: PodRunner) -> dict[str, Node]:
+    """Both nodes holding the tiny model where the engines read the KimiModel's INT4 checkpoint
+    (emptied once the runner has started: no earlier test's pod runs any more)."""
     found = {n: Node(cluster, n, namespace) for n in NODES}
     for node in found.values():
         node.holds(namespace, "int4", tiny / "model")
@@ -352,7 +369,16 @@ def test_shared_and_expert_adapters_are_served_where_the_engines_list_them(
     violations: list[str] = []
     done = threading.Event()
 
+    errors: list[BaseException] = []
+
     def watch_status() -> None:
+        try:
+            watching()
+        except BaseException as exc:  # re-raised by the test after join
+            errors.append(exc)
+            seen_down.set()
+
+    def watching() -> None:
         while not done.is_set():
             status = get(api, namespace, "loraservers", "serve").get("status") or {}
             # Read after the status: if the engine was still down then, the status was computed
@@ -384,6 +410,8 @@ def test_shared_and_expert_adapters_are_served_where_the_engines_list_them(
     finally:
         done.set()
         watcher.join()
+    if errors:
+        raise errors[0]
     assert violations == []
     assert victim.listed() == ["a0", "a1", "a2", "a3"]
 
@@ -433,6 +461,8 @@ def test_shared_and_expert_adapters_are_served_where_the_engines_list_them(
     stalled = condition(get(api, namespace, "loraservers", "serve"), "Stalled")
     assert stalled is not None
     assert stalled["reason"] == "AdapterFailed"
+    # Nothing but the engine killed on purpose ever needed a restart.
+    assert restarted(victim.runner) == {f"{namespace}/{victim.name}/engine": 1}
 
 
 @pytest.mark.timeout(600)
@@ -493,6 +523,7 @@ def test_a_finished_fine_tune_is_served_and_a_newer_export_replaces_it_in_place(
     assert replaced["replicas"] == [engine.name]
     assert engine.chat("kimi-k2.5:support") not in (tuned, base)
     assert serving.live_pods()[0].metadata.uid == uid
+    assert restarted(serving.runner) == {}
 
 
 def test_an_engine_setting_change_rolls_one_replica_at_a_time(
@@ -639,6 +670,7 @@ def test_an_adapter_reaches_another_node_through_the_shared_store(
     assert "spec.output.publish" in message
     assert serving.pods[on[other]].listed() == ["shared"]
     assert serving.pods[on[trained]].listed() == ["local", "shared"]
+    assert restarted(serving.runner) == {}
 
 
 @pytest.mark.timeout(600)
@@ -673,6 +705,7 @@ def test_deletion_removes_the_pods_and_only_the_cache_entries_no_other_server_us
             return set(found) == want and all(s["state"] == "Loaded" for s in found.values())
 
         wait_for(loaded, 120, f"{name}'s adapters Loaded")
+    assert restarted(runner) == {}
     cache = node.storage / "adapter-cache"
 
     def cached() -> set[str]:

@@ -22,14 +22,13 @@ import kubernetes
 import openai
 import pytest
 
-from e2e.conftest import OperatorProcess, pod_runner
+from e2e.conftest import OperatorProcess
 from e2e.helpers import wait_earlier_namespaces_gone, wait_for
 from e2e.manifests import GROUP, KIMI_MODEL, VERSION
 from e2e.test_finetunejob import ftj, release_training, training_pod_status, wait_phase
 from e2e.test_kimimodel import _token_kubeconfig, condition
 from e2e.test_llamacpp import PROMPT, SERVED, llamacpp, served  # noqa: F401 (fixtures)
 from e2e.test_loraserver import (
-    RESTART_AFTER,
     Node,
     Serving,
     adapters_by_name,
@@ -38,6 +37,8 @@ from e2e.test_loraserver import (
     get,
     lsrv,
     quick_images,
+    restarted,
+    started_runner,
 )
 from e2e.test_router import start_router
 from kimi_operator.devcluster.cluster import Cluster
@@ -64,8 +65,7 @@ def runner(
     train_python: str,
     llamacpp: Path,  # noqa: F811
 ) -> Iterator[PodRunner]:
-    images = quick_images(train_python, llamacpp=llamacpp)
-    with pod_runner(cluster, api, images, backoff=(RESTART_AFTER, 300.0)) as handle:
+    with started_runner(cluster, api, quick_images(train_python, llamacpp=llamacpp)) as handle:
         yield handle
 
 
@@ -244,3 +244,4 @@ def test_a_llamacpp_loraserver_serves_the_exported_gguf_adapters_through_the_rou
     sets = kubernetes.client.AppsV1Api(api).read_namespaced_stateful_set("serve-shared", namespace)
     lora = next(a for a in sets.spec.template.spec.containers[0].args if a.endswith(".gguf:0"))
     assert lora.count("adapter.gguf:0") == 3
+    assert restarted(runner) == {}

@@ -22,7 +22,7 @@ import kubernetes
 import openai
 import pytest
 
-from e2e.conftest import OperatorProcess, PrometheusProcess, pod_runner
+from e2e.conftest import OperatorProcess, PrometheusProcess
 from e2e.helpers import wait_for
 from e2e.manifests import GROUP, VERSION
 from e2e.test_kimimodel import condition
@@ -40,8 +40,10 @@ from e2e.test_loraserver import (
     model_on,
     nodes,  # noqa: F401 (a fixture)
     quick_images,
+    restarted,
     serving,  # noqa: F401 (a fixture)
     shared_and_expert_adapters,
+    started_runner,
     tiny,  # noqa: F401 (a fixture)
 )
 from kimi_operator.devcluster.cluster import Cluster
@@ -61,7 +63,7 @@ TOKEN_DELAY = 0.02
 @pytest.fixture
 def runner(cluster: Cluster, api: kubernetes.client.ApiClient, train_python: str) -> Iterator[PodRunner]:
     images = quick_images(train_python, standin=(f"--standin-token-delay={TOKEN_DELAY}",))
-    with pod_runner(cluster, api, images, backoff=(RESTART_AFTER, 300.0)) as handle:
+    with started_runner(cluster, api, images) as handle:
         yield handle
 
 
@@ -87,7 +89,7 @@ class RouterPod:
         return http(f"{self.url}/ready")[0] == 200
 
     def restart(self) -> None:
-        """The router stopped (SIGTERM, as on a rollout) and started again by the runner."""
+        """The router's process stopped (SIGTERM) and started again by the runner, in the same pod."""
         stopped = time.monotonic()
         self.process().signal(signal.SIGTERM)
         wait_for(
@@ -312,6 +314,8 @@ def test_the_openai_client_reaches_each_adapter_where_an_engine_holds_it(
     keys_seen = keys()
     assert not any(k in keys_seen for k in (ADMIN, TEAM, TEAM_ROTATED))
 
+    # Nothing was restarted so far (the rotated key reached the router it ran on).
+    assert restarted(runner) == {}
     # A router restart rebuilds everything from the engines and the API.
     router.restart()
     assert answer(admin, "a1") == expected["a1"]
@@ -319,12 +323,27 @@ def test_the_openai_client_reaches_each_adapter_where_an_engine_holds_it(
     # An engine dies under load: requests that start after it died all succeed elsewhere; then
     # one dies in the middle of a stream.
     victim = serving.pods[next(n for n in shared if any(holders[a] == [n] for a in ("a0", "a1", "a2")))]
-    requests_survive_an_engine_killed_under_load(admin, victim)
+    killed = requests_survive_an_engine_killed_under_load(admin, victim)
     only_victim = next(a for a in ("a0", "a1", "a2") if holders[a] == [victim.name])
+    # The runner starts the engine again after its back-off, and the agent loads the adapter.
+    wait_for(lambda: victim.restarted_since(killed), RESTART_AFTER + 30, f"{victim.name} restarted")
+    wait_for(victim.answering, 180, f"{victim.name} answering")
+    wait_for(lambda: adapter_served(admin, only_victim), 60, f"{only_victim} back on {victim.name}")
+    assert restarted(runner) == {f"{namespace}/{router.name}/router": 1, f"{namespace}/{victim.name}/engine": 1}
     a_stream_cut_by_its_engine_ends_in_an_error(admin, victim, only_victim)
 
 
-def requests_survive_an_engine_killed_under_load(admin: openai.OpenAI, victim: EnginePod) -> None:
+def adapter_served(admin: openai.OpenAI, adapter: str) -> bool:
+    """The router sends requests for ``adapter`` to an engine again (one short answer)."""
+    try:
+        admin.chat.completions.create(model=adapter, messages=QUESTION, max_tokens=1)  # type: ignore[arg-type]
+    except openai.APIStatusError:
+        return False
+    return True
+
+
+def requests_survive_an_engine_killed_under_load(admin: openai.OpenAI, victim: EnginePod) -> float:
+    """When the engine was killed."""
     results: list[tuple[float, float, str | None]] = []
     done = threading.Event()
 
@@ -351,13 +370,10 @@ def requests_survive_an_engine_killed_under_load(admin: openai.OpenAI, victim: E
             w.join()
     after_kill = [r for r in results if r[0] > killed]
     assert [e for _, _, e in after_kill if e] == []
+    return killed
 
 
 def a_stream_cut_by_its_engine_ends_in_an_error(admin: openai.OpenAI, victim: EnginePod, adapter: str) -> None:
-    # The runner starts the engine again after its back-off, and the agent loads the adapter.
-    wait_for(
-        lambda: adapter in {m.id for m in admin.models.list()}, RESTART_AFTER + 60, f"{adapter} back on {victim.name}"
-    )
     stream = admin.chat.completions.create(
         model=adapter,
         messages=QUESTION,  # type: ignore[arg-type]

@@ -13,10 +13,11 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic.exceptions import api_exception
 
 from kimi_operator.api.conditions import Verdict
-from kimi_operator.api.kinds import FINE_TUNE_JOB, LORA_SERVER, Kind
+from kimi_operator.api.kinds import FINE_TUNE_JOB, KIMI_MODEL, LORA_SERVER, Kind
 from kimi_operator.controller import kube as kube_module
 from kimi_operator.controller.handlers import Reconciler
 from kimi_operator.controller.kube import Rejected, digest
+from kimi_operator.controller.registry import Images, build
 
 JOB = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "t-train", "namespace": "ml"}}
 SPEC = {"model": {"name": "kimi"}, "dataset": {"configMap": {"name": "d", "key": "k"}}}
@@ -195,3 +196,68 @@ def test_no_pass_runs_after_the_finalizer_undid_the_objects_work() -> None:
     # Another object of the same name (a new uid) is reconciled as usual.
     assert reconciler.run(FINE_TUNE_JOB, {**stale, "metadata": {**stale["metadata"], "uid": "u-new"}}) is not None
     assert controller.passes == 2
+
+
+class Listing(StatusRecorder):
+    """The API client's list, over objects by kind."""
+
+    def __init__(self, objects: dict[str, list[dict[str, Any]]]) -> None:
+        super().__init__()
+        self.objects = objects
+        self.lists: list[tuple[str, str | None]] = []
+
+    def list_objects(self, api_version: str, kind: str, namespace: str | None) -> list[dict[str, Any]]:
+        self.lists.append((kind, namespace))
+        return [o for o in self.objects.get(kind, []) if o["metadata"]["namespace"] == namespace]
+
+
+def obj(name: str, namespace: str = "ml", spec: dict[str, Any] | None = None, **status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": namespace, "uid": name}, "spec": spec or {}, "status": status}
+
+
+def ready(*conditions: tuple[str, str]) -> list[dict[str, Any]]:
+    return [{"type": t, "status": s, "reason": "R", "lastTransitionTime": "now"} for t, s in conditions]
+
+
+def names(found: list[tuple[Kind, dict[str, Any]]]) -> list[tuple[str, str]]:
+    return [(k.kind, o["metadata"]["name"]) for k, o in found]
+
+
+def test_what_waits_on_a_model_or_a_fine_tune_is_reconciled_when_it_changes() -> None:
+    tune = obj("tune", spec={"model": {"name": "kimi"}})
+    other_tune = obj("other", spec={"model": {"name": "other-model"}})
+    elsewhere = obj("tune", namespace="prod", spec={"model": {"name": "kimi"}})
+    server = obj(
+        "serve", spec={"model": {"name": "kimi-2"}, "adapters": [{"name": "a", "fineTuneJob": {"name": "tune"}}]}
+    )
+    kube = Listing({"FineTuneJob": [tune, other_tune, elsewhere], "LoraServer": [server]})
+    controllers = build(kube, Images("p", "t", "e", "r", "l"))  # type: ignore[arg-type]
+    reconciler = Reconciler(kube, controllers)  # type: ignore[arg-type]
+
+    # The first event of an object is only remembered: the passes at start and on creation read it.
+    model = obj("kimi", conditions=ready(("Ready", "False")), nodes=[{"name": "n", "phase": "Preparing"}])
+    assert reconciler.referrers(KIMI_MODEL, model) == []
+    # Its download progress moves: nothing waits on that.
+    progressing = {
+        **model,
+        "status": {**model["status"], "nodes": [{"name": "n", "phase": "Preparing", "progress": {"percent": 50}}]},
+    }
+    assert reconciler.referrers(KIMI_MODEL, progressing) == []
+    # Ready: the FineTuneJob on it in its namespace (not the one on another model, nor elsewhere).
+    done = obj("kimi", conditions=ready(("Ready", "True")), nodes=[{"name": "n", "phase": "Ready"}], ggufEntry="x.gguf")
+    assert names(reconciler.referrers(KIMI_MODEL, done)) == [("FineTuneJob", "tune")]
+    assert reconciler.referrers(KIMI_MODEL, done) == []  # the same again: nothing
+
+    # A FineTuneJob that exports its adapter: the LoraServer serving it; its training steps: nothing.
+    running = obj("tune", spec=tune["spec"], phase="Running", progress={"step": 1})
+    assert reconciler.referrers(FINE_TUNE_JOB, running) == []
+    assert (
+        reconciler.referrers(FINE_TUNE_JOB, {**running, "status": {**running["status"], "progress": {"step": 2}}}) == []
+    )
+    exported = obj("tune", spec=tune["spec"], phase="Succeeded", adapter={"sha256": "abc"})
+    assert names(reconciler.referrers(FINE_TUNE_JOB, exported)) == [("LoraServer", "serve")]
+    # Deleted: what referred to it learns at once too.
+    assert names(reconciler.referrers(FINE_TUNE_JOB, exported, gone=True)) == [("LoraServer", "serve")]
+    # Nothing refers to a LoraServer.
+    reconciler.referrers(LORA_SERVER, server)
+    assert reconciler.referrers(LORA_SERVER, {**server, "status": {"phase": "Ready"}}) == []

@@ -14,6 +14,7 @@ from kimi_operator.api.loraserver import LoraServerSpec
 from kimi_operator.devcluster import demo
 from kimi_operator.devcluster.paths import repo_root
 from kimi_operator.render import llamacpp
+from kimi_operator.workloads.prepare import gguf
 
 SPECS = {"KimiModel": KimiModelSpec, "FineTuneJob": FineTuneJobSpec, "LoraServer": LoraServerSpec}
 OVERLAY = repo_root() / demo.MANIFESTS
@@ -28,8 +29,8 @@ def test_the_overlay_is_valid_and_pointed_at_the_hub() -> None:
     (model,) = [d for d in docs if d["kind"] == "KimiModel"]
     assert model["spec"]["source"]["huggingFace"]["endpoint"] == HUB
     assert model["spec"]["gguf"]["huggingFace"]["endpoint"] == HUB
-    # The file the demo builds is the quantization the KimiModel asks for.
-    assert demo.GGUF_FILE.removesuffix(".gguf").rsplit("-", 1)[-1] == model["spec"]["gguf"]["quantization"]
+    # The file the demo builds is the quantization the KimiModel asks for, as its prepare Job reads it.
+    assert gguf.quantizations([demo.GGUF_FILE]) == [model["spec"]["gguf"]["quantization"]]
     # The fine-tune trains only what llama.cpp applies: its llama.cpp LoraServer serves all of it.
     (job,) = [d for d in docs if d["kind"] == "FineTuneJob"]
     assert llamacpp.dropped_modules(job["spec"]["lora"]["targetModules"]) == []
@@ -41,7 +42,7 @@ def test_each_repository_is_published_from_its_directory(tmp_path: Path) -> None
     docs = demo.manifests(OVERLAY)
     built = demo.Built(checkpoint=tmp_path / "int4", gguf=tmp_path / "gguf")
     assert demo.repositories(docs, built) == {"local/tiny-kimi": built.checkpoint, "local/tiny-kimi-GGUF": built.gguf}
-    with pytest.raises(AssertionError, match="GGUF is named but was not built"):
+    with pytest.raises(RuntimeError, match="no GGUF was built"):
         demo.repositories(docs, demo.Built(checkpoint=built.checkpoint, gguf=None))
 
 

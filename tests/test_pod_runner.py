@@ -745,7 +745,14 @@ def _keys_pod(**mount: Any) -> dict[str, Any]:
     return pod(
         containers=[
             container(
-                command=["python", "--keys-dir=/keys", "/keys/key/api-key", "/keysX"],
+                command=[
+                    "python",
+                    "--keys-dir=/keys",
+                    "/keys/key/api-key",
+                    "/keysX",
+                    "/keys/a",
+                    "/keys/,/x",
+                ],
                 volumeMounts=[
                     {"name": "key", "mountPath": "/keys/key", **mount},
                     {"name": "hub", "mountPath": "/keys/hub"},
@@ -766,18 +773,43 @@ def test_a_directory_holding_mounts_is_a_directory_of_links() -> None:
     (c,) = plan.containers
     rootfs = CLUSTER / "pods" / "u-1" / "rootfs" / "c"
     volumes = CLUSTER / "pods" / "u-1" / "volumes"
-    # Exactly the directory: its local copy; a mount inside it: the mount; a longer name: untouched.
-    assert c.argv[1:] == (f"--keys-dir={rootfs}/keys", f"{volumes}/key/api-key", "/keysX")
-    assert (rootfs / "keys" / "key", volumes / "key") in plan.links
-    assert (rootfs / "keys" / "hub", volumes / "hub") in plan.links
+    # Exactly the directory (a trailing '/' or list item too): its local copy; a mount inside it: the
+    # mount; a longer name, or a path below it that is no mount (the image's): untouched.
+    assert c.argv[1:] == (
+        f"--keys-dir={rootfs}/keys",
+        f"{volumes}/key/api-key",
+        "/keysX",
+        "/keys/a",
+        f"{rootfs}/keys,/x",
+    )
+    assert set(plan.links) == {(rootfs / "keys" / "key", volumes / "key"), (rootfs / "keys" / "hub", volumes / "hub")}
+    # The termination file's /dev is the image's: not a directory of links.
+    assert (
+        "--x=/dev"
+        in podplan.plan(pod(containers=[container(command=["python", "--x=/dev"])]), CONFIG, REFS).containers[0].argv
+    )
+
+
+@pytest.mark.parametrize("order", [1, -1], ids=["outer-first", "inner-first"])
+def test_a_mount_inside_another_is_reached_through_the_outer_link(order: int) -> None:
+    mounts = [{"name": "out", "mountPath": "/srv/a"}, {"name": "inner", "mountPath": "/srv/a/b"}]
+    p = pod(
+        containers=[container(command=["python", "/srv"], volumeMounts=mounts[::order])],
+        volumes=[{"name": "out", "emptyDir": {}}, {"name": "inner", "emptyDir": {}}],
+    )
+    plan = podplan.plan(p, CONFIG, REFS)
+    rootfs = CLUSTER / "pods" / "u-1" / "rootfs" / "c"
+    assert plan.links == ((rootfs / "srv" / "a", CLUSTER / "pods" / "u-1" / "volumes" / "out"),)
 
 
 def test_materialized_links_show_the_mounts(tmp_path: Path) -> None:
     config = dataclasses.replace(CONFIG, cluster_dir=tmp_path)
     plan = podplan.plan(_keys_pod(), config, REFS)
+    keys = tmp_path / "pods" / "u-1" / "rootfs" / "c" / "keys"
+    keys.mkdir(parents=True)
+    (keys / "key").symlink_to(tmp_path / "elsewhere")  # left by an earlier run
     runner.materialize(plan)
     runner.materialize(plan)  # again (a restart): the links stay
-    keys = tmp_path / "pods" / "u-1" / "rootfs" / "c" / "keys"
     assert (keys / "key" / "api-key").read_bytes() == b"k1"
     assert sorted(p.name for p in keys.iterdir()) == ["hub", "key"]
 
@@ -786,15 +818,23 @@ def test_changed_secrets_rewrite_their_volume_files_but_not_subpath_mounts() -> 
     old = podplan.plan(_keys_pod(), CONFIG, REFS)
     rotated = dataclasses.replace(REFS, secrets={**REFS.secrets, "key": {"api-key": b"k2", "other": b"o"}})
     volumes = CLUSTER / "pods" / "u-1" / "volumes"
-    assert podplan.refreshed(old, podplan.plan(_keys_pod(), CONFIG, REFS)) == []
-    assert podplan.refreshed(old, podplan.plan(_keys_pod(), CONFIG, rotated)) == [
-        podplan.File(volumes / "key" / "api-key", b"k2")
-    ]
-    # A key added to a Secret appears; a container that mounts one file by subPath keeps its start.
+    assert podplan.refreshed(old, podplan.plan(_keys_pod(), CONFIG, REFS)) == ([], [])
+    assert podplan.refreshed(old, podplan.plan(_keys_pod(), CONFIG, rotated)) == (
+        [podplan.File(volumes / "key" / "api-key", b"k2")],
+        [],
+    )
+    # A key added to a Secret appears, one removed goes; a container that mounts one file by subPath
+    # keeps its start.
     added = dataclasses.replace(REFS, secrets={**REFS.secrets, "hub": {"token": b"hf_secret", "new": b"n"}})
-    assert [f.path.name for f in podplan.refreshed(old, podplan.plan(_keys_pod(), CONFIG, added))] == ["new"]
+    writes, removals = podplan.refreshed(old, podplan.plan(_keys_pod(), CONFIG, added))
+    assert ([f.path.name for f in writes], removals) == (["new"], [])
+    removed = dataclasses.replace(REFS, secrets={**REFS.secrets, "key": {"api-key": b"k1"}})
+    assert podplan.refreshed(old, podplan.plan(_keys_pod(), CONFIG, removed)) == ([], [volumes / "key" / "other"])
     by_subpath = _keys_pod(subPath="api-key")
-    assert podplan.refreshed(podplan.plan(by_subpath, CONFIG, REFS), podplan.plan(by_subpath, CONFIG, rotated)) == []
+    assert podplan.refreshed(podplan.plan(by_subpath, CONFIG, REFS), podplan.plan(by_subpath, CONFIG, rotated)) == (
+        [],
+        [],
+    )
     assert podplan.updatable(_keys_pod())
     assert podplan.updatable(pod())  # the ServiceAccount volume's kube-root-ca.crt
     assert not podplan.updatable(pod(volumes=[{"name": "models", "hostPath": {"path": "/mnt/nvme/kimi"}}]))
@@ -1082,6 +1122,25 @@ def test_sidecars_restart_and_stop_before_the_outcome(tmp_path: Path, make_runne
     ((patch, sidecar_stopped),) = core.reports
     assert patch == podprotocol.outcome_patch("u-9", 0, "Completed", "")
     assert sidecar_stopped  # reported only after the sidecar had ended
+
+
+def test_restarts_are_counted_and_a_stopped_runner_leaves_no_pod_files(tmp_path: Path, make_runner: Any) -> None:
+    handle = make_runner(FakeCore())
+    runs = tmp_path / "runs"
+    # Exits twice (restarted each time by restartPolicy Always), then stays.
+    flaky = (
+        "import sys, time\nfrom pathlib import Path\nr = Path(sys.argv[1])\n"
+        "r.write_text(r.read_text() + 'x' if r.exists() else 'x')\n"
+        "sys.exit(1) if len(r.read_text()) < 3 else time.sleep(600)"
+    )
+    handle.handle(
+        "ADDED", local_pod([py("c", flaky, str(runs)), py("d", "import time; time.sleep(600)")], restartPolicy="Always")
+    )
+    wait_until(lambda: runs.exists() and runs.read_text() == "xxx", 30, "the third start")
+    assert handle.restarts() == {"ns/p/c": 2, "ns/p/d": 0}
+    assert (tmp_path / "pods" / "u-9").is_dir()
+    handle.stop(grace=1)
+    assert not (tmp_path / "pods" / "u-9").exists()
 
 
 def test_materialize_modes_and_directories(tmp_path: Path) -> None:

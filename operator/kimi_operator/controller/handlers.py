@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import kopf
@@ -59,10 +59,42 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.networking.request_timeout = 60
 
 
+_UNSEEN = object()
+
+
 class Reconciler:
     def __init__(self, kube: Kube, controllers: Mapping[str, Controller]) -> None:
         self.kube = kube
         self.controllers = controllers
+        # By (kind, namespace, name): what the object showed at its last event (Controller.shown).
+        self._shown: dict[tuple[str, str, str], Hashable] = {}
+        self._shown_lock = threading.Lock()
+
+    def referrers(self, kind: Kind, body: Mapping[str, Any], gone: bool = False) -> list[tuple[Kind, dict[str, Any]]]:
+        """The objects whose pass reads this one, when what it shows changed since its last event
+        (never at the first event seen: the passes at start and on creation read it then)."""
+        meta = body["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        controller = self.controllers.get(kind.kind)
+        if controller is None:
+            return []
+        key = (kind.kind, namespace, name)
+        shown = None if gone else controller.shown(body)
+        with self._shown_lock:
+            before = self._shown.pop(key, _UNSEEN) if gone else self._shown.get(key, _UNSEEN)
+            if not gone:
+                self._shown[key] = shown
+        if before is _UNSEEN or before == shown:
+            return []
+        found = []
+        for other in self.controllers.values():
+            refers = other.refers_to.get(kind.kind)
+            if refers is None:
+                continue
+            for obj in self.kube.list_objects(other.kind.api_version, other.kind.kind, namespace):
+                if name in refers(obj):
+                    found.append((other.kind, obj))
+        return found
 
     def _work(self, kind: Kind, body: Mapping[str, Any]) -> Work | None:
         controller = self.controllers.get(kind.kind)
@@ -173,6 +205,9 @@ def register(registry: kopf.OperatorRegistry, kube: Kube, controllers: Mapping[s
             controller.record(None if gone else body, body["metadata"]["namespace"], body["metadata"]["name"])
             if controller.follows_status and not gone:
                 reconciler.run(kind, body)
+            # A KimiModel turned Ready, a FineTuneJob exported: what waits on it moves now.
+            for other, obj in reconciler.referrers(kind, body, gone):
+                reconciler.run(other, obj)
 
         kopf.on.event(*resource, registry=registry, id="record")(record)
 

@@ -7,7 +7,8 @@ line in :func:`build`, and no branch anywhere else (Kueue's jobframework interfa
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import json
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, Protocol
 
 from kimi_operator.api.conditions import Verdict
@@ -52,6 +53,17 @@ class Controller(Protocol):
         """The name of the object of this kind a watched pod belongs to."""
         ...
 
+    @property
+    def refers_to(self) -> Mapping[str, Refers]:
+        """By kind name: the objects of that kind (in the same namespace) an object of this kind
+        reads in its pass. When what one of them shows changes, the pass runs at once, not at the
+        next resync."""
+        ...
+
+    def shown(self, body: Mapping[str, Any]) -> Hashable:
+        """What objects that refer to this one read of its status (not its progress)."""
+        ...
+
 
 @dataclasses.dataclass(frozen=True)
 class Images:
@@ -62,12 +74,18 @@ class Images:
     llamacpp: str
 
 
+# An object's body -> the names of the objects of one kind it refers to (same namespace).
+Refers = Callable[[Mapping[str, Any]], Iterable[str]]
 Reconcile = Callable[[Mapping[str, Any], Any], tuple[Verdict, dict[str, Any]]]
 Finalize = Callable[[Mapping[str, Any], Any], list[str]]
 Record = Callable[[Mapping[str, Any] | None, str, str], None]
 
 
 def _no_owner(pod: Mapping[str, Any]) -> str | None:
+    return None
+
+
+def _nothing_shown(body: Mapping[str, Any]) -> Hashable:
     return None
 
 
@@ -82,6 +100,8 @@ class KindController:
     follows_status: bool = False
     watched_pods: Mapping[str, str] | None = None
     owner_fn: Callable[[Mapping[str, Any]], str | None] = _no_owner
+    refers_to: Mapping[str, Refers] = dataclasses.field(default_factory=dict)
+    shown_fn: Callable[[Mapping[str, Any]], Hashable] = _nothing_shown
 
     def reconcile(self, body: Mapping[str, Any], spec: Any) -> tuple[Verdict, dict[str, Any]]:
         return self.reconcile_fn(body, spec)
@@ -94,6 +114,42 @@ class KindController:
 
     def owner_of(self, pod: Mapping[str, Any]) -> str | None:
         return self.owner_fn(pod)
+
+    def shown(self, body: Mapping[str, Any]) -> Hashable:
+        return self.shown_fn(body)
+
+
+def _model_of(body: Mapping[str, Any]) -> list[str]:
+    name = ((body.get("spec") or {}).get("model") or {}).get("name")
+    return [name] if isinstance(name, str) else []
+
+
+def _fine_tunes_of(body: Mapping[str, Any]) -> list[str]:
+    adapters = (body.get("spec") or {}).get("adapters") or []
+    return [
+        a["fineTuneJob"]["name"] for a in adapters if isinstance(a, dict) and (a.get("fineTuneJob") or {}).get("name")
+    ]
+
+
+def _conditions(status: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    return sorted((c.get("type"), c.get("status"), c.get("reason")) for c in status.get("conditions") or [])
+
+
+def _model_shown(body: Mapping[str, Any]) -> Hashable:
+    """A KimiModel as the FineTuneJobs and LoraServers on it read it: its conditions, where it is
+    ready with which variants, its resolved revisions and GGUF file; not its download progress."""
+    status = body.get("status") or {}
+    nodes = [(n.get("name"), n.get("phase"), sorted(n.get("variants") or [])) for n in status.get("nodes") or []]
+    facts = {k: status.get(k) for k in ("resolvedRevision", "resolvedGgufRevision", "ggufEntry")}
+    return json.dumps([_conditions(status), sorted(nodes, key=str), facts], sort_keys=True, default=str)
+
+
+def _fine_tune_shown(body: Mapping[str, Any]) -> Hashable:
+    """A FineTuneJob as the LoraServers serving its adapter read it: its phase, conditions, node
+    and exported adapter; not its training progress."""
+    status = body.get("status") or {}
+    facts = {k: status.get(k) for k in ("phase", "node", "adapter")}
+    return json.dumps([_conditions(status), facts], sort_keys=True, default=str)
 
 
 def _status_field(body: Mapping[str, Any] | None, field: str) -> Any:
@@ -121,12 +177,15 @@ def build(kube: Kube, images: Images) -> dict[str, Controller]:
             lambda body, spec: _pair(kimimodel.reconcile(kube, km, body, spec)),
             lambda body, spec: kimimodel.finalize(kube, km, body, spec),
             lambda body, ns, name: metrics.record_model(ns, name, _status_field(body, "nodes")),
+            shown_fn=_model_shown,
         ),
         KindController(
             FINE_TUNE_JOB,
             lambda body, spec: finetunejob.reconcile(kube, ftj, body, spec),
             lambda body, spec: finetunejob.finalize(kube, ftj, body, spec),
             lambda body, ns, name: metrics.record_training(ns, name, _status_field(body, "progress")),
+            refers_to={KIMI_MODEL.kind: _model_of},
+            shown_fn=_fine_tune_shown,
         ),
         KindController(
             LORA_SERVER,
@@ -138,6 +197,7 @@ def build(kube: Kube, images: Images) -> dict[str, Controller]:
             # Engine and router pods (both carry the owner annotation owner_of reads).
             watched_pods={MANAGED_BY: OPERATOR},
             owner_fn=_engine_owner,
+            refers_to={KIMI_MODEL.kind: _model_of, FINE_TUNE_JOB.kind: _fine_tunes_of},
         ),
     ]
     return {c.kind.kind: c for c in controllers}

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -52,7 +51,15 @@ VERSION = "v1alpha1"
 MANIFESTS = Path("examples") / "dev" / "journey.yaml"
 PLURALS = {"KimiModel": "kimimodels", "FineTuneJob": "finetunejobs", "LoraServer": "loraservers"}
 ENGINES = {"llamacpp": "the real llama-server", "sglang": "the SGLang stand-in: SGLang needs a GPU"}
-BUILDERS = ("tests/oracle/tiny_deepseek.py", "tests/oracle/kimi_checkpoint.py", "e2e/engines/gguf_convert.py")
+BUILDERS = ("tests/oracle/tiny_deepseek.py", "tests/oracle/kimi_checkpoint.py")
+# What the GGUF is made with besides: the operator's converter (the bf16 variant the fine-tune
+# trains on) and llama.cpp's, called by the tests' wrapper.
+GGUF_BUILDERS = (
+    "operator/kimi_operator/workloads/prepare/convert.py",
+    "operator/kimi_operator/workloads/prepare/dequant.py",
+    "operator/kimi_operator/workloads/prepare/native/dequant_int4.c",
+    "e2e/engines/gguf_convert.py",
+)
 # One file at the top of the GGUF repository: quantization F32 (prepare/gguf.py reads the name's
 # tail), llama.cpp's unquantized format, so that it computes what transformers computes.
 GGUF_FILE = "tiny-kimi-F32.gguf"
@@ -64,10 +71,22 @@ class Built:
     gguf: Path | None  # a directory holding its GGUF (spec.gguf's repository), where llama.cpp is
 
 
+def _digest(files: Sequence[str]) -> str:
+    return hashlib.sha256(b"".join((repo_root() / f).read_bytes() for f in files)).hexdigest()[:12]
+
+
 def model_cache(cache: Path) -> Path:
     """Where the built model is kept, keyed by its builders' text (a change builds it again)."""
-    digest = hashlib.sha256(b"".join((repo_root() / b).read_bytes() for b in BUILDERS)).hexdigest()[:12]
-    return cache / f"tiny-kimi-{digest}"
+    return cache / f"tiny-kimi-{_digest(BUILDERS)}"
+
+
+def _keep(built: Path, final: Path) -> None:
+    """``built`` renamed to ``final``; a complete ``final`` another build renamed first is kept."""
+    try:
+        built.rename(final)
+    except OSError:
+        if not final.is_dir():
+            raise
 
 
 def _run(step: Sequence[str], what: str, env: Mapping[str, str] | None = None) -> None:
@@ -93,12 +112,11 @@ def build_model(cache: Path, train_python: str, oracle_python: str, llamacpp: Pa
                 [oracle_python, str(oracle / "kimi_checkpoint.py"), "quantize", f"{tmp}/source", f"{tmp}/int4"],
                 "kimi_checkpoint.py quantize",
             )
-            shutil.rmtree(checkpoint, ignore_errors=True)
-            Path(tmp, "int4").rename(checkpoint)
+            _keep(Path(tmp, "int4"), checkpoint)
     if llamacpp is None:
         return Built(checkpoint, None)
-    # Keyed by the llama.cpp build too: its converter writes the file.
-    gguf = final / f"gguf-{llamacpp.name}"
+    # Keyed by the llama.cpp build and the converters too.
+    gguf = final / f"gguf-{llamacpp.name}-{_digest(GGUF_BUILDERS)}"
     if not (gguf / GGUF_FILE).is_file():
         with tempfile.TemporaryDirectory(dir=final, prefix="building-") as tmp:
             convert(checkpoint, Path(tmp, "bf16"))
@@ -113,8 +131,7 @@ def build_model(cache: Path, train_python: str, oracle_python: str, llamacpp: Pa
                 f"{tmp}/gguf/{GGUF_FILE}",
             ]
             _run(step, "gguf_convert.py", env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            shutil.rmtree(gguf, ignore_errors=True)
-            Path(tmp, "gguf").rename(gguf)
+            _keep(Path(tmp, "gguf"), gguf)
     return Built(checkpoint, gguf)
 
 
@@ -140,7 +157,8 @@ def repositories(docs: Sequence[Mapping[str, Any]], built: Built) -> dict[str, P
     (model,) = [d for d in docs if d["kind"] == "KimiModel"]
     repos = {str(model["spec"]["source"]["huggingFace"]["repo"]): built.checkpoint}
     if "gguf" in model["spec"]:
-        assert built.gguf is not None, "a GGUF is named but was not built"
+        if built.gguf is None:
+            raise RuntimeError("the overlay names a GGUF repository, but no GGUF was built (no llama.cpp)")
         repos[str(model["spec"]["gguf"]["huggingFace"]["repo"])] = built.gguf
     return repos
 
@@ -323,14 +341,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[demo {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
     began = time.monotonic()
-    llamacpp = os.environ.get("KIMI_LLAMACPP")
+    found = os.environ.get("KIMI_LLAMACPP")
+    llamacpp = Path(found) if found and (Path(found) / "src" / "convert_hf_to_gguf.py").is_file() else None
+    if found and llamacpp is None:
+        say(f"KIMI_LLAMACPP={found} holds no llama.cpp build (src/convert_hf_to_gguf.py): not using it")
     say("building the tiny model (once; cached)")
-    built = build_model(cache_root() / "demo", train_python, oracle_python, Path(llamacpp) if llamacpp else None)
+    built = build_model(cache_root() / "demo", train_python, oracle_python, llamacpp)
+    if stop.is_set():
+        return 0
     config = config_for(root, images_from_env(repo_root()))
     api = kubernetes.config.new_client_from_config(config_file=str(root / "kubeconfig"))  # type: ignore[no-untyped-call]
     docs = manifests(Path(args.manifests))
     if built.gguf is None:
-        say("llama.cpp is not built (KIMI_LLAMACPP): serving with the SGLang stand-in only")
+        say("no llama.cpp build (KIMI_LLAMACPP): serving with the SGLang stand-in only")
         docs = without_llamacpp(docs)
     repos = repositories(docs, built)
     with published(repos) as (hub, _), running(config, kubernetes.client.CoreV1Api(api), grace=5):

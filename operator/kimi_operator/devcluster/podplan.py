@@ -183,20 +183,25 @@ def updatable(pod: Mapping[str, Any]) -> bool:
     return any(kind in ("secret", "configMap") for v in volumes for kind, _ in _volume_sources(v))
 
 
-def refreshed(old: Plan, new: Plan) -> list[File]:
-    """The volume files of ``new`` that differ from ``old``'s (a Secret or ConfigMap changed), as
-    a kubelet writes them again; not those a container mounts by subPath, which keep their start."""
+def refreshed(old: Plan, new: Plan) -> tuple[list[File], list[Path]]:
+    """What a kubelet updates in a running pod's volumes when a Secret or ConfigMap changed: the
+    files of ``new`` that differ from ``old``'s, to write, and ``old``'s volume files that ``new``
+    no longer has (a key removed, an optional source gone), to remove. Not those under a subPath
+    mount, which keep what they had at the start (and with them the whole volume's, here)."""
 
     def under(path: Path, roots: Iterable[Path]) -> bool:
         return any(path == r or r in path.parents for r in roots)
 
     volumes = new.pod_dir / "volumes"
+
+    def updated(f: File) -> bool:
+        return volumes in f.path.parents and not under(f.path, new.subpaths)
+
     before = {f.path: f for f in old.files}
-    return [
-        f
-        for f in new.files
-        if volumes in f.path.parents and not under(f.path, new.subpaths) and before.get(f.path) != f
-    ]
+    now = {f.path for f in new.files}
+    writes = [f for f in new.files if updated(f) and before.get(f.path) != f]
+    removals = [f.path for f in old.files if updated(f) and f.path not in now]
+    return writes, removals
 
 
 # -- volumes ---------------------------------------------------------------------------------------
@@ -338,11 +343,27 @@ def mount_parents(mount_paths: Iterable[str]) -> list[str]:
 
 
 def localize_parent(text: str, parents: Mapping[str, Path]) -> str:
-    """``text`` rewritten when it names exactly one of ``parents`` (alone or after '='), whose
-    contents, other than its mounts, are the image's and so not here."""
-    head, sep, value = text.rpartition("=")
-    local = parents.get(value.rstrip("/") if value != "/" else value)
-    return f"{head}{sep}{local}" if local is not None else text
+    """``text`` with each of ``parents`` named exactly (at the start, after '=' or after ',', up to
+    the end or a ','; a trailing '/' allowed) replaced by its local directory: the parent's other
+    contents are the image's, not here, so only the parent itself is rewritten."""
+    if not parents:
+        return text
+    names = sorted(parents, key=len, reverse=True)
+    pattern = re.compile(r"(^|[=,])(" + "|".join(re.escape(p) for p in names) + r")/?(?=,|$)")
+    return pattern.sub(lambda m: m[1] + str(parents[m[2]]), text)
+
+
+def parent_links(mounts: Mapping[str, Path], parents: Iterable[str]) -> list[tuple[str, Path]]:
+    """The links a directory of ``parents`` shows: each mount directly in it, not one inside
+    another mount (that one is reached through the outer mount's link)."""
+    inside = [p.rstrip("/") for p in parents]
+    paths = [m.rstrip("/") for m in mounts]
+    return [
+        (m, mounts[m])
+        for m in mounts
+        if any(m.startswith(f"{p}/") for p in inside)
+        and not any(o != m.rstrip("/") and m.startswith(f"{o}/") for o in paths)
+    ]
 
 
 def repository(image: str) -> str:
@@ -422,12 +443,11 @@ def _container(
         mounts[mount["mountPath"]] = base / _relative(sub) if sub else base
         if sub:
             subpaths.append(mounts[mount["mountPath"]])
-    mounts[container.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH] = termination
+    # The directories above the volumes' mounts (not above the termination file: /dev is the image's).
     rootfs = pod_dir / "rootfs" / name
     parents = {p: rootfs / p.lstrip("/") for p in mount_parents(mounts)}
-    links = [
-        (rootfs / m.strip("/"), target) for m, target in mounts.items() if any(m.startswith(f"{p}/") for p in parents)
-    ]
+    links = [(rootfs / m.strip("/"), target) for m, target in parent_links(mounts, parents)]
+    mounts[container.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH] = termination
 
     def local(text: str) -> str:
         return localize_parent(localize(text, mounts), parents)

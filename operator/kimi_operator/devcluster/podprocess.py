@@ -71,6 +71,7 @@ class Process:
         self.proc: subprocess.Popen[bytes] | None = None
         self.start_error = ""
         self.started_at = 0.0  # time.monotonic() of the last start
+        self.starts = 0  # how many times it was started (a kubelet's restartCount is one less)
         self._log_offset = 0
         self._record: Path | None = None
         self._lock = threading.Lock()  # poll (which reaps) and signal exclude each other
@@ -83,6 +84,7 @@ class Process:
             self.proc, self.start_error, self._kill_at = None, "", math.inf
         self._hurried.clear()
         self.started_at = time.monotonic()
+        self.starts += 1
         container = self.container
         container.termination_file.parent.mkdir(parents=True, exist_ok=True)
         container.termination_file.write_bytes(b"")

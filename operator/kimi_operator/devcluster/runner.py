@@ -206,9 +206,15 @@ class PodWorker(threading.Thread):
             process.hurry(kill_at)
 
     def process(self, container: str) -> Process | None:
+        """The process of a container of this pod (the latest start), None before it started."""
         with self._lock:
             found = [p for p in self.running if p.container.name == container]
         return found[-1] if found else None
+
+    def restarts(self) -> dict[str, int]:
+        """By container: how many times it was started again (a pod status's restartCount)."""
+        with self._lock:
+            return {p.container.name: p.starts - 1 for p in self.running}
 
     def forget(self) -> None:
         """The pod is gone from the API: its directory goes once its processes have ended."""
@@ -345,9 +351,10 @@ class PodWorker(threading.Thread):
             self.stopping.wait(POLL)
 
     def _refresh(self) -> None:
-        """Write again the volume files whose Secret or ConfigMap changed (the tokens are kept)."""
+        """Write again the volume files whose Secret or ConfigMap changed, remove those of keys that
+        went (the tokens are kept). Never ends the pod: a failure leaves the files as they were."""
         self.refreshed_at = time.monotonic()
-        if self.plan is None or self.refs is None or not podplan.updatable(self.pod):
+        if self.plan is None or self.refs is None or not podplan.updatable(self.pod) or self.stopping.is_set():
             return
         needs = dataclasses.replace(podplan.needs(self.pod), audiences=frozenset())
         try:
@@ -356,9 +363,19 @@ class PodWorker(threading.Thread):
         except (PlanError, *TRANSIENT) as exc:  # a Secret deleted meanwhile: the files stay as they are
             log.debug("%s: volumes not refreshed: %s", self.key, exc)
             return
-        for file in podplan.refreshed(self.plan, plan):
-            log.info("%s: %s changed", self.key, file.path.name)
-            _write(file.path, file.data, file.mode)
+        if self.stopping.is_set():
+            return
+        writes, removals = podplan.refreshed(self.plan, plan)
+        try:
+            for file in writes:
+                log.info("%s: %s changed", self.key, file.path.name)
+                _write(file.path, file.data, file.mode)
+            for path in removals:
+                log.info("%s: %s removed", self.key, path.name)
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("%s: volumes not refreshed: %s", self.key, exc)
+            return
         self.plan = plan
 
 
@@ -393,6 +410,8 @@ def materialize(plan: Plan) -> None:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     for link, target in plan.links:
         link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() and os.readlink(link) != str(target):
+            link.unlink()  # left by a run whose volumes were elsewhere
         if not link.is_symlink():
             link.symlink_to(target)
 
@@ -535,6 +554,15 @@ class PodRunner:
         worker = self.workers.get(uid)
         return None if worker is None else worker.process(container)
 
+    def restarts(self) -> dict[str, int]:
+        """By ``namespace/pod/container``, of the pods still there: how many times each container
+        was started again."""
+        return {
+            f"{worker.key}/{container}": count
+            for worker in list(self.workers.values())
+            for container, count in worker.restarts().items()
+        }
+
     def retire(self, worker: PodWorker) -> None:
         """A worker's thread is ending."""
         with self._live_lock:
@@ -599,6 +627,10 @@ class PodRunner:
             worker.stop(grace)
         for worker in live:
             worker.join()
+        # Like a kubelet that goes, it leaves no pod's files (tokens, Secrets) behind; a runner
+        # started again writes them anew for the pods still there.
+        for worker in list(self.workers.values()):
+            shutil.rmtree(worker.pod_dir, ignore_errors=True)
 
 
 def config_for(root: Path, images: Mapping[str, Image]) -> RunnerConfig:
