@@ -227,26 +227,27 @@ def test_what_waits_on_a_model_or_a_fine_tune_is_reconciled_when_it_changes() ->
     tune = obj("tune", spec={"model": {"name": "kimi"}})
     other_tune = obj("other", spec={"model": {"name": "other-model"}})
     elsewhere = obj("tune", namespace="prod", spec={"model": {"name": "kimi"}})
-    server = obj(
-        "serve", spec={"model": {"name": "kimi-2"}, "adapters": [{"name": "a", "fineTuneJob": {"name": "tune"}}]}
-    )
+    adapters = [{"name": "a", "fineTuneJob": {"name": "tune"}}]
+    server = obj("serve", spec={"model": {"name": "kimi"}, "adapters": adapters})
     kube = Listing({"FineTuneJob": [tune, other_tune, elsewhere], "LoraServer": [server]})
-    controllers = build(kube, Images("p", "t", "e", "r", "l"))  # type: ignore[arg-type]
-    reconciler = Reconciler(kube, controllers)  # type: ignore[arg-type]
+    reconciler = Reconciler(kube, build(kube, Images("p", "t", "e", "r", "l")))  # type: ignore[arg-type]
+    on_model = [("FineTuneJob", "tune"), ("LoraServer", "serve")]
 
     # The first event of an object is only remembered: the passes at start and on creation read it.
     model = obj("kimi", conditions=ready(("Ready", "False")), nodes=[{"name": "n", "phase": "Preparing"}])
     assert reconciler.referrers(KIMI_MODEL, model) == []
     # Its download progress moves: nothing waits on that.
-    progressing = {
-        **model,
-        "status": {**model["status"], "nodes": [{"name": "n", "phase": "Preparing", "progress": {"percent": 50}}]},
-    }
-    assert reconciler.referrers(KIMI_MODEL, progressing) == []
-    # Ready: the FineTuneJob on it in its namespace (not the one on another model, nor elsewhere).
-    done = obj("kimi", conditions=ready(("Ready", "True")), nodes=[{"name": "n", "phase": "Ready"}], ggufEntry="x.gguf")
-    assert names(reconciler.referrers(KIMI_MODEL, done)) == [("FineTuneJob", "tune")]
+    moving = {"name": "n", "phase": "Preparing", "progress": {"percent": 50}}
+    assert reconciler.referrers(KIMI_MODEL, {**model, "status": {**model["status"], "nodes": [moving]}}) == []
+    # Ready: what is on it in its namespace (not the fine-tune on another model, nor elsewhere).
+    done = obj("kimi", conditions=ready(("Ready", "True")), nodes=[{"name": "n", "phase": "Ready"}])
+    assert names(reconciler.referrers(KIMI_MODEL, done)) == on_model
     assert reconciler.referrers(KIMI_MODEL, done) == []  # the same again: nothing
+    # Each fact alone: the GGUF file reported, a node's variants.
+    gguf = {**done, "status": {**done["status"], "ggufEntry": "x.gguf"}}
+    assert names(reconciler.referrers(KIMI_MODEL, gguf)) == on_model
+    more = {**gguf, "status": {**gguf["status"], "nodes": [{"name": "n", "phase": "Ready", "variants": ["gguf"]}]}}
+    assert names(reconciler.referrers(KIMI_MODEL, more)) == on_model
 
     # A FineTuneJob that exports its adapter: the LoraServer serving it; its training steps: nothing.
     running = obj("tune", spec=tune["spec"], phase="Running", progress={"step": 1})
@@ -254,10 +255,30 @@ def test_what_waits_on_a_model_or_a_fine_tune_is_reconciled_when_it_changes() ->
     assert (
         reconciler.referrers(FINE_TUNE_JOB, {**running, "status": {**running["status"], "progress": {"step": 2}}}) == []
     )
-    exported = obj("tune", spec=tune["spec"], phase="Succeeded", adapter={"sha256": "abc"})
+    exported = {**running, "status": {**running["status"], "adapter": {"sha256": "abc"}}}
     assert names(reconciler.referrers(FINE_TUNE_JOB, exported)) == [("LoraServer", "serve")]
-    # Deleted: what referred to it learns at once too.
-    assert names(reconciler.referrers(FINE_TUNE_JOB, exported, gone=True)) == [("LoraServer", "serve")]
-    # Nothing refers to a LoraServer.
-    reconciler.referrers(LORA_SERVER, server)
-    assert reconciler.referrers(LORA_SERVER, {**server, "status": {"phase": "Ready"}}) == []
+    # Another FineTuneJob of the same name (a new uid): its first event.
+    again = {**exported, "metadata": {**exported["metadata"], "uid": "new"}}
+    assert reconciler.referrers(FINE_TUNE_JOB, again) == []
+    # Deleted: what referred to it learns at once too; the old one's deletion forgets nothing of it.
+    assert reconciler.referrers(FINE_TUNE_JOB, exported, gone=True) == []
+    assert names(reconciler.referrers(FINE_TUNE_JOB, again, gone=True)) == [("LoraServer", "serve")]
+    # Nothing refers to a LoraServer: nothing is remembered of it.
+    assert reconciler.referrers(LORA_SERVER, server) == []
+    assert ("LoraServer", "ml", "serve") not in reconciler._shown
+
+
+def test_a_failed_list_keeps_the_change_for_the_next_event() -> None:
+    kube = Listing({})
+    reconciler = Reconciler(kube, build(kube, Images("p", "t", "e", "r", "l")))  # type: ignore[arg-type]
+    reconciler.referrers(KIMI_MODEL, obj("kimi", conditions=ready(("Ready", "False"))))
+
+    def refuse(*_: Any) -> list[dict[str, Any]]:
+        raise api_error(500, "try again")
+
+    kube.list_objects = refuse  # type: ignore[method-assign]
+    done = obj("kimi", conditions=ready(("Ready", "True")))
+    with pytest.raises(ApiException):
+        reconciler.referrers(KIMI_MODEL, done)
+    kube.list_objects = Listing({"FineTuneJob": [obj("tune", spec={"model": {"name": "kimi"}})]}).list_objects  # type: ignore[method-assign]
+    assert names(reconciler.referrers(KIMI_MODEL, done)) == [("FineTuneJob", "tune")]

@@ -59,42 +59,54 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.networking.request_timeout = 60
 
 
-_UNSEEN = object()
-
-
 class Reconciler:
     def __init__(self, kube: Kube, controllers: Mapping[str, Controller]) -> None:
         self.kube = kube
         self.controllers = controllers
-        # By (kind, namespace, name): what the object showed at its last event (Controller.shown).
-        self._shown: dict[tuple[str, str, str], Hashable] = {}
+        # By (kind, namespace, name): the uid and what the object showed at its last event
+        # (Controller.shown), for the kinds that others refer to.
+        self._shown: dict[tuple[str, str, str], tuple[Any, Hashable]] = {}
         self._shown_lock = threading.Lock()
 
     def referrers(self, kind: Kind, body: Mapping[str, Any], gone: bool = False) -> list[tuple[Kind, dict[str, Any]]]:
         """The objects whose pass reads this one, when what it shows changed since its last event
-        (never at the first event seen: the passes at start and on creation read it then)."""
+        (never at the first event seen of an object, by uid: the passes at start and on creation
+        read it then)."""
         meta = body["metadata"]
-        namespace, name = meta["namespace"], meta["name"]
+        namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid")
         controller = self.controllers.get(kind.kind)
-        if controller is None:
+        referring = [c for c in self.controllers.values() if kind.kind in c.refers_to]
+        if controller is None or not referring:
             return []
         key = (kind.kind, namespace, name)
         shown = None if gone else controller.shown(body)
         with self._shown_lock:
-            before = self._shown.pop(key, _UNSEEN) if gone else self._shown.get(key, _UNSEEN)
-            if not gone:
-                self._shown[key] = shown
-        if before is _UNSEEN or before == shown:
+            before = self._shown.get(key)
+            if gone:
+                # Only this object's entry: a new one of the same name may already be seen.
+                if before is not None and before[0] == uid:
+                    del self._shown[key]
+            else:
+                self._shown[key] = (uid, shown)
+        if before is None or before[0] != uid or before[1] == shown:
             return []
         found = []
-        for other in self.controllers.values():
-            refers = other.refers_to.get(kind.kind)
-            if refers is None:
-                continue
-            for obj in self.kube.list_objects(other.kind.api_version, other.kind.kind, namespace):
-                if name in refers(obj):
-                    found.append((other.kind, obj))
+        try:
+            for other in referring:
+                for obj in self.kube.list_objects(other.kind.api_version, other.kind.kind, namespace):
+                    if name in other.refers_to[kind.kind](obj):
+                        found.append((other.kind, obj))
+        except Exception:
+            # Seen as before: the next event tries again (the resync is the safety net).
+            with self._shown_lock:
+                self._shown[key] = before
+            raise
         return found
+
+    def forget(self, kind: Kind, namespace: str, name: str) -> None:
+        """An object finalized: nothing is remembered of what it showed."""
+        with self._shown_lock:
+            self._shown.pop((kind.kind, namespace, name), None)
 
     def _work(self, kind: Kind, body: Mapping[str, Any]) -> Work | None:
         controller = self.controllers.get(kind.kind)
@@ -205,9 +217,15 @@ def register(registry: kopf.OperatorRegistry, kube: Kube, controllers: Mapping[s
             controller.record(None if gone else body, body["metadata"]["namespace"], body["metadata"]["name"])
             if controller.follows_status and not gone:
                 reconciler.run(kind, body)
-            # A KimiModel turned Ready, a FineTuneJob exported: what waits on it moves now.
+            # A KimiModel turned Ready, a FineTuneJob exported: what waits on it moves now. One
+            # that fails does not hold back the others (its resync runs it again).
             for other, obj in reconciler.referrers(kind, body, gone):
-                reconciler.run(other, obj)
+                try:
+                    reconciler.run(other, obj)
+                except Exception:
+                    log.exception(
+                        "[%s/%s] %s pass failed", obj["metadata"]["namespace"], obj["metadata"]["name"], other.kind
+                    )
 
         kopf.on.event(*resource, registry=registry, id="record")(record)
 
@@ -217,6 +235,7 @@ def register(registry: kopf.OperatorRegistry, kube: Kube, controllers: Mapping[s
             if waiting:
                 raise kopf.TemporaryError(f"waiting for {', '.join(waiting)}", delay=5)
             metrics.forget(kind.kind, body["metadata"]["namespace"], body["metadata"]["name"])
+            reconciler.forget(kind, body["metadata"]["namespace"], body["metadata"]["name"])
 
         kopf.on.delete(*resource, registry=registry, id="finalize")(finalize)
 

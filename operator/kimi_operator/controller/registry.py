@@ -132,7 +132,9 @@ def _fine_tunes_of(body: Mapping[str, Any]) -> list[str]:
 
 
 def _conditions(status: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-    return sorted((c.get("type"), c.get("status"), c.get("reason")) for c in status.get("conditions") or [])
+    return sorted(
+        (c.get("type"), c.get("status"), c.get("reason"), c.get("message")) for c in status.get("conditions") or []
+    )
 
 
 def _model_shown(body: Mapping[str, Any]) -> Hashable:
