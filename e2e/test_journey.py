@@ -1,8 +1,9 @@
 """The product's journey on the local cluster, as ``make run`` takes it (``examples/dev/journey.yaml``,
 ``devcluster/demo.py``), every pod's program run for real by the local pod runner:
 
-- a KimiModel of a tiny model shaped like Kimi (a DeepSeek-V3 whose routed experts compressed-tensors
-  packed to INT4, as Kimi ships them, and its GGUF by llama.cpp's converter), published by a hub on
+- a KimiModel of a tiny model shaped like Kimi K2.5 (a DeepSeek-V3 in K2.5's multimodal wrapper,
+  with its own modelling code, whose routed experts compressed-tensors packed to INT4, as Kimi ships
+  them, and its GGUF by llama.cpp's converter), published by a hub on
   127.0.0.1, is downloaded, verified and converted on a simulated node by the operator's own
   prepare Job;
 - a FineTuneJob whose dataset teaches one fixed answer to one fixed question trains on this
@@ -42,6 +43,7 @@ from kimi_operator.devcluster.hub import FakeHub
 from kimi_operator.devcluster.paths import repo_root
 from kimi_operator.devcluster.runner import PodRunner, images_from_env
 from kimi_operator.workloads import manifest
+from kimi_operator.workloads.safetensors_io import Reader
 
 pytestmark = pytest.mark.e2e
 
@@ -132,6 +134,11 @@ def test_what_a_fine_tune_learned_is_what_the_router_serves(
     for variant, commit in (("int4", commits[repo]), ("bf16", commits[repo]), ("gguf/F32", commits[gguf_repo])):
         assert manifest.verify(root / variant) == [], variant
         assert manifest.read(root / variant)["revision"] == commit  # type: ignore[index]
+    # Kimi K2.5's wrapper, as downloaded and as converted for training.
+    for variant in ("int4", "bf16"):
+        config = json.loads((root / variant / "config.json").read_text())
+        assert config["architectures"] == ["KimiK25ForConditionalGeneration"], variant
+        assert config["text_config"]["model_type"] == "kimi_k2", variant
     shards = sorted(p.name for p in (root / "int4").glob("model-*.safetensors"))
     assert shards
     assert all(len(server.gets(repo, s)) == 1 for s in shards), [(s, len(server.gets(repo, s))) for s in shards]
@@ -144,6 +151,12 @@ def test_what_a_fine_tune_learned_is_what_the_router_serves(
     assert ftj["progress"]["step"] == ftj["progress"]["totalSteps"] == job["spec"]["training"]["epochs"]
     assert ftj["adapter"]["llamacppDroppedModules"] == []
     assert ftj["adapter"]["ggufSha256"]
+    # Trained on the wrapper: the adapter adapts its language model.
+    exported = storage / ftj["adapter"]["path"].removeprefix("/models/")
+    with Reader(exported / "adapter_model.safetensors") as reader:
+        keys = list(reader.tensors)
+    assert keys
+    assert all(k.startswith("base_model.model.language_model.model.layers.") for k in keys), keys[:3]
 
     results: dict[str, Any] = {"seconds": seconds, "steps": ftj["progress"]}
     for engine_type, lsrv in servers.items():

@@ -126,7 +126,7 @@ SUPPORTED_TARGETS = [
 # Flags of SGLang's and sglang-kt's launch_server that the stand-in has no use for: accepted quietly.
 # Any other unknown flag is accepted too, but logged as one that SGLang's own parser may refuse.
 IGNORED_FLAG = re.compile(
-    r"^--(kt-[a-z0-9-]+|trust-remote-code|tool-call-parser|reasoning-parser|disable-shared-experts-fusion|"
+    r"^--(kt-[a-z0-9-]+|tool-call-parser|reasoning-parser|disable-shared-experts-fusion|"
     r"enable-mixed-chunk|attention-backend|sampling-backend|mem-fraction-static|chunked-prefill-size|"
     r"cuda-graph-[a-z0-9-]+|dtype|log-level|disable-radix-cache|page-size|dp-size|data-parallel-size|"
     r"ep-size|expert-parallel-size|lora-eviction-policy|max-lora-chunk-size|enable-lora-overlap-loading|"
@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--enable-metrics", action="store_true")
     add("--disable-cuda-graph", action="store_true")
     add("--enable-lora", action="store_true")
+    # Kimi K2.5's modelling code ships beside its weights (the tiny models carry their own).
+    add("--trust-remote-code", action="store_true")
     add("--lora-paths", nargs="*", type=parse_lora_path, default=None)
     add("--max-loras-per-batch", type=int, default=8)
     add("--max-loaded-loras", type=int, default=None)
@@ -429,14 +431,16 @@ class Engine:
     """The tiny model with its PEFT adapters. Every model call holds one lock: adapters are switched
     on the shared model, and concurrent requests interleave step by step."""
 
-    def __init__(self, model_path: str, tokenizer_path: str, *, batched: bool = False) -> None:
+    def __init__(
+        self, model_path: str, tokenizer_path: str, *, batched: bool = False, trust_remote_code: bool = False
+    ) -> None:
         transformers.utils.logging.disable_progress_bar()
         # --standin-batched: a greedy answer computed once is replayed for the same adapter, prompt
         # and sampling, so that only the per-token delay sets the pace, whatever the concurrency, as
         # on a GPU that batches the running requests (the benchmarks' engines). The first answer
         # of each is generated for real.
         self.replays: dict[tuple[Any, ...], list[Step]] | None = {} if batched else None
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
         self.unpacked: tempfile.TemporaryDirectory[str] | None = None
         weights = Path(model_path)
         if _packed_int4(weights):
@@ -449,7 +453,9 @@ class Engine:
             weights = Path(self.unpacked.name) / "bf16"
             convert.convert(Path(model_path), weights, threads=1, use_native=False)
             log.info("Unpacked the INT4 experts of %s to BF16", model_path)
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32).eval()
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            weights, dtype=torch.float32, trust_remote_code=trust_remote_code
+        ).eval()
         self.tuned: Any = None  # the model under PEFT, once an adapter is loaded
         self.lock = threading.Lock()
         self.text_lock = threading.Lock()  # a fast tokenizer refuses to be used by two threads at once
@@ -1265,10 +1271,14 @@ class Server:
     def load(self) -> None:
         """Tokenizer, weights and start adapters, before the port opens (as SGLang's scheduler does)."""
         engine = Engine(
-            self.args.model_path, self.args.tokenizer_path or self.args.model_path, batched=self.args.standin_batched
+            self.args.model_path,
+            self.args.tokenizer_path or self.args.model_path,
+            batched=self.args.standin_batched,
+            trust_remote_code=self.args.trust_remote_code,
         )
         config = json.loads((Path(self.args.model_path) / "config.json").read_text())
-        self.context_len = self.args.context_length or int(config.get("max_position_embeddings", 2048))
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        self.context_len = self.args.context_length or int(text.get("max_position_embeddings", 2048))
         if self.loras.enabled:
             self.loras.load_start(engine, self.args.lora_paths or [])
         self.engine = engine

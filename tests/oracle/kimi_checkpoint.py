@@ -9,10 +9,11 @@ compressed-tensors' own decompression.
         OUT/reference.safetensors   compressed-tensors' decompression of every packed weight
     python kimi_checkpoint.py load DIR    load every shard of DIR with safetensors; print a JSON summary
     python kimi_checkpoint.py quantize SRC OUT [--shards N]
-        SRC: a DeepSeek-V3 model as transformers saves it (tiny_deepseek.py); OUT: the same model as
-        Kimi ships its weights, in Kimi K2's layout (the language model at the top, no vision tower):
-        every routed expert packed to INT4, the rest BF16, the tokenizer beside it. Its BF16
-        conversion is a model transformers and LLaMA-Factory load and train.
+        SRC: a DeepSeek-V3 model as transformers saves it (tiny_deepseek.py), or the same wrapped as
+        Kimi K2.5 (kimi_k25_wrap.py); OUT: the same model as Kimi ships its weights: every routed
+        expert packed to INT4, the rest BF16, the tokenizer and any modelling code beside it (the
+        wrapper's quantization_config under its text_config). Its BF16 conversion is a model
+        transformers and LLaMA-Factory load and train.
 """
 
 from __future__ import annotations
@@ -184,7 +185,15 @@ def quantize_model(src: Path, out: Path, shards: int) -> None:
             tensors[name] = tensor.to(torch.bfloat16).contiguous()
     write_shards(tensors, out, shards)
     config = json.loads((src / "config.json").read_text())
-    config.update(torch_dtype="bfloat16", dtype="bfloat16", quantization_config=quantization_config())
+    if "text_config" in config:
+        # Kimi K2.5's wrapper (kimi_k25_wrap.py): the quantization is the language model's, and
+        # nothing of the vision encoder is packed.
+        quant = quantization_config()
+        quant["ignore"] = [*quant["ignore"], "re:.*lm_head", "re:vision_tower.*", "re:mm_projector.*"]  # type: ignore[misc]
+        config["text_config"].update(dtype="bfloat16", quantization_config=quant)
+        config.update(dtype="bfloat16")
+    else:
+        config.update(torch_dtype="bfloat16", dtype="bfloat16", quantization_config=quantization_config())
     (out / "config.json").write_text(json.dumps(config, indent=2))
     for side in sorted(src.iterdir()):
         if (

@@ -1,7 +1,8 @@
 """The product's journey on the development cluster, for real (``make run``).
 
-Builds the tiny model once (a DeepSeek-V3 shaped like Kimi, its routed experts packed to INT4 by
-compressed-tensors as Kimi ships them: the tests' own builders, ``tests/oracle``; and, where
+Builds the tiny model once (a DeepSeek-V3 in Kimi K2.5's multimodal wrapper, its routed experts
+packed to INT4 by compressed-tensors as Kimi ships them: the tests' own builders, ``tests/oracle``,
+with their own modelling code for the wrapper; and, where
 llama.cpp is built, its GGUF by llama.cpp's own converter), publishes both with a local hub on
 127.0.0.1, runs the pods of the simulated nodes with the local pod runner, applies
 ``examples/dev/journey.yaml`` (the hub's address filled in) and follows what a user would watch with
@@ -51,7 +52,13 @@ VERSION = "v1alpha1"
 MANIFESTS = Path("examples") / "dev" / "journey.yaml"
 PLURALS = {"KimiModel": "kimimodels", "FineTuneJob": "finetunejobs", "LoraServer": "loraservers"}
 ENGINES = {"llamacpp": "the real llama-server", "sglang": "the SGLang stand-in: SGLang needs a GPU"}
-BUILDERS = ("tests/oracle/tiny_deepseek.py", "tests/oracle/kimi_checkpoint.py")
+BUILDERS = (
+    "tests/oracle/tiny_deepseek.py",
+    "tests/oracle/kimi_k25_wrap.py",
+    "tests/oracle/kimi_k25/configuration_kimi_k25.py",
+    "tests/oracle/kimi_k25/modeling_kimi_k25.py",
+    "tests/oracle/kimi_checkpoint.py",
+)
 # What the GGUF is made with besides: the operator's converter (the bf16 variant the fine-tune
 # trains on) and llama.cpp's, called by the tests' wrapper.
 GGUF_BUILDERS = (
@@ -96,8 +103,9 @@ def _run(step: Sequence[str], what: str, env: Mapping[str, str] | None = None) -
 
 
 def build_model(cache: Path, train_python: str, oracle_python: str, llamacpp: Path | None = None) -> Built:
-    """The tiny model's files: a transformers model with its tokenizer (training environment), then
-    its routed experts packed by compressed-tensors (oracle environment); with ``llamacpp``, the
+    """The tiny model's files: a transformers model with its tokenizer, wrapped as Kimi K2.5
+    (training environment), then its routed experts packed by compressed-tensors (oracle
+    environment); with ``llamacpp``, the
     GGUF of what the KimiModel's bf16 variant holds (the experts unpacked by the operator's own
     converter). Each built under a temporary name and renamed, so an interrupted build is never
     taken for a model."""
@@ -108,8 +116,9 @@ def build_model(cache: Path, train_python: str, oracle_python: str, llamacpp: Pa
     if not (checkpoint / "config.json").is_file():
         with tempfile.TemporaryDirectory(dir=final, prefix="building-") as tmp:
             _run([train_python, str(oracle / "tiny_deepseek.py"), f"{tmp}/source", "teachable"], "tiny_deepseek.py")
+            _run([train_python, str(oracle / "kimi_k25_wrap.py"), f"{tmp}/source", f"{tmp}/k25"], "kimi_k25_wrap.py")
             _run(
-                [oracle_python, str(oracle / "kimi_checkpoint.py"), "quantize", f"{tmp}/source", f"{tmp}/int4"],
+                [oracle_python, str(oracle / "kimi_checkpoint.py"), "quantize", f"{tmp}/k25", f"{tmp}/int4"],
                 "kimi_checkpoint.py quantize",
             )
             _keep(Path(tmp, "int4"), checkpoint)

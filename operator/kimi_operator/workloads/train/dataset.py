@@ -299,7 +299,9 @@ def tokenizer_counter(path: Path) -> TokenCounter:
     """Token counts with the model's own tokenizer (the trainer image has transformers)."""
     from transformers import AutoTokenizer  # noqa: PLC0415
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    # Kimi's tokenizer is its own code beside the weights (tiktoken), trusted as the training that
+    # follows trusts the model's (trust_remote_code in the rendered configuration).
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
 
     def count(messages: list[dict[str, Any]]) -> int:
         text = "".join(
