@@ -162,7 +162,9 @@ def train(opts: argparse.Namespace, own: OwnStatus | None) -> dict[str, Any]:
     args = _override(_with_paths(json.loads(config.read_text()), opts), opts.set) if config.exists() else {}
     counter = None
     if args.get("model_name_or_path") and Path(args["model_name_or_path"]).exists():
-        counter = dataset.tokenizer_counter(Path(args["model_name_or_path"]))
+        # The model's tokenizer, trusted as the training configuration trusts the model's code.
+        trusted = bool(args.get("trust_remote_code"))
+        counter = dataset.tokenizer_counter(Path(args["model_name_or_path"]), trust_remote_code=trusted)
     report = dataset.validate_file(
         opts.dataset, key=opts.messages_key, root=opts.root, count_tokens=counter, cutoff_len=args.get("cutoff_len")
     )

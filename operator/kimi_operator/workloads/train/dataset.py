@@ -295,13 +295,13 @@ def validate_lines(
     return report
 
 
-def tokenizer_counter(path: Path) -> TokenCounter:
-    """Token counts with the model's own tokenizer (the trainer image has transformers)."""
+def tokenizer_counter(path: Path, *, trust_remote_code: bool = False) -> TokenCounter:
+    """Token counts with the model's own tokenizer (the trainer image has transformers). Kimi's is
+    its own code beside the weights (tiktoken): ``trust_remote_code`` runs it, as the training that
+    follows runs the model's."""
     from transformers import AutoTokenizer  # noqa: PLC0415
 
-    # Kimi's tokenizer is its own code beside the weights (tiktoken), trusted as the training that
-    # follows trusts the model's (trust_remote_code in the rendered configuration).
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
     def count(messages: list[dict[str, Any]]) -> int:
         text = "".join(
@@ -348,9 +348,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-errors", type=int, default=20, help="errors printed before the count of the rest")
     parser.add_argument("--tokenizer", type=Path, help="model directory whose tokenizer counts tokens")
     parser.add_argument("--cutoff-len", type=int, help="warn about records longer than this many tokens")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the tokenizer's own code shipped with the model (Kimi's is), as the training does",
+    )
     args = parser.parse_args(argv)
     try:
-        counter = tokenizer_counter(args.tokenizer) if args.tokenizer and args.cutoff_len else None
+        counter = (
+            tokenizer_counter(args.tokenizer, trust_remote_code=args.trust_remote_code)
+            if args.tokenizer and args.cutoff_len
+            else None
+        )
         report = validate_file(
             args.path, key=args.messages_key, root=args.root, count_tokens=counter, cutoff_len=args.cutoff_len
         )
