@@ -26,7 +26,7 @@ import pytest
 import yaml
 from tests.processes import built
 
-from e2e.helpers import wait_for, write_token_kubeconfig
+from e2e.helpers import http, wait_for, write_token_kubeconfig
 from kimi_operator.devcluster import podprocess
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.devcluster.paths import repo_root
@@ -95,13 +95,7 @@ class OperatorProcess:
 
 def http_get(url: str) -> tuple[int, str]:
     """Status and body of a GET on loopback; 0 and the error while nothing listens."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (loopback)
-            return int(resp.status), resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError as exc:
-        return 0, str(exc)
+    return http(url, timeout=2)
 
 
 OPERATOR_NAMESPACE = "kimi-system"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,3 +60,17 @@ def wait_earlier_namespaces_gone(api: kubernetes.client.ApiClient, timeout: floa
         timeout,
         "earlier tests' namespaces gone",
     )
+
+
+def http(url: str, body: dict[str, Any] | None = None, timeout: float = 60) -> tuple[int, str]:
+    """Status and body of a GET (or, with ``body``, a JSON POST) on loopback; 0 and the error while
+    nothing listens."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})  # noqa: S310 (loopback)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 (loopback)
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)

@@ -23,7 +23,6 @@ exit codes and reports of those programs.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
@@ -37,6 +36,7 @@ import pytest
 
 from e2e.conftest import OperatorProcess, pod_runner
 from e2e.manifests import GROUP, VERSION
+from e2e.test_llamacpp import llamacpp  # noqa: F401 (a fixture)
 from kimi_operator.devcluster import demo
 from kimi_operator.devcluster.cluster import Cluster
 from kimi_operator.devcluster.hub import FakeHub
@@ -52,10 +52,14 @@ OVERLAY = repo_root() / demo.MANIFESTS
 
 @pytest.fixture(scope="module")
 def hub(
-    oracle_python: str, train_python: str, tmp_path_factory: pytest.TempPathFactory
+    oracle_python: str,
+    train_python: str,
+    llamacpp: Path,  # noqa: F811 (the fixture)
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[FakeHub, dict[str, str]]]:
-    """The tiny model, built as `make run` builds it, as one commit of a hub on 127.0.0.1."""
-    built = demo.build_model(tmp_path_factory.mktemp("demo-cache"), train_python, oracle_python, llamacpp())
+    """The tiny model and its GGUF, built as `make run` builds them, each as one commit of a hub on
+    127.0.0.1."""
+    built = demo.build_model(tmp_path_factory.mktemp("demo-cache"), train_python, oracle_python, llamacpp)
     with demo.published(demo.repositories(demo.manifests(OVERLAY), built)) as published:
         yield published
 
@@ -65,13 +69,6 @@ def runner(cluster: Cluster, api: kubernetes.client.ApiClient, train_python: str
     with pod_runner(cluster, api, images_from_env(repo_root())) as handle:
         yield handle
     shutil.rmtree(cluster.layout.root / "nodes", ignore_errors=True)
-
-
-def llamacpp() -> Path:
-    found = os.environ.get("KIMI_LLAMACPP")
-    if not found:
-        pytest.fail("KIMI_LLAMACPP is not set to a llama.cpp build: run the tests with `make e2e`")
-    return Path(found)
 
 
 def get(api: kubernetes.client.ApiClient, namespace: str, kind: str, name: str) -> dict[str, Any]:

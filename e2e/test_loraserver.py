@@ -23,8 +23,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ import kubernetes
 import pytest
 
 from e2e.conftest import OperatorProcess, pod_runner
-from e2e.helpers import wait_earlier_namespaces_gone, wait_for
+from e2e.helpers import http, wait_earlier_namespaces_gone, wait_for
 from e2e.manifests import GROUP, KIMI_MODEL, VERSION
 from e2e.test_finetunejob import ftj, release_training, training_pod_status, wait_phase
 from e2e.test_kimimodel import condition
@@ -114,6 +112,13 @@ def started_runner(cluster: Cluster, api: kubernetes.client.ApiClient, images: d
         yield handle
 
 
+def container_process(runner: PodRunner, uid: str, container: str) -> Process:
+    """The process the runner runs for a container of a pod."""
+    process = runner.process(uid, container)
+    assert process is not None, f"pod {uid}: no {container} process"
+    return process
+
+
 def restarted(runner: PodRunner) -> dict[str, int]:
     """The containers the runner started again, by ``namespace/pod/container``."""
     return {k: v for k, v in runner.restarts().items() if v}
@@ -160,18 +165,6 @@ class Node:
         return f"{STORAGE}/adapters/{name}"
 
 
-def http(url: str, body: dict[str, Any] | None = None) -> tuple[int, str]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})  # noqa: S310 (loopback)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310 (loopback)
-            return int(resp.status), resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError as exc:
-        return 0, str(exc)
-
-
 class EnginePod:
     """One engine pod as the runner runs it: its address, and its engine container's process."""
 
@@ -185,9 +178,7 @@ class EnginePod:
         return f"http://{self.ip}:30000"
 
     def engine(self) -> Process:
-        process = self.runner.process(self.uid, "engine")
-        assert process is not None, f"{self.name}: no engine process"
-        return process
+        return container_process(self.runner, self.uid, "engine")
 
     def crash(self) -> float:
         """The engine dies (SIGKILL); the runner starts it again after its back-off. When it died."""

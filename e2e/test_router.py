@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from e2e.conftest import OperatorProcess, PrometheusProcess
-from e2e.helpers import wait_for
+from e2e.helpers import http, wait_for
 from e2e.manifests import GROUP, VERSION
 from e2e.test_kimimodel import condition
 from e2e.test_loraserver import (
@@ -33,9 +33,9 @@ from e2e.test_loraserver import (
     Node,
     Serving,
     adapters_by_name,
+    container_process,
     custom,
     get,
-    http,
     lsrv,
     model_on,
     nodes,  # noqa: F401 (a fixture)
@@ -81,9 +81,7 @@ class RouterPod:
         return f"http://{self.ip}:{self.port}"
 
     def process(self) -> Process:
-        process = self.runner.process(self.uid, "router")
-        assert process is not None, f"{self.name}: no router process"
-        return process
+        return container_process(self.runner, self.uid, "router")
 
     def ready(self) -> bool:
         return http(f"{self.url}/ready")[0] == 200

@@ -334,14 +334,14 @@ def test_llamafactorys_paths_come_from_the_arguments_and_the_registry_is_written
 ) -> None:
     config_dir, out = tmp_path / "config", tmp_path / "out"
     config_dir.mkdir()
-    (config_dir / train.DATASET_INFO).write_text(json.dumps({"kimi_sft": {"file_name": "/o/dataset.jsonl"}}))
+    (config_dir / train.DATASET_INFO_FILE).write_text(json.dumps({"kimi_sft": {"file_name": "/o/dataset.jsonl"}}))
     opts = types.SimpleNamespace(config_dir=config_dir, output_dir=out, model_dir=tmp_path / "bf16")
     args = train._with_paths({"model_name_or_path": "/m/bf16", "output_dir": "/o", "dataset_dir": "/c"}, opts)
     assert args == {"model_name_or_path": str(tmp_path / "bf16"), "output_dir": str(out), "dataset_dir": str(out)}
     assert not out.exists()  # nothing written before the dataset is judged
     out.mkdir()
     train._register_dataset(opts)
-    registry = json.loads((out / train.DATASET_INFO).read_text())
+    registry = json.loads((out / train.DATASET_INFO_FILE).read_text())
     assert registry == {"kimi_sft": {"file_name": train.LLAMAFACTORY_DATASET}}
     # A user's --set still wins over the paths.
     assert train._override(args, ['output_dir="/elsewhere"'])["output_dir"] == "/elsewhere"

@@ -24,6 +24,8 @@ PLURAL = "finetunejobs"
 # The directory under a training pod's output directory that the exported adapter is renamed to
 # once complete: where the training pod writes it and where the LoraServers read it.
 EXPORTED_ADAPTER_DIR = "adapter"
+# LLaMA-Factory's dataset registry, which the operator renders and the training pod completes.
+DATASET_INFO_FILE = "dataset_info.json"
 SHORT_NAMES = ("ftj",)
 
 RelativePath = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^/\x00][^\x00]*$")]

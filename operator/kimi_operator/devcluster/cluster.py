@@ -33,7 +33,6 @@ from kimi_operator.devcluster.paths import repo_root, state_root
 POD_CIDR = "127.64.0.0/16"
 # Cluster IPs are allocated by the apiserver but never dialled: nothing here connects to a Service IP.
 SERVICE_CIDR = "10.96.0.0/16"
-KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 START_TIMEOUT = 90.0
 
 
@@ -401,7 +400,7 @@ class Cluster:
             str(binary),
             f"--kubeconfig={self.layout.component_kubeconfig('kwok')}",
             f"--config={self.stages_file}",
-            f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+            f"--manage-nodes-with-annotation-selector={nodes.KWOK_NODE_ANNOTATION}=fake",
             f"--cidr={POD_CIDR}",
             "--node-ip=127.0.0.1",
             "--node-lease-duration-seconds=40",

@@ -12,6 +12,9 @@ from typing import Any
 
 import yaml
 
+# The nodes KWOK manages (and so the local pod runner's) carry this annotation with value "fake".
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+
 REQUIRED_CAPACITY = ("cpu", "memory", "pods", "ephemeral-storage", "nvidia.com/gpu")
 
 
@@ -40,7 +43,7 @@ def _node(name: str, profile_name: str, profile: dict[str, Any], index: int, sou
             "name": name,
             "labels": labels,
             "annotations": {
-                "kwok.x-k8s.io/node": "fake",
+                KWOK_NODE_ANNOTATION: "fake",
                 "kimi-operator.io/description": str(profile.get("description", "")),
             },
         },

@@ -45,6 +45,7 @@ import urllib3
 import yaml
 
 from kimi_operator.devcluster import podplan, podprotocol
+from kimi_operator.devcluster.nodes import KWOK_NODE_ANNOTATION
 from kimi_operator.devcluster.podenv import MissingReference, PlanError, References
 from kimi_operator.devcluster.podplan import ContainerPlan, Image, Plan, RunnerConfig
 from kimi_operator.devcluster.podprocess import START_ERROR_CODE, Process, stop_leftovers
@@ -52,7 +53,6 @@ from kimi_operator.devcluster.podprotocol import Result
 
 log = logging.getLogger(__name__)
 
-KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 # Variables of this machine every process needs to work at all; nothing else is inherited.
 BASE_ENV = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "TZ", "XDG_CACHE_HOME")
 TOKEN_SECONDS = 3607  # what the ServiceAccount admission plugin asks for (the apiserver extends it)
@@ -358,7 +358,9 @@ class PodWorker(threading.Thread):
             return
         needs = dataclasses.replace(podplan.needs(self.pod), audiences=frozenset())
         try:
-            refs = dataclasses.replace(self.runner.references(self.pod, needs), tokens=self.refs.tokens)
+            # The node's resources and the tokens as at the start: only the Secrets and ConfigMaps are read.
+            read = self.runner.references(self.pod, needs, allocatable=self.refs.allocatable)
+            refs = dataclasses.replace(read, tokens=self.refs.tokens)
             plan = podplan.plan(self.pod, self.runner.config, refs)
         except (PlanError, *TRANSIENT) as exc:  # a Secret deleted meanwhile: the files stay as they are
             log.debug("%s: volumes not refreshed: %s", self.key, exc)
@@ -443,7 +445,11 @@ class PodRunner:
 
     # -- API reads and writes ------------------------------------------------------------------
 
-    def references(self, pod: Mapping[str, Any], needs: podplan.Needs) -> References:
+    def references(
+        self, pod: Mapping[str, Any], needs: podplan.Needs, allocatable: Mapping[str, str] | None = None
+    ) -> References:
+        """What the pod refers to, read from the API: its Secrets, ConfigMaps, a token per audience,
+        and its node's allocatable resources unless ``allocatable`` is already known."""
         meta, spec = pod["metadata"], pod["spec"]
         namespace = meta["namespace"]
         secrets: dict[str, dict[str, bytes]] = {}
@@ -477,8 +483,9 @@ class PodRunner:
                     raise MissingReference(f"ServiceAccount {account!r} not found") from exc
                 raise
             tokens[audience] = str(json.loads(reply.data)["status"]["token"])
-        node = self._read(self.core.read_node, spec["nodeName"])
-        allocatable = {k: str(v) for k, v in ((node or {}).get("status") or {}).get("allocatable", {}).items()}
+        if allocatable is None:
+            node = self._read(self.core.read_node, spec["nodeName"])
+            allocatable = {k: str(v) for k, v in ((node or {}).get("status") or {}).get("allocatable", {}).items()}
         return References(secrets=secrets, config_maps=config_maps, tokens=tokens, allocatable=allocatable)
 
     def _read(self, method: Any, *args: str) -> dict[str, Any] | None:

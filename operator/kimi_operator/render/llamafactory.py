@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kimi_operator.api.finetunejob import FineTuneJobSpec
+from kimi_operator.api.finetunejob import DATASET_INFO_FILE, FineTuneJobSpec
 
 DATASET_NAME = "kimi_sft"
 TEMPLATE = "kimi_k25"
@@ -92,7 +92,7 @@ def config_files(
     args = train_args(spec, model_path=model_path, dataset_dir=config_dir, output_dir=output_dir)
     files = {
         "train.yaml": json.dumps(args, indent=2, sort_keys=True) + "\n",
-        "dataset_info.json": json.dumps(dataset_info(file_name=dataset_file), indent=2) + "\n",
+        DATASET_INFO_FILE: json.dumps(dataset_info(file_name=dataset_file), indent=2) + "\n",
     }
     if spec.resources.gpus > 1:
         files[ACCELERATE_CONFIG] = json.dumps(accelerate_config(spec.resources.gpus), indent=2, sort_keys=True) + "\n"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kimi_operator.api.exitcodes import TrainExit
-from kimi_operator.api.finetunejob import KIND, PLURAL
+from kimi_operator.api.finetunejob import DATASET_INFO_FILE, KIND, PLURAL
 from kimi_operator.workloads import termination
 from kimi_operator.workloads.events import emit
 from kimi_operator.workloads.termination import WorkloadError
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 IMAGE_PLACEHOLDER = "<image>"
 # LLaMA-Factory's dataset registry, and the records this command writes for it into the output.
-DATASET_INFO = "dataset_info.json"
 LLAMAFACTORY_DATASET = "dataset.jsonl"
 
 
@@ -84,19 +83,19 @@ def _with_paths(args: dict[str, Any], opts: argparse.Namespace) -> dict[str, Any
     if opts.model_dir is not None:
         args["model_name_or_path"] = str(opts.model_dir)
     args["output_dir"] = str(opts.output_dir)
-    if (opts.config_dir / DATASET_INFO).is_file():
+    if (opts.config_dir / DATASET_INFO_FILE).is_file():
         args["dataset_dir"] = str(opts.output_dir)
     return args
 
 
 def _register_dataset(opts: argparse.Namespace) -> None:
     """The configuration's dataset registry, beside the records this command wrote for it."""
-    info_file = opts.config_dir / DATASET_INFO
+    info_file = opts.config_dir / DATASET_INFO_FILE
     if info_file.is_file():
         info = json.loads(info_file.read_text())
         for entry in info.values():
             entry["file_name"] = LLAMAFACTORY_DATASET
-        (opts.output_dir / DATASET_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        (opts.output_dir / DATASET_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def fetch_dataset(opts: argparse.Namespace) -> Path:
